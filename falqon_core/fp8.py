@@ -1,0 +1,114 @@
+"""FP8 formats and scaling: the torch reference every kernel and method is checked against.
+
+Convention (the one `torch._scaled_mm` takes): a quantized tensor is a pair (data, scale) with
+    x  ~=  data.float() * scale
+so `scale` is the *dequantization* scale, amax / fp8_max. e4m3 (float8_e4m3fn, max 448) holds
+weights and activations; e5m2 (max 57344) holds gradients. Casts saturate: values beyond the format's
+max are clamped, never turned into NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+
+Granularity = Literal["tensorwise", "rowwise"]
+
+# largest finite value, mantissa bits, smallest normal exponent
+_FORMAT = {
+    E4M3: (448.0, 3, -6),
+    E5M2: (57344.0, 2, -14),
+}
+# the smallest scale we allow, so an all-zero tensor quantizes to zeros instead of NaN
+MIN_SCALE = 1e-12
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype."""
+    return _FORMAT[dtype][0]
+
+
+def tensorwise_scale(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """One fp32 dequant scale for the whole tensor: amax(|x|) / fp8_max (0-dim tensor)."""
+    amax = x.detach().abs().amax().float()
+    return torch.clamp(amax / fp8_max(dtype), min=MIN_SCALE)
+
+
+def rowwise_scale(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """One fp32 dequant scale per row of a 2-D tensor (shape rows x 1)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    return torch.clamp(amax / fp8_max(dtype), min=MIN_SCALE)
+
+
+def saturating_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp to the format's finite range, then round-to-nearest-even into fp8."""
+    m = fp8_max(dtype)
+    return torch.clamp(x, -m, m).to(dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    dtype: torch.dtype = E4M3,
+    granularity: Granularity = "tensorwise",
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x to fp8: returns (data, scale) with x ~= data.float() * scale.
+
+    Pass `scale` to reuse a fixed scale (FALQON keeps its weight scale fixed after init).
+    """
+    if scale is None:
+        scale = tensorwise_scale(x, dtype) if granularity == "tensorwise" else rowwise_scale(x, dtype)
+    data = saturating_cast(x.float() / scale, dtype)
+    return data, scale
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Back to high precision: data * scale."""
+    return (data.float() * scale).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, dtype: torch.dtype = E4M3, granularity: Granularity = "tensorwise") -> torch.Tensor:
+    """quantize then dequantize, in x's dtype: the value an fp8 GEMM actually sees."""
+    data, scale = quantize(x, dtype, granularity)
+    return dequantize(data, scale, x.dtype)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of the fp8 grid at |x| (in the units of x, i.e. already-scaled fp8 values).
+
+    Normal range: 2**(floor(log2|x|) - mantissa_bits); subnormals: 2**(min_exp - mantissa_bits).
+    Tolerances in tests are stated as multiples of this.
+    """
+    _, mbits, min_exp = _FORMAT[dtype]
+    ax = x.detach().abs().double()
+    exp = torch.floor(torch.log2(torch.clamp(ax, min=2.0**min_exp)))
+    return torch.pow(2.0, exp - mbits)
+
+
+def relative_ulp(dtype: torch.dtype) -> float:
+    """Worst-case relative rounding error of a normal fp8 value (half an ulp relative to 1.0): 2**-(mbits+1)."""
+    return 2.0 ** -(_FORMAT[dtype][1] + 1)
+
+
+def scaled_mm(
+    a_data: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_data: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
+
+    Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
+    GPU; works on CPU too). On GPU K and N must be multiples of 16.
+    """
+    if a_scale.dim() == 0 and b_scale.dim() == 0:
+        sa, sb = a_scale.float(), b_scale.float()
+    else:
+        sa = a_scale.float().reshape(-1, 1).expand(a_data.shape[0], 1).contiguous()
+        sb = b_scale.float().reshape(1, -1).expand(1, b_data.shape[0]).contiguous()
+    return torch._scaled_mm(a_data, b_data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)

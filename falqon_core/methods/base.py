@@ -1,0 +1,122 @@
+"""The contract every fine-tuning method fulfils, so the runner never knows any method by name.
+
+A method turns the frozen `nn.Linear(K -> N)` layers of a model (weight W, N x K) into trainable
+layers with adapter rank r. The suite builds a one-layer model, converts it, and times
+`forward -> autograd.grad -> SGD update -> method.after_optimizer_step` as one training step.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class MethodUnavailable(RuntimeError):
+    """Raised by `Method.convert` when the method cannot run here; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What every method needs to build its trainable layer.
+
+    rank: adapter rank r. alpha: LoRA alpha (scaling alpha/r; FALQON ignores it, as the reference does).
+    target_modules: names (suffixes) of the nn.Linear modules to convert; None means every nn.Linear.
+    dtype: compute dtype of activations and high-precision weights.
+    options: method-specific settings (e.g. FALQON's `topk`, `use_triton`); each method documents its own.
+    """
+
+    rank: int
+    alpha: float | None = None
+    target_modules: tuple[str, ...] | None = None
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else float(self.rank)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The minimum work of one training step of one layer (fwd + bwd + adapter update), for the roofline.
+
+    gemm_flops: dtype class ('fp8' or 'bf16') -> matmul FLOPs (2*M*N*K per GEMM) run in that precision.
+    quant_bytes: bytes that quantization, casts and elementwise passes must move through device memory
+      (each such input read once, each output written once); GEMM operand traffic is not counted here.
+    """
+
+    gemm_flops: dict[str, float]
+    quant_bytes: float
+
+
+class Method(abc.ABC):
+    """Base class of a fine-tuning method. Subclass, set the class attributes, decorate with @register_method.
+
+    Class attributes:
+      name         registry key, e.g. "bf16_lora" (also the `methods = [...]` value in suite files)
+      summary      one line for `falqon-bench list methods`
+      built_on     the libraries it uses ("PEFT + torchao float8")
+      needs_cuda   True when it cannot run on CPU at all (its CPU error says why)
+      supports_compile  whether `torch.compile` of the converted model is expected to work
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    built_on: ClassVar[str] = ""
+    needs_cuda: ClassVar[bool] = False
+    supports_compile: ClassVar[bool] = True
+
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        """None when the method can run on `device`; otherwise a one-line reason with what to install."""
+        device = torch.device(device)
+        if self.needs_cuda and device.type != "cuda":
+            return f"{self.name} needs a CUDA GPU (its kernels have no CPU path)"
+        return None
+
+    @abc.abstractmethod
+    def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
+        """Return `model` with its target nn.Linear layers replaced by this method's trainable layers.
+
+        Base weights stay frozen; only adapter tensors have requires_grad. May modify `model` in place.
+        Raises MethodUnavailable with an install hint when a library or the device is missing.
+        """
+
+    @abc.abstractmethod
+    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+        """FLOPs and quantization bytes of one fwd+bwd+update step of a K->N layer at this rank, M=tokens."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The tensors an optimizer updates (the adapters)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Work a method does after every optimizer step (FALQON's row-wise proxy update). Default: none.
+
+        Must be CUDA-graph capturable (no host syncs) so the timed step can include it.
+        """
+
+    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
+        """Bytes held by frozen weights, adapters, and optimizer state (AdamW: 2 fp32 moments per trainable element)."""
+        trainable = {id(p) for p in self.trainable_parameters(model)}
+        weights = adapters = 0
+        for t in _all_tensors(model):
+            nbytes = t.numel() * t.element_size()
+            if id(t) in trainable:
+                adapters += nbytes
+            else:
+                weights += nbytes
+        n_trainable = sum(p.numel() for p in self.trainable_parameters(model))
+        return {"weights": weights, "adapters": adapters, "optimizer_state": 2 * 4 * n_trainable}
+
+
+def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers, each once (a tensor subclass counts by its own element size)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
