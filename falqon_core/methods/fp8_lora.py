@@ -1,0 +1,98 @@
+"""fp8_lora: the paper's FP8 baseline - PEFT LoRA, then torchao `convert_to_float8_training` over every
+nn.Linear including lora_A and lora_B (dynamic tensorwise e4m3 for X and W, e5m2 for gradients)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from falqon_core.methods import register_method
+from falqon_core.methods._lora_common import (
+    adapter_flops,
+    add_lora_adapters,
+    cast_bytes,
+    frozen_base_flops,
+    linear_module_names,
+    linear_shapes,
+    lora_elementwise_bytes,
+    model_memory_bytes,
+    require_dims_multiple_of,
+    select_target_linears,
+    sgd_update_bytes,
+)
+from falqon_core.methods.base import AdapterConfig, Method, MethodUnavailable, StepCost
+
+FP8_DIM_MULTIPLE = 16  # torch._scaled_mm (cuBLASLt) needs K and N divisible by 16
+
+
+def import_float8_training():
+    """torchao's (convert_to_float8_training, Float8LinearConfig), or MethodUnavailable with an install hint."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as exc:
+        raise MethodUnavailable(f"needs torchao with float8 training (pip install torchao): {exc}") from exc
+    return convert_to_float8_training, Float8LinearConfig
+
+
+def float8_unavailable_reason(name: str) -> str | None:
+    """None when torchao float8 training imports; otherwise the reason."""
+    try:
+        import_float8_training()
+    except MethodUnavailable as exc:
+        return f"{name} {exc}"
+    return None
+
+
+def base_fp8_cast_bytes(K: int, N: int, tokens: int) -> float:
+    """Casting a frozen base layer's GEMM operands bf16 -> fp8 every step: X (M x K), W (N x K), dY (M x N)."""
+    return cast_bytes(tokens * K) + cast_bytes(N * K) + cast_bytes(tokens * N)
+
+
+@register_method
+class Fp8Lora(Method):
+    """Every linear, adapters included, is a torchao Float8Linear with the default (tensorwise) recipe.
+
+    torchao runs each GEMM through torch._scaled_mm, so every dim (K, N, rank, and tokens for the dW GEMM)
+    must be a multiple of 16 on the GPU; convert checks K, N and rank.
+    """
+
+    name = "fp8_lora"
+    summary = "LoRA with every linear in FP8 incl. A and B (torchao float8, tensorwise e4m3/e5m2)"
+    built_on = "PEFT + torchao float8"
+
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        return float8_unavailable_reason(self.name) or super().unavailable_reason(device)
+
+    def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
+        convert_to_float8_training, Float8LinearConfig = import_float8_training()
+        model = model.to(config.dtype)
+        targets = select_target_linears(model, config.target_modules)
+        require_dims_multiple_of(
+            self.name, linear_shapes(model, linear_module_names(model)), config.rank, FP8_DIM_MULTIPLE, "torchao float8"
+        )
+        model = add_lora_adapters(model, config, targets)
+        return convert_to_float8_training(model, config=Float8LinearConfig())
+
+    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+        """All GEMMs fp8: base forward + dX (4 M N K) and the six adapter GEMMs (6 M r (K + N)).
+
+        quant_bytes (bf16 -> fp8 casts, read 2 + write 1 byte per element, each operand once):
+          base layer: X (M K), W (N K, cast every step: dynamic scaling), dY (M N);
+          lora_A: X again (its own Float8Linear casts it), A (r K), dO_A (M r);
+          lora_B: O_A (M r), B (N r), dY * scaling (M N);
+        plus PEFT's scale-and-add of the adapter output and its backward, and the SGD update of A, B.
+        Not counted (not needed for the result): torchao's backward also runs the dW GEMM of the frozen base
+        (autograd discards it) and recasts X, W and dY in backward unless torch.compile merges the casts.
+        """
+        flops = frozen_base_flops(K, N, tokens) + adapter_flops(K, N, rank, tokens)
+        casts = (
+            base_fp8_cast_bytes(K, N, tokens)
+            + cast_bytes(tokens * K) + cast_bytes(rank * K) + cast_bytes(tokens * rank)
+            + cast_bytes(tokens * rank) + cast_bytes(N * rank) + cast_bytes(tokens * N)
+        )
+        moved = casts + lora_elementwise_bytes(K, N, tokens) + sgd_update_bytes(K, N, rank)
+        return StepCost(gemm_flops={"fp8": flops}, quant_bytes=moved)
+
+    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
+        """torchao float8 training keeps bf16 weights and casts them each step, so weights count at bf16."""
+        return model_memory_bytes(self, model)

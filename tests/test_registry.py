@@ -1,0 +1,72 @@
+"""The method registry: every method describes itself, unknown names fail with the allowed list, and the
+methods DESIGN.md names are all present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from falqon_core.convert import convert_model
+from falqon_core.methods import AdapterConfig, Method, UnknownMethodError, get_method, method_names
+from falqon_core.methods.base import StepCost
+
+DESIGN_METHODS = {"bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora", "falqon"}
+
+
+def shipped_method_names() -> list[str]:
+    """Registered methods that live in falqon_core.methods (other tests register throwaway ones)."""
+    return [n for n in method_names() if type(get_method(n)).__module__.startswith("falqon_core.methods.")]
+
+
+@pytest.mark.parametrize("name", shipped_method_names())
+def test_every_method_describes_itself(name):
+    method = get_method(name)
+    assert isinstance(method, Method)
+    assert method.name == name
+    assert method.summary.strip() and method.built_on.strip()
+    assert isinstance(method.needs_cuda, bool) and isinstance(method.supports_compile, bool)
+
+
+@pytest.mark.parametrize("name", shipped_method_names())
+def test_every_method_reports_a_step_cost(name):
+    """GEMM FLOPs by precision ('fp8' / 'bf16') and non-negative bytes; more tokens never cost less."""
+    small = get_method(name).step_cost(4096, 4096, 16, 1024)
+    big = get_method(name).step_cost(4096, 4096, 16, 2048)
+    assert isinstance(small, StepCost)
+    assert set(small.gemm_flops) <= {"fp8", "bf16"} and sum(small.gemm_flops.values()) > 0
+    assert small.quant_bytes >= 0
+    assert sum(big.gemm_flops.values()) > sum(small.gemm_flops.values()) and big.quant_bytes >= small.quant_bytes
+
+
+@pytest.mark.parametrize("name", shipped_method_names())
+def test_every_method_gives_a_reason_or_none_for_cpu(name):
+    reason = get_method(name).unavailable_reason("cpu")
+    assert reason is None or (isinstance(reason, str) and reason.strip())
+    if get_method(name).needs_cuda:
+        assert reason
+
+
+def test_unknown_method_name_lists_the_allowed_names():
+    with pytest.raises(UnknownMethodError) as info:
+        get_method("fp9_lora")
+    message = str(info.value)
+    assert "fp9_lora" in message
+    for name in method_names():
+        assert name in message
+
+
+def test_convert_model_with_unknown_name_raises_unknown_method_error():
+    with pytest.raises(UnknownMethodError, match="allowed: .*bf16_lora"):
+        convert_model(torch.nn.Linear(16, 16), "nope", AdapterConfig(rank=4))
+
+
+def test_all_design_methods_and_bf16_linear_are_registered():
+    """The seven methods of DESIGN.md section 3 plus the no-adapter bf16_linear floor."""
+    missing = (DESIGN_METHODS | {"bf16_linear"}) - set(method_names())
+    assert not missing, f"not registered: {sorted(missing)}"
+
+
+def test_method_names_put_the_reference_methods_first():
+    names = method_names()
+    assert names[:2] == ["bf16_linear", "bf16_lora"]
+    assert len(names) == len(set(names))
