@@ -1,11 +1,38 @@
-"""Fused amax + scale + cast to fp8 (tensorwise or rowwise)."""
+"""Fused amax + scale + cast to fp8 (tensorwise or rowwise).
+
+The Triton path is bit-exact with the torch reference on the device it runs on:
+- scale: amax / fp8_max clamped at fp8.MIN_SCALE, with torch's fp32 ops. torch computes
+  `tensor / python_float` on CUDA as tensor * fp32(1 / fp8_max) (ATen's BinaryDivTrueKernel.cu turns a
+  CPU-scalar divisor into a reciprocal multiply) and on CPU as a true division; the kernel does the same
+  as torch on the tensor's device (`SCALE_BY_RECIPROCAL`).
+- data: x / scale as an IEEE round-to-nearest division (tl.math.div_rn, what torch's `/` compiles to;
+  Triton's plain `/` is an approximate division on NVIDIA), clamp to +-fp8_max, round-to-nearest-even.
+
+Tensorwise needs the global amax before any element can be cast, hence two launches: a grid-stride pass
+writing one partial amax per program into an uninitialised buffer (no zeroing launch, no atomics,
+deterministic), then a grid-stride cast whose programs each reduce those few hundred partials (from L2)
+before casting. Neither syncs with the host, so both can be captured in a CUDA graph.
+Rowwise reads each row once: one program loads BLOCK_M whole rows, reduces, scales and stores.
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from falqon_core import fp8
 from falqon_core.fp8 import Granularity
+from falqon_core.kernels import _triton_common as tc
+
+# tensorwise grid-stride kernels: elements per program per iteration, programs per SM
+_TENSORWISE_BLOCK = 4096
+_TENSORWISE_BLOCK_INTERPRETER = 512
+_PROGRAMS_PER_SM = 4
+# rowwise: a row of up to this many elements is held in registers (one read); longer rows take two passes
+_ROWWISE_MAX_ONE_PASS = 16384
+_ROWWISE_CHUNK = 4096
+_ROWWISE_TILE_ELEMENTS = 8192
 
 
 def quantize_fp8_reference(
@@ -15,8 +42,216 @@ def quantize_fp8_reference(
     return fp8.quantize(x, dtype, granularity)
 
 
+@triton.jit
+def _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
+    """Dequant scale (fp32) = amax / fp8_max, clamped at min_scale, with torch's fp32 ops on this device."""
+    if SCALE_BY_RECIPROCAL:
+        scale = amax * inv_max
+    else:
+        scale = tl.math.div_rn(amax, fp8_max)
+    return tl.maximum(scale, min_scale)
+
+
+@triton.jit
+def _partial_amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    """partial[pid] = max |x| over the blocks this program visits (grid-stride over n elements)."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid.to(tl.int64) * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+    tl.store(partial_ptr + pid, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _cast_tensorwise_kernel(
+    x_ptr, partial_ptr, num_partials, out_ptr, scale_ptr, n,
+    fp8_max, inv_max, min_scale,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Reduce the partial amaxes to the scale, then out = sat_cast(x / scale) over a grid-stride loop."""
+    pid = tl.program_id(0)
+    p = tl.arange(0, PARTIALS_BLOCK)
+    amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
+    scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(pid.to(tl.int64) * BLOCK, n, step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, scale)
+        q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, q, mask=mask)
+
+
+@triton.jit
+def _quantize_rowwise_kernel(
+    x_ptr, out_ptr, scale_ptr, n_rows, n_cols, stride_x, stride_out,
+    fp8_max, inv_max, min_scale,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    """BLOCK_M rows per program: row amax -> per-row scale -> sat_cast(x / scale). ONE_PASS: rows fit in BLOCK_K."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + rows[:, None] * stride_x
+    out_rows = out_ptr + rows[:, None] * stride_out
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+        y = tl.math.div_rn(x, scale[:, None])
+        q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+        tl.store(out_rows + cols[None, :], q, mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        amax = tl.max(acc, axis=1)
+        scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+        for k0 in range(0, n_cols, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.math.div_rn(x, scale[:, None])
+            q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+            tl.store(out_rows + cols[None, :], q, mask=mask)
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+def _scale_args(x: torch.Tensor, dtype: torch.dtype) -> dict:
+    """The fp32 scalars and constexprs that make the kernel's scale and cast match torch's on x's device."""
+    fp8_max, mant_bits, min_exp = tc.format_constants(dtype)
+    return dict(
+        fp8_max=fp8_max,
+        inv_max=tc.fp32_reciprocal(fp8_max),
+        min_scale=tc.fp32(fp8.MIN_SCALE),
+        FP8_MAX=fp8_max,
+        MANT_BITS=mant_bits,
+        MIN_EXP=min_exp,
+        SCALE_BY_RECIPROCAL=x.is_cuda,
+    )
+
+
+def _software_round(software_round: bool | None) -> bool:
+    return tc.is_interpreter() if software_round is None else bool(software_round)
+
+
+def tensorwise_grid(x: torch.Tensor, n: int) -> tuple[int, int]:
+    """(programs, BLOCK) of the tensorwise grid-stride kernels: enough programs to fill every SM a few times."""
+    block = _TENSORWISE_BLOCK_INTERPRETER if tc.is_interpreter() else _TENSORWISE_BLOCK
+    programs = max(1, min(triton.cdiv(n, block), tc.num_sms(x) * _PROGRAMS_PER_SM))
+    return programs, block
+
+
+def partial_amax(x_flat: torch.Tensor) -> torch.Tensor:
+    """Launch 1 of tensorwise quantization: per-program max |x| of a contiguous tensor (fp32, programs,)."""
+    n = x_flat.numel()
+    programs, block = tensorwise_grid(x_flat, n)
+    partials = torch.empty(programs, device=x_flat.device, dtype=torch.float32)
+    _partial_amax_kernel[(programs,)](x_flat, partials, n, BLOCK=block, num_warps=8)
+    return partials
+
+
+def cast_tensorwise_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, software_round: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch 2 of tensorwise quantization: scale from max(partials), cast x. Returns (data like x, 0-dim scale).
+
+    Also used by the melded GEMM, whose epilogue writes the partial amaxes of o_a.
+    """
+    tc.check_fp8_dtype(dtype)
+    x_flat = x.contiguous().view(-1)
+    n = x_flat.numel()
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    scale = torch.empty((), device=x.device, dtype=torch.float32)
+    programs, block = tensorwise_grid(x_flat, n)
+    _cast_tensorwise_kernel[(programs,)](
+        x_flat, partials, partials.numel(), out, scale, n,
+        **_scale_args(x, dtype),
+        SOFTWARE_ROUND=_software_round(software_round),
+        PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
+        BLOCK=block,
+        num_warps=8,
+    )
+    return out, scale
+
+
+def _quantize_tensorwise_triton(x: torch.Tensor, dtype: torch.dtype, software_round: bool | None):
+    x = x.contiguous()
+    return cast_tensorwise_from_partials(x, partial_amax(x.view(-1)), dtype, software_round)
+
+
+def _rowwise_config(n_rows: int, n_cols: int) -> dict:
+    """Block sizes and warps of the rowwise kernel: about 8K elements per program, whole rows when they fit."""
+    block_k = triton.next_power_of_2(n_cols)
+    one_pass = block_k <= _ROWWISE_MAX_ONE_PASS
+    if not one_pass:
+        block_k = _ROWWISE_CHUNK
+    block_m = max(1, min(_ROWWISE_TILE_ELEMENTS // block_k, triton.next_power_of_2(n_rows), 64))
+    tile = block_m * block_k
+    num_warps = 16 if tile >= 16384 else 8 if tile >= 4096 else 4
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=num_warps)
+
+
+def _quantize_rowwise_triton(x: torch.Tensor, dtype: torch.dtype, software_round: bool | None):
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    n_rows, n_cols = x2.shape
+    out = torch.empty((n_rows, n_cols), device=x.device, dtype=dtype)
+    scale = torch.empty((n_rows, 1), device=x.device, dtype=torch.float32)
+    cfg = _rowwise_config(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+    _quantize_rowwise_kernel[grid](
+        x2, out, scale, n_rows, n_cols, x2.stride(0), out.stride(0),
+        **_scale_args(x, dtype),
+        SOFTWARE_ROUND=_software_round(software_round),
+        **cfg,
+    )
+    return out.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def quantize_fp8_triton(
+    x: torch.Tensor,
+    dtype: torch.dtype = fp8.E4M3,
+    granularity: Granularity = "tensorwise",
+    *,
+    software_round: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels behind quantize_fp8; same contract as quantize_fp8_reference.
+
+    software_round: round to the fp8 grid with fp32 adds before the cast (None: only under the
+    interpreter, whose own cast does not round to nearest even; see _triton_common).
+    """
+    tc.check_fp8_dtype(dtype)
+    if x.numel() == 0 or x.dim() == 0:
+        raise ValueError(f"quantize_fp8 needs a non-empty tensor with at least 1 dim, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize_fp8 needs a floating-point tensor, got {x.dtype}")
+    x = x.detach()
+    if granularity == "tensorwise":
+        return _quantize_tensorwise_triton(x, dtype, software_round)
+    if granularity == "rowwise":
+        return _quantize_rowwise_triton(x, dtype, software_round)
+    raise ValueError(f"granularity must be 'tensorwise' or 'rowwise', got {granularity!r}")
+
+
 def quantize_fp8(
     x: torch.Tensor, dtype: torch.dtype = fp8.E4M3, granularity: Granularity = "tensorwise"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x (2-D) to fp8; the fast path on CUDA, the reference elsewhere."""
+    if tc.triton_fp8_ok(x):
+        return quantize_fp8_triton(x, dtype, granularity)
     return quantize_fp8_reference(x, dtype, granularity)
