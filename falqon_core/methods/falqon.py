@@ -1,0 +1,335 @@
+"""FALQON: LoRA melded into one FP8 backbone matrix (DESIGN.md section 3, "FALQON, precisely").
+
+A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one tensorwise scale s,
+plus a trainable B (N x r) that the forward never reads:
+  forward   x -> e4m3; one fp8 GEMM against [W; A] gives (out = x.W^T, O_A = x.A^T); O_A kept in e4m3.
+  backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A (fp8 GEMM). No gradient for W or A.
+  update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
+            of s (W8[rows] += B[rows].A8, saturating re-cast) and B is zeroed; s never changes.
+
+Differences from the reference code (github.com/iamkanghyunchoi/falqon, float8_linear_falqon.py),
+all deliberate:
+- O_A is cast to e4m3 in the forward and saved as fp8 (the reference saves it in bf16 and casts it in
+  the backward): same values, r x M bytes saved instead of 2 r x M.
+- The proxy update sums W8 + B.A8 in fp32 before the e4m3 cast (the reference sums in B's dtype,
+  bf16); the result differs only when the bf16 sum lands across an e4m3 rounding boundary.
+- k is a parameter (default r, what the reference ran: its warm-up phase with k = r is never ended)
+  with an optional schedule to a smaller k; the reference's `num_topk` default of 10 is never reached.
+- The LoRA alpha / r scaling is ignored, as in the reference (its `scaling` attribute is never used).
+- The SVD runs on the weight's device (the reference moves CPU weights to CUDA for it).
+
+Options (AdapterConfig.options):
+  topk            rows merged per update (default: rank), 1 <= topk <= N
+  topk_after      k after the warm-up (default: topk, i.e. no schedule)
+  warmup_steps    number of updates that use `topk` before `topk_after` applies (default 0)
+  svd_dtype       "float32" (default, as the reference) or "float64"
+  cache_weight_t  keep a K x N fp8 copy of W8 for the dX GEMM (default False; see FalqonLinear)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from falqon_core import fp8
+from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8
+from falqon_core.methods import register_method
+from falqon_core.methods.base import AdapterConfig, Method, StepCost
+
+OPTION_NAMES = ("topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t")
+_SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+# torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
+FP8_GEMM_MULTIPLE = 16
+
+
+def fp8_gemm_fits(reduction_dim: int, out_cols: int) -> bool:
+    """True when an fp8 GEMM with this reduction length and output width meets torch._scaled_mm's rules."""
+    return reduction_dim % FP8_GEMM_MULTIPLE == 0 and out_cols % FP8_GEMM_MULTIPLE == 0
+
+
+def fp8_matmul_nt(
+    a8: torch.Tensor, a_scale: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """a (M x K, fp8) . b (N x K, fp8)^T -> M x N in out_dtype, tensorwise dequant scales applied.
+
+    The fp8 GEMM (torch._scaled_mm) wants both operands K-contiguous (a row-major, b^T column-major) and
+    K, N multiples of 16; the operands are made contiguous here (a no-op when they already are). When
+    K or N is not a multiple of 16 (e.g. rank 12 as N of the dB GEMM), this falls back to a bf16 matmul
+    of the upcast fp8 values (exact: every e4m3/e5m2 value is a bf16 value) followed by the scales in
+    fp32: one more bf16 rounding than the fp8 GEMM (the product), same inputs.
+    """
+    if fp8_gemm_fits(a8.shape[1], b8.shape[0]):
+        return fp8.scaled_mm(a8.contiguous(), a_scale, b8.contiguous(), b_scale, out_dtype=out_dtype)
+    product = a8.to(torch.bfloat16) @ b8.to(torch.bfloat16).t()
+    return (product.float() * (a_scale.float() * b_scale.float())).to(out_dtype)
+
+
+class MeldedLinearFunction(torch.autograd.Function):
+    """FALQON's fwd/bwd on a flattened M x K input; B is an input only so that autograd returns dB."""
+
+    @staticmethod
+    def forward(ctx, x2d, lora_b, melded, scale, n_out, weight_t):
+        x8, x_scale = quantize_fp8(x2d.contiguous(), fp8.E4M3, "tensorwise")
+        out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out)
+        oa8, oa_scale = quantize_fp8(o_a.contiguous(), fp8.E4M3, "tensorwise")
+        # the dB GEMM reduces over M, so it wants O_A M-contiguous: r x M bytes, cheap next to M x K
+        ctx.save_for_backward(melded, scale, oa8.t().contiguous(), oa_scale, weight_t)
+        ctx.n_out = n_out
+        ctx.x_dtype = x2d.dtype
+        ctx.b_dtype = lora_b.dtype
+        return out.to(x2d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        melded, scale, oa8_t, oa_scale, weight_t = ctx.saved_tensors
+        n_out = ctx.n_out
+        dy8, dy_scale = quantize_fp8(grad_out.contiguous(), fp8.E5M2, "tensorwise")  # M x N e5m2
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N)
+            # N-contiguous: the cached copy, else a transposed copy made here (N x K bytes read + written).
+            w8_t = weight_t if weight_t is not None else melded[:n_out].t()
+            grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M; e5m2 x e4m3 (CUDA has no e5m2 x e5m2)
+            grad_b = fp8_matmul_nt(dy8.t(), dy_scale, oa8_t, oa_scale, ctx.b_dtype)
+        return grad_x, grad_b, None, None, None, None
+
+
+class FalqonLinear(nn.Module):
+    """A frozen nn.Linear(K -> N) as FALQON's melded fp8 layer with adapter rank r.
+
+    Buffers: `melded` ((N+r) x K, float8_e4m3fn; rows [:N] are W8, rows [N:] are A8), `scale` (0-dim
+    fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
+    cache_weight_t: costs N x K more bytes, i.e. doubles the weight memory, and saves the N x K
+    transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update).
+    Parameters: `lora_B` (N x r, trainable, zero after every proxy update), `bias` (frozen, if present).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        topk: int | None = None,
+        topk_after: int | None = None,
+        warmup_steps: int = 0,
+        svd_dtype: torch.dtype = torch.float32,
+        cache_weight_t: bool = False,
+    ):
+        super().__init__()
+        n_out, k_in = linear.weight.shape
+        if not 1 <= rank <= min(n_out, k_in):
+            allowed = min(n_out, k_in)
+            raise ValueError(f"falqon rank {rank} does not fit a {k_in}->{n_out} linear; allowed: 1..{allowed}")
+        self.in_features, self.out_features, self.rank = k_in, n_out, rank
+        self.topk = _check_k("topk", rank if topk is None else topk, n_out)
+        self.topk_after = _check_k("topk_after", self.topk if topk_after is None else topk_after, n_out)
+        if warmup_steps < 0:
+            raise ValueError(f"falqon warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.updates_done = 0  # proxy updates run so far (host counter: drives the k schedule)
+        self.last_k: int | None = None  # k of the most recent proxy update
+
+        melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype)
+        self.register_buffer("melded", melded)
+        self.register_buffer("scale", scale)
+        self.register_buffer("weight_t", melded[:n_out].t().contiguous() if cache_weight_t else None)
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=melded.device))
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_config(cls, linear: nn.Linear, config: AdapterConfig) -> FalqonLinear:
+        """Build from an AdapterConfig; raises ValueError naming any unknown option and the allowed ones."""
+        return cls(linear, config.rank, dtype=config.dtype, **parse_options(config.options))
+
+    @property
+    def backbone_fp8(self) -> torch.Tensor:
+        """W8: the N x K e4m3 backbone rows of the melded matrix (a view, shares storage)."""
+        return self.melded[: self.out_features]
+
+    @property
+    def adapter_fp8(self) -> torch.Tensor:
+        """A8: the r x K e4m3 adapter rows of the melded matrix (a view, shares storage)."""
+        return self.melded[self.out_features :]
+
+    def next_k(self) -> int:
+        """The k the next proxy update uses: `topk` for the first `warmup_steps` updates, then `topk_after`."""
+        return self.topk if self.updates_done < self.warmup_steps else self.topk_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        out = MeldedLinearFunction.apply(
+            x.reshape(-1, self.in_features), self.lora_B, self.melded, self.scale, self.out_features, self.weight_t
+        )
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def proxy_update(self) -> torch.Tensor:
+        """Merge the top-k rows of B into W8 and zero B (no host sync: CUDA-graph capturable). Returns rows (k,).
+
+        k is chosen on the host from the update count; a captured graph replays the k it was captured with.
+        """
+        k = self.next_k()
+        rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
+        if self.weight_t is not None:
+            fresh = self.backbone_fp8.view(torch.uint8).index_select(0, rows).t()
+            self.weight_t.view(torch.uint8).index_copy_(1, rows, fresh)
+        self.last_k = k
+        self.updates_done += 1
+        return rows
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
+            f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}"
+        )
+
+
+def meld_weight_and_adapter(
+    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FALQON's init: A = sqrt(S_r) V_r^T from the SVD of W's own e4m3 quantization error, then [W; A] as
+    one e4m3 tensor. Returns (melded (N+r) x K float8_e4m3fn, scale 0-dim fp32)."""
+    w = weight.float()
+    w8, w_scale = fp8.quantize(w, fp8.E4M3, "tensorwise")
+    error = (w - fp8.dequantize(w8, w_scale)).to(svd_dtype)
+    _, s, vh = torch.linalg.svd(error, full_matrices=False)
+    adapter = (s[:rank].sqrt().unsqueeze(1) * vh[:rank]).float()  # r x K
+    return fp8.quantize(torch.cat([w, adapter], dim=0), fp8.E4M3, "tensorwise")
+
+
+def parse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """AdapterConfig.options -> FalqonLinear keyword arguments, with errors that list what is allowed."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
+    kwargs: dict[str, Any] = {}
+    for name in ("topk", "topk_after", "warmup_steps"):
+        if options.get(name) is not None:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"falqon option {name} must be an integer, got {value!r}")
+            kwargs[name] = value
+    if "svd_dtype" in options:
+        kwargs["svd_dtype"] = _svd_dtype(options["svd_dtype"])
+    if "cache_weight_t" in options:
+        kwargs["cache_weight_t"] = bool(options["cache_weight_t"])
+    return kwargs
+
+
+def _svd_dtype(value: Any) -> torch.dtype:
+    if value in (torch.float32, torch.float64):
+        return value
+    if isinstance(value, str) and value in _SVD_DTYPES:
+        return _SVD_DTYPES[value]
+    raise ValueError(f"falqon option svd_dtype must be one of {sorted(_SVD_DTYPES)}, got {value!r}")
+
+
+def _check_k(name: str, k: int, n_out: int) -> int:
+    if not 1 <= k <= n_out:
+        raise ValueError(f"falqon option {name}={k} out of range; allowed: 1..{n_out} (rows of W)")
+    return int(k)
+
+
+def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:
+    """Every FalqonLinear in `model` with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FalqonLinear)]
+
+
+def _is_target(name: str, targets: tuple[str, ...] | None) -> bool:
+    return targets is None or any(name == t or name.endswith("." + t) for t in targets)
+
+
+@register_method
+class Falqon(Method):
+    """FALQON (NeurIPS 2025): melded fp8 [W; A], B folded into W8 by the row-wise proxy update.
+
+    memory_bytes: the base accounting is exact here: weights = melded fp8 + scale (+ bias, + weight_t
+    when cached), adapters = B, optimizer_state = AdamW's two fp32 moments of B.
+    """
+
+    name = "falqon"
+    summary = "melded fp8 [W; A] in one GEMM, B merged into W8 by a top-k row-wise proxy update"
+    built_on = "own fp8 GEMM (torch._scaled_mm) + Triton kernels"
+    needs_cuda = False  # the torch references run on CPU
+    supports_compile = True
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}  # from the last convert; step_cost reads topk and cache_weight_t
+
+    def unavailable_reason(self, device: torch.device | str) -> str | None:
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 9):
+                return f"falqon needs fp8 tensor cores (sm_89+, Ada or Hopper); this GPU is sm_{major}{minor}"
+        return super().unavailable_reason(device)
+
+    def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
+        """Swap every target nn.Linear for a FalqonLinear and freeze everything but the B matrices."""
+        parse_options(config.options)  # fail before touching the model
+        self.options = dict(config.options)
+        targets = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and _is_target(name, config.target_modules)
+        ]
+        if not targets:
+            raise ValueError(f"falqon found no nn.Linear to convert (target_modules={config.target_modules})")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, linear in targets:
+            layer = FalqonLinear.from_config(linear, config)
+            if not name:  # the model is itself one nn.Linear
+                return layer
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+        return model
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Run the row-wise proxy update on every FalqonLinear (no host sync)."""
+        with torch.no_grad():
+            for _, layer in falqon_layers(model):
+                layer.proxy_update()
+
+    @staticmethod
+    def describe_k(model: nn.Module) -> dict[str, int | None]:
+        """Layer name -> k of its last proxy update (None before the first), so a run can report its k."""
+        return {name: layer.last_k for name, layer in falqon_layers(model)}
+
+    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+        """Minimum work of one FALQON step (fwd + bwd + proxy update) at M = tokens.
+
+        GEMMs: forward M x (N+r) x K (fp8); dX M x K x N and dB N x r x M, each fp8 when its dims meet
+        torch._scaled_mm's multiple-of-16 rule, else bf16 (the fallback that runs). The proxy update's
+        k x r x K fp32 product is negligible and not counted.
+        Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
+        layout transposes the fp8 GEMMs need (dY8 M x N for dB; W8 N x K for dX unless cached); proxy
+        update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of W8
+        rows, k x r of B rows (and k x K into weight_t when cached). k is the `topk` option (default r).
+        """
+        M, r = tokens, rank
+        k = min(int(self.options.get("topk") or r), N)
+        cached = bool(self.options.get("cache_weight_t", False))
+        bf16, e = 2, 1  # bytes per element
+        flops = {"fp8": 2.0 * M * (N + r) * K, "bf16": 0.0}
+        dx_fp8, db_fp8 = fp8_gemm_fits(N, K), fp8_gemm_fits(M, r)
+        flops["fp8" if dx_fp8 else "bf16"] += 2.0 * M * K * N
+        flops["fp8" if db_fp8 else "bf16"] += 2.0 * N * r * M
+        quant = (bf16 + e) * M * K + (bf16 + e) * M * N + (bf16 + e) * M * r
+        if db_fp8:
+            quant += 2 * e * M * N
+        if dx_fp8 and not cached:
+            quant += 2 * e * N * K
+        quant += 2 * bf16 * N * r + e * r * K + 2 * e * k * K + bf16 * k * r + (e * k * K if cached else 0)
+        return StepCost(gemm_flops=flops, quant_bytes=float(quant))
