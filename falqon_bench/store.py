@@ -60,6 +60,8 @@ class RunWriter:
         if self.points_path.exists() and not resume:
             raise ResultsError(f"{self.run_dir} already holds results; pass --resume to continue it or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _drop_partial_last_line(self.points_path)
         if resume and self.manifest_path.exists():
             old = json.loads(self.manifest_path.read_text())
             manifest = {**old, **manifest, "started_at": old.get("started_at", manifest.get("started_at"))}
@@ -85,6 +87,18 @@ class RunWriter:
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
         _atomic_write_json(self.manifest_path, self.manifest)
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a half-written last line (a kill mid-write) so the next append starts on a line of its own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _read_points(path: Path) -> list[dict[str, Any]]:
@@ -192,3 +206,39 @@ def merge_runs(run_dirs: list[Path], out_dir: Path) -> Path:
                 seen.add(p.get("point_id"))
                 writer.append(p)
     return Path(out_dir)
+
+
+def load_points_file(path: Path | str) -> RunData:
+    """Read a bare points file (e.g. results/baselines/<gpu>.jsonl, a gate baseline) as a run.
+
+    The manifest comes from `<stem>.manifest.json` beside it when present; the run id is the file stem.
+    Raises ResultsError when the file is missing, empty or not falqon-bench points.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such points file")
+    manifest: dict[str, Any] = {}
+    sidecar = path.with_name(path.stem + ".manifest.json")
+    if sidecar.exists():
+        try:
+            manifest = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{sidecar}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+    points = _read_points(path)
+    if not points:
+        raise ResultsError(f"{path}: holds no points")
+    for i, p in enumerate(points, 1):
+        if not isinstance(p, dict) or any(k not in p for k in ("method", "layer", "status")):
+            raise ResultsError(f"{path}: point {i} lacks keys method/layer/status; is this a falqon-bench points file?")
+    by_id: dict[str, dict[str, Any]] = {}
+    for p in points:
+        by_id[p.get("point_id") or str(len(by_id))] = p
+    return RunData(run_dir=path, manifest={"run_id": path.stem, **manifest}, points=list(by_id.values()))
+
+
+def load_results(path: Path | str) -> RunData:
+    """A run directory, its points.jsonl, or a bare points .jsonl file (gate baselines)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".jsonl" and path.name != POINTS:
+        return load_points_file(path)
+    return load_run(path)

@@ -1,0 +1,384 @@
+"""`falqon-bench`: run suites, list what exists, record the environment, export/merge results, report, compare.
+
+Bad input (suite file, results path, option) prints one red paragraph and exits 2, never a traceback;
+`compare` exits 1 on a regression; an interrupted run exits 130 and `--resume` completes it.
+"""
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from falqon_bench.errors import BenchInputError
+
+app = typer.Typer(
+    name="falqon-bench",
+    help="Benchmark and profile FP8 LoRA fine-tuning methods (FALQON and baselines) layer by layer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+RESULTS_ROOT = Path("results")
+EXIT_INPUT_ERROR = 2
+EXIT_REGRESSION = 1
+EXIT_INTERRUPTED = 130
+
+
+def _out() -> Console:
+    """Tables on stdout; piped output (CI logs) gets a wide page instead of rich's 80-column default."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=200)
+    return console
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def print_input_error(e: BaseException) -> None:
+    """One red paragraph on stderr (no markup parsing: messages quote TOML like [[grid]])."""
+    _err().print(Text(f"error: {e}", style="red"), soft_wrap=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Map BenchInputError (and ResultsError) raised by a command to the red paragraph + exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BenchInputError as e:
+            print_input_error(e)
+            raise typer.Exit(EXIT_INPUT_ERROR) from None
+
+    return wrapper
+
+
+def _lazy(module: str, name: str):
+    """Import `name` from a falqon_bench module written elsewhere; a missing module is a clear input error."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise BenchInputError(f"{module}.{name} is not available in this installation ({e})") from None
+
+
+# ---------------------------------------------------------------- run
+
+
+@app.command()
+@user_errors
+def run(
+    suite: str = typer.Argument(..., help="Suite name (smoke, overhead, methods, ranks, e2e) or path to a .toml file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (default: results/<run-id>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run: skip points already ok in --out (or the newest run of this suite)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Only these methods, comma-separated: bf16_lora,falqon."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Run shard i of n (1-based), e.g. 2/4; `merge` joins the shards."),
+    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each method's points in a worker subprocess (default) or in-process."),
+    point_timeout_s: float = typer.Option(300.0, "--point-timeout-s", help="Seconds a point may take before its worker is killed (isolated runs)."),
+    lock_clocks: bool = typer.Option(False, "--lock-clocks", help="Lock the GPU SM clock for the run via NVML (needs root); reset after."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the points the run would measure."),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="Override the suite's \\[timing] budget_ms: sampling time per point and timer, ms."),
+    warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Override the suite's \\[timing] warmup_ms: warm-up time per point, ms."),
+    min_samples: Optional[int] = typer.Option(None, "--min-samples", help="Override the suite's \\[timing] min_samples per timer."),
+) -> None:
+    """Run a suite: time every point (gpu_ms by CUDA-graph replay, wall_ms eager, kernel breakdown) into results/.
+
+    Each finished point is appended to results/<run-id>/points.jsonl at once; Ctrl-C marks the run
+    interrupted (exit 130) and `--resume` completes it. A method that cannot run here becomes an
+    error row "unavailable: <reason>", not a failure of the run.
+
+    [bold]Examples[/bold]
+      falqon-bench run smoke
+      falqon-bench run overhead --out results/h100-overhead --lock-clocks
+      falqon-bench run overhead --out results/h100-overhead --resume
+      falqon-bench run methods --methods bf16_lora,falqon --dry-run
+      falqon-bench run ranks --shard 2/4 --point-timeout-s 600
+    """
+    from falqon_bench.runner import RunOptions, print_summary, run_suite
+    from falqon_bench.suite import load_suite
+    from falqon_bench.sweep import parse_shard
+
+    loaded = load_suite(suite)
+    options = RunOptions(
+        out_dir=out,
+        resume=resume,
+        methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+        shard=parse_shard(shard) if shard else None,
+        isolate=isolate,
+        point_timeout_s=point_timeout_s,
+        lock_clocks=lock_clocks,
+        dry_run=dry_run,
+        budget_ms=budget_ms,
+        warmup_ms=warmup_ms,
+        min_samples=min_samples,
+        results_root=RESULTS_ROOT,
+    )
+    console = _err()
+    outcome = run_suite(loaded, options, console=console)
+    if outcome.status == "dry-run":
+        _print_plan(loaded.name, outcome.points)
+        return
+    print_summary(outcome, _out())
+    if outcome.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_plan(suite_name: str, points: list) -> None:
+    table = Table(title=f"{suite_name}: {len(points)} point(s) (dry run, nothing measured)")
+    for col in ("#", "method", "layer", "K x N", "rank", "tokens", "compile", "cache", "options", "point_id"):
+        table.add_column(col)
+    for i, p in enumerate(points, 1):
+        opts = json.dumps(p["options"]) if p["options"] else ""
+        table.add_row(str(i), p["method"], p["layer"], f"{p['K']}x{p['N']}", str(p["rank"]), str(p["tokens"]),
+                      str(p["compile"]).lower(), p["cache"], escape(opts), p["point_id"])
+    _out().print(table)
+
+
+# ---------------------------------------------------------------- list / env
+
+
+class ListWhat(str, Enum):
+    methods = "methods"
+    suites = "suites"
+    layers = "layers"
+
+
+@app.command("list")
+@user_errors
+def list_(what: ListWhat = typer.Argument(ListWhat.methods, help="methods, suites or layers.")) -> None:
+    """List registered methods (and whether they can run here), suite files, or named layer shapes.
+
+    [bold]Examples[/bold]
+      falqon-bench list methods
+      falqon-bench list suites
+      falqon-bench list layers
+    """
+    console = _out()
+    if what == ListWhat.methods:
+        console.print(methods_table())
+    elif what == ListWhat.suites:
+        console.print(suites_table())
+    else:
+        console.print(layers_table())
+
+
+def methods_table() -> Table:
+    """Every registered method: can it run on this machine's device (and why not), built on, summary."""
+    import torch
+
+    from falqon_core.methods import get_method, method_names
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = Table(title=f"methods (device here: {device.type})")
+    for col in ("method", "runs here", "why not", "built on", "summary"):
+        table.add_column(col)
+    for name in method_names():
+        m = get_method(name)
+        reason = m.unavailable_reason(device)
+        table.add_row(name, "[green]yes[/green]" if reason is None else "[red]no[/red]", escape(reason or ""), escape(m.built_on), escape(m.summary))
+    return table
+
+
+def suites_table() -> Table:
+    from falqon_bench.suite import known_suites, load_suite
+
+    table = Table(title="suites")
+    for col in ("suite", "file", "description"):
+        table.add_column(col)
+    for name, path in known_suites().items():
+        try:
+            description = load_suite(path).description
+        except BenchInputError as e:
+            description = f"[red]invalid: {escape(str(e))}[/red]"
+        else:
+            description = escape(description)
+        table.add_row(name, str(path), description)
+    return table
+
+
+def layers_table() -> Table:
+    from falqon_bench.layers import named_layers
+
+    table = Table(title="named layer shapes (a bare model name means all its layers)")
+    for col in ("layer", "K", "N", "per block", "from"):
+        table.add_column(col)
+    for s in named_layers().values():
+        table.add_row(s.name, str(s.K), str(s.N), str(s.per_block), s.source)
+    return table
+
+
+@app.command()
+@user_errors
+def env(as_json: bool = typer.Option(False, "--json", help="Print the full record as JSON.")) -> None:
+    """Show this machine as a run manifest records it: GPU, driver, clocks, power, throttle reasons, versions, git sha.
+
+    [bold]Examples[/bold]
+      falqon-bench env
+      falqon-bench env --json > env.json
+    """
+    from falqon_bench.envinfo import collect_env
+
+    info = collect_env()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    table = Table(title="environment")
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in _flatten(info):
+        table.add_row(key, escape(str(value)))
+    _out().print(table)
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+# ---------------------------------------------------------------- results files
+
+
+@app.command()
+@user_errors
+def export(
+    runs: List[Path] = typer.Argument(..., help="Run directories (or their points.jsonl)."),
+    to: Path = typer.Option(..., "--to", help="Output file: .parquet or .csv (list/dict columns become JSON text)."),
+) -> None:
+    """Export the points of one or more runs to one Parquet or CSV table (with a run_id column).
+
+    [bold]Examples[/bold]
+      falqon-bench export results/20250101-120000-overhead-h100 --to overhead.parquet
+      falqon-bench export results/a results/b --to both.csv
+    """
+    from falqon_bench.store import export_points
+
+    path = export_points(list(runs), to)
+    _out().print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def merge(
+    runs: List[Path] = typer.Argument(..., help="Run directories of the shards."),
+    out: Path = typer.Option(..., "--out", help="New run directory for the joined points."),
+) -> None:
+    """Join the shards of one sweep (same suite, same GPU model) into one run directory.
+
+    [bold]Examples[/bold]
+      falqon-bench merge results/ranks-shard1of4 results/ranks-shard2of4 results/ranks-shard3of4 results/ranks-shard4of4 --out results/ranks-h100
+    """
+    from falqon_bench.store import merge_runs
+
+    path = merge_runs(list(runs), out)
+    _out().print(f"merged {len(runs)} run(s) into {path}")
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Optional[List[Path]] = typer.Argument(None, help="Run directories (default: the newest run under results/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: reports/<run-id>/)."),
+) -> None:
+    """Render figures (PNG) and one HTML + markdown report from result files only (no GPU needed).
+
+    [bold]Examples[/bold]
+      falqon-bench report
+      falqon-bench report results/h100-overhead results/h200-overhead --out reports/gpus
+    """
+    from falqon_bench.store import latest_run
+
+    render_report = _lazy("falqon_bench.report", "render_report")
+    run_dirs = list(runs) if runs else [latest_run(RESULTS_ROOT)]
+    path = render_report(run_dirs, out)
+    _out().print(f"report written to {path}")
+
+
+def parse_overrides(items: List[str]) -> dict:
+    """['falqon/*=1.2'] -> {'falqon/*': 1.2}; the pattern is matched against 'method/layer/rank/tokens/compile'."""
+    overrides = {}
+    for item in items:
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if not sep or not pattern or value is None or value <= 0:
+            raise BenchInputError(f"--override {item!r} is not PATTERN=FACTOR with a positive number (e.g. 'falqon/*=1.2')")
+        overrides[pattern] = value
+    return overrides
+
+
+@app.command()
+@user_errors
+def compare(
+    base: Path = typer.Argument(..., help="Baseline run directory or points .jsonl (e.g. results/baselines/h100.jsonl)."),
+    new: Path = typer.Argument(..., help="New run directory."),
+    factor: float = typer.Option(1.10, "--factor", help="A point regresses only when new/base median exceeds this ratio."),
+    override: Optional[List[str]] = typer.Option(None, "--override", help="PATTERN=FACTOR per point (fnmatch on method/layer/rank/tokens/compile); repeatable."),
+) -> None:
+    """Regression gate: exit 1 when a point is significantly slower (Mann-Whitney U) by more than --factor, else 0.
+
+    [bold]Examples[/bold]
+      falqon-bench compare results/baselines/nvidia-h100-80gb-hbm3.jsonl results/ci
+      falqon-bench compare results/base results/new --factor 1.05 --override 'falqon/*=1.2'
+    """
+    compare_runs = _lazy("falqon_bench.gate", "compare_runs")
+    if factor <= 0:
+        raise BenchInputError(f"--factor {factor} must be a positive ratio such as 1.10")
+    result = compare_runs(base, new, factor, parse_overrides(override or []))
+    _out().print(result.to_table())
+    if result.regressed:
+        _err().print(Text("regression: at least one point is significantly slower than the baseline", style="red"))
+        raise typer.Exit(EXIT_REGRESSION)
+
+
+@app.command()
+@user_errors
+def kernels(out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: results/<run-id>-kernels).")) -> None:
+    """Micro-benchmark the FP8 kernels (quantize, melded GEMM, proxy update) against their references on the GPU.
+
+    [bold]Examples[/bold]
+      falqon-bench kernels
+      falqon-bench kernels --out results/h100-kernels
+    """
+    import torch
+
+    from falqon_bench.envinfo import device_name
+    from falqon_bench.store import new_run_id
+
+    if not torch.cuda.is_available():
+        raise BenchInputError("kernel micro-benchmarks need a CUDA GPU; torch sees none here")
+    run_kernel_bench = _lazy("falqon_bench.kernel_bench", "run_kernel_bench")
+    out = out or RESULTS_ROOT / new_run_id("kernels", device_name("cuda"))
+    path = run_kernel_bench(out)
+    _out().print(f"kernel results written to {path}")
+
+
+def main() -> None:
+    """Console-script entry point: BenchInputError anywhere -> red paragraph, exit 2 (no traceback)."""
+    try:
+        app()
+    except BenchInputError as e:
+        print_input_error(e)
+        sys.exit(EXIT_INPUT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

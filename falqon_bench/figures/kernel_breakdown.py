@@ -1,0 +1,69 @@
+"""Fig. 4 of the paper: where each method's step time goes, as stacked profiler time per category.
+
+One panel per layer at the (rank, tokens) most methods ran; eager and compiled are separate bars.
+Heights are the raw profiler times (kernel_ms, ms per step), not rescaled to the measured time.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from falqon_bench.figures.data import RunLabel, at_config, metric_label, reference_config
+from falqon_bench.figures.style import (
+    CATEGORY_COLORS,
+    FAILED_GID,
+    NA_GID,
+    add_footer,
+    empty_panel,
+    legend_handles,
+    mark_unavailable,
+    new_figure,
+    set_variant_ticks,
+    sorted_variants,
+)
+from falqon_bench.schema import BREAKDOWN_CATEGORIES
+
+BAR_WIDTH = 0.7
+
+
+def render_breakdown_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
+    """Stacked kernel_ms per category, bars per method, one panel per layer."""
+    layers = list(pd.unique(df["layer"]))
+    fig, axes = new_figure(len(layers), "Fig. 4 - step time by kernel category\n(profiler, ms per step; lower is better)")
+    if not layers:
+        empty_panel(axes[0], "no points")
+    used: set[str] = set()
+    cpu = metric_label(df) == "CPU wall time"
+    for ax, layer in zip(axes, layers):
+        sub = df[df["layer"] == layer]
+        config = reference_config(sub)
+        pts = at_config(sub, config)
+        variants = sorted_variants(pts["variant"])
+        unavailable = []
+        for i, variant in enumerate(variants):
+            row = pts[pts["variant"] == variant].iloc[0]
+            if not row["ok"]:
+                unavailable.append((i, "failed", FAILED_GID))
+                continue
+            if not row["has_kernel_ms"]:
+                unavailable.append((i, "n/a (not profiled)", NA_GID))
+                continue
+            bottom = 0.0
+            for cat in BREAKDOWN_CATEGORIES:
+                ms = float(row[f"k_{cat}"])
+                if ms <= 0:
+                    continue
+                ax.bar(i, ms, BAR_WIDTH, bottom=bottom, color=CATEGORY_COLORS[cat], label=cat if cat not in used else "_nolegend_")
+                used.add(cat)
+                bottom += ms
+        ax.set_ylim(bottom=0)
+        for i, text, gid in unavailable:
+            mark_unavailable(ax, i, BAR_WIDTH, text, gid)
+        set_variant_ticks(ax, variants)
+        ax.set_title(f"{layer}  (r={config[0]}, M={config[1]} tokens)" if config else layer, fontsize=9)
+        ax.set_ylabel("profiled time, ms per step" + (" (CPU self time)" if cpu else " (GPU kernels)"))
+    if used:
+        fig.legend(handles=legend_handles(CATEGORY_COLORS, used), loc="outside right upper", fontsize=7)
+    add_footer(fig, label, sorted(set(df["device"])), "torch.profiler" + (" on CPU: op self time" if cpu else " kernel time"))
+    return fig

@@ -1,0 +1,134 @@
+"""Fig. 1 of the paper: is FP8 LoRA faster than BF16 LoRA per layer, and what does quantization cost?
+
+Left figure (fig1_overhead): per layer, one bar per method (eager and compiled as separate bars),
+its height the measured step time (median, p10-p90 whiskers), split by the profiler's category
+times into compute (GEMMs), quantization overhead (quantize + elementwise) and other kernels; time
+the profile does not explain (launch cost, host) is the light top segment.
+Right figure (fig1_rank_throughput): tokens/s over adapter rank, one line per method.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from falqon_bench.figures.data import COMPUTE_CATEGORIES, OVERHEAD_CATEGORIES, RunLabel, at_config, metric_label, reference_config
+from falqon_bench.figures.style import (
+    FAILED_GID,
+    SPLIT_COLORS,
+    add_footer,
+    empty_panel,
+    error_bars,
+    mark_failed_point,
+    mark_unavailable,
+    new_figure,
+    set_variant_ticks,
+    sorted_variants,
+    legend_handles,
+    variant_color,
+)
+
+BAR_WIDTH = 0.7
+
+
+def latency_split(row: pd.Series) -> dict[str, float]:
+    """A point's metric_ms split into SPLIT_COLORS segments (ms); the profiled categories are scaled
+    down when they sum to more than the measured time, never up."""
+    total = float(row["metric_ms"])
+    if not row["has_kernel_ms"]:
+        return {"not profiled": total}
+    compute = sum(row[f"k_{c}"] for c in COMPUTE_CATEGORIES)
+    overhead = sum(row[f"k_{c}"] for c in OVERHEAD_CATEGORIES)
+    other = float(row["k_other"])
+    profiled = compute + overhead + other
+    scale = min(1.0, total / profiled) if profiled > 0 else 0.0
+    return {
+        "compute (GEMMs)": compute * scale,
+        "quantization overhead\n(quantize + elementwise)": overhead * scale,
+        "other kernels": other * scale,
+        "not in profile\n(launch, host)": max(0.0, total - profiled * scale),
+    }
+
+
+def _layer_order(df: pd.DataFrame) -> list[str]:
+    return list(pd.unique(df["layer"]))
+
+
+def render_overhead_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
+    """Per-layer latency bars split into compute vs quantization overhead (one panel per layer)."""
+    layers = _layer_order(df)
+    metric = metric_label(df)
+    fig, axes = new_figure(len(layers), "Fig. 1 - per-layer step latency:\ncompute vs quantization overhead (lower is better)")
+    if not layers:
+        empty_panel(axes[0], "no points")
+    used: set[str] = set()
+    for ax, layer in zip(axes, layers):
+        sub = df[df["layer"] == layer]
+        config = reference_config(sub)
+        pts = at_config(sub, config)
+        variants = sorted_variants(pts["variant"])
+        unavailable = []
+        for i, variant in enumerate(variants):
+            row = pts[pts["variant"] == variant].iloc[0]
+            if not row["ok"]:
+                unavailable.append((i, "failed", FAILED_GID))
+                continue
+            bottom = 0.0
+            for segment, ms in latency_split(row).items():
+                if ms <= 0:
+                    continue
+                ax.bar(i, ms, BAR_WIDTH, bottom=bottom, color=SPLIT_COLORS[segment], edgecolor="white", linewidth=0.5,
+                       label=segment if segment not in used else "_nolegend_")
+                used.add(segment)
+                bottom += ms
+            yerr = error_bars([row["metric_ms"]], [row["p10_ms"]], [row["p90_ms"]])
+            ax.errorbar(i, row["metric_ms"], yerr=yerr, color="black", capsize=3, linewidth=1)
+        ax.set_ylim(bottom=0)
+        for i, text, gid in unavailable:
+            mark_unavailable(ax, i, BAR_WIDTH, text, gid)
+        set_variant_ticks(ax, variants)
+        ax.set_title(f"{layer}  (r={config[0]}, M={config[1]} tokens)" if config else layer, fontsize=9)
+        ax.set_ylabel(f"step time, ms ({metric})")
+    if used:
+        fig.legend(handles=legend_handles(SPLIT_COLORS, used), loc="outside right upper", fontsize=7)
+    add_footer(fig, label, sorted(set(df["device"])), f"{metric}; bars split by profiler category share")
+    return fig
+
+
+def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
+    """tokens/s over rank per method, one panel per layer at that layer's most common token count."""
+    layers = _layer_order(df)
+    metric = metric_label(df)
+    fig, axes = new_figure(len(layers), "Fig. 1 - throughput vs adapter rank (higher is better)")
+    if not layers:
+        empty_panel(axes[0], "no points")
+    for ax, layer in zip(axes, layers):
+        sub = df[df["layer"] == layer]
+        tokens = sub.groupby("tokens")["rank"].nunique().sort_values(ascending=False).index[0]
+        sub = sub[sub["tokens"] == tokens]
+        ranks = sorted(sub["rank"].unique())
+        for variant in sorted_variants(sub["variant"]):
+            pts = sub[sub["variant"] == variant].sort_values("rank")
+            ok = pts[pts["ok"]]
+            if not ok.empty:
+                tps = tokens / (ok["metric_ms"].to_numpy(dtype=float) * 1e-3)
+                lo = tokens / (ok["p90_ms"].to_numpy(dtype=float) * 1e-3)
+                hi = tokens / (ok["p10_ms"].to_numpy(dtype=float) * 1e-3)
+                ax.errorbar(ok["rank"].to_numpy(dtype=float), tps, yerr=error_bars(tps, lo, hi), marker="o", markersize=4,
+                            capsize=3, color=variant_color(variant), linestyle="--" if "+compile" in variant else "-",
+                            label=variant)
+            for r in pts.loc[~pts["ok"], "rank"]:
+                mark_failed_point(ax, float(r), f"{variant} failed")
+        if len(ranks) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks([float(r) for r in ranks])
+        ax.set_xticklabels([str(r) for r in ranks])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("adapter rank r")
+        ax.set_ylabel(f"throughput, tokens/s ({metric})")
+        ax.set_title(f"{layer}  (M={tokens} tokens)", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    add_footer(fig, label, sorted(set(df["device"])), metric)
+    return fig
+

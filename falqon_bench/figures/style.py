@@ -1,0 +1,112 @@
+"""What every figure shares: panels, colors, the provenance footer, error bars, and failed/n-a markers.
+
+Figures are built on matplotlib.figure.Figure directly (no pyplot), so rendering needs no display,
+holds no global state, and PNGs come from the Agg canvas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from falqon_bench.figures.data import METHOD_ORDER, RunLabel, method_sort_key
+
+CATEGORY_COLORS = {
+    "gemm_fp8": "#1f77b4",
+    "gemm_bf16": "#6baed6",
+    "lora_gemm": "#9467bd",
+    "quantize": "#d62728",
+    "elementwise": "#ff9896",
+    "other": "#7f7f7f",
+}
+SPLIT_COLORS = {
+    "compute (GEMMs)": "#1f77b4",
+    "quantization overhead\n(quantize + elementwise)": "#d62728",
+    "other kernels": "#7f7f7f",
+    "not in profile\n(launch, host)": "#dddddd",
+    "not profiled": "#bbbbbb",
+}
+_PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
+FAILED_GID = "failed"
+NA_GID = "n/a"
+
+
+def variant_color(variant: str) -> str:
+    method, _, _ = variant.partition("+")
+    idx = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + (sum(map(ord, method)) % 3)
+    return _PALETTE[idx % len(_PALETTE)]
+
+
+def new_figure(n_panels: int, title: str, panel_width: float = 4.4, height: float = 4.6) -> tuple[Figure, list[Axes]]:
+    """A figure with n_panels side by side (at least one) and a suptitle."""
+    n = max(1, n_panels)
+    fig = Figure(figsize=(max(8.0, panel_width * n), height), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0].tolist()
+    fig.suptitle(title, fontsize=12)
+    return fig, axes
+
+
+def add_footer(fig: Figure, label: RunLabel, gpus: Sequence[str], metric: str) -> None:
+    """GPU name, library versions, run id and what was measured, under every figure."""
+    text = (
+        f"{'device' if list(gpus) == ['CPU'] else 'GPU'}: {', '.join(gpus) or '?'}  |  torch {label.torch}  |  triton {label.triton}  |  {metric}\n"
+        f"run {', '.join(label.run_ids)}"
+    )
+    fig.supxlabel(text, fontsize=7, color="#444444")
+
+
+def legend_handles(colors: dict[str, str], used: set[str]) -> list[Patch]:
+    """Legend entries for the used keys of `colors`, in the dict's order (not the order bars were drawn)."""
+    return [Patch(facecolor=c, label=k) for k, c in colors.items() if k in used]
+
+
+def error_bars(values: Sequence[float], low: Sequence[float], high: Sequence[float]) -> np.ndarray:
+    """2 x N yerr (distances below/above each value), never negative."""
+    v, lo, hi = (np.asarray(x, dtype=float) for x in (values, low, high))
+    return np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)])
+
+
+def mark_unavailable(ax: Axes, x: float, width: float, text: str, gid: str) -> Rectangle:
+    """A hatched, empty bar over the whole panel height with `text` ('failed', 'n/a'), so a missing
+    value never reads as zero. Call after the real bars so the panel's y-range is known."""
+    bottom, top = ax.get_ylim()
+    rect = Rectangle((x - width / 2, bottom), width, top - bottom, fill=False, hatch="///", edgecolor="#999999",
+                     linewidth=0.8, gid=gid, label="_nolegend_")
+    ax.add_patch(rect)
+    ax.text(x, bottom + 0.5 * (top - bottom), text, rotation=90, ha="center", va="center", fontsize=8, color="#b22222",
+            gid=gid, bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    ax.set_ylim(bottom, top)
+    return rect
+
+
+def mark_failed_point(ax: Axes, x: float, text: str = "failed") -> None:
+    """A failed point on a line plot: an X on the panel's floor (axes coordinates), labelled, not a value."""
+    ax.plot([x], [0.04], marker="X", color="#b22222", markersize=8, linestyle="none", transform=ax.get_xaxis_transform(),
+            gid=FAILED_GID, label="_nolegend_", clip_on=False)
+    ax.text(x, 0.09, text, transform=ax.get_xaxis_transform(), ha="center", fontsize=7, color="#b22222", gid=FAILED_GID)
+
+
+def set_variant_ticks(ax: Axes, variants: Sequence[str]) -> None:
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=35, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(variants) - 0.4)
+
+
+def sorted_variants(variants) -> list[str]:
+    return sorted(set(variants), key=method_sort_key)
+
+
+def geomean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else float("nan")
+
+
+def empty_panel(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="#666666", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])

@@ -1,0 +1,232 @@
+"""One report from stored results: PNG figures, a markdown page, a self-contained HTML page, a perf table.
+
+Reads only result files (falqon_bench.store.load_run), never runs anything. Writes into
+reports/<run id> (or the run ids joined with '+'), with fixed file names so a re-render replaces
+the same files: fig1_overhead.png, fig1_rank_throughput.png, fig3_total_cost.png,
+fig4_breakdown.png, fig5_gpus.png (only when the runs cover >= 2 GPU models), floor.png,
+report.md, report.html (images embedded as base64) and perf_table.md (README-ready).
+
+Figures 1, 3, 4 and floor show the first run's GPU model; Fig. 5 compares all of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from falqon_bench.figures import (
+    render_breakdown_figure,
+    render_floor_figure,
+    render_gpu_speedup_figure,
+    render_overhead_figure,
+    render_rank_throughput_figure,
+    render_total_cost_figure,
+)
+from falqon_bench.figures.data import (
+    BASELINE_METHOD,
+    RunLabel,
+    at_config,
+    label_for,
+    metric_label,
+    points_table,
+    reference_config,
+    run_versions,
+)
+from falqon_bench.figures.style import sorted_variants
+from falqon_bench.roofline import pct_of_floor
+from falqon_bench.store import RunData, latest_run, load_run
+
+RESULTS_ROOT = Path("results")
+REPORTS_ROOT = Path("reports")
+DPI = 110
+
+# file name, caption, renderer (all take the primary GPU's points, except Fig. 5)
+FIGURES: list[tuple[str, str, Callable[[pd.DataFrame, RunLabel], Any]]] = [
+    ("fig1_overhead.png", "Fig. 1: per-layer latency, compute vs quantization overhead", render_overhead_figure),
+    ("fig1_rank_throughput.png", "Fig. 1: throughput vs adapter rank", render_rank_throughput_figure),
+    ("fig3_total_cost.png", "Fig. 3: total cost of a block's linear layers per method", render_total_cost_figure),
+    ("fig4_breakdown.png", "Fig. 4: step time by kernel category", render_breakdown_figure),
+    ("floor.png", "% of roofline floor per method and layer", render_floor_figure),
+]
+GPU_FIGURE = ("fig5_gpus.png", f"Fig. 5: speedup over {BASELINE_METHOD} per GPU model", render_gpu_speedup_figure)
+
+
+def _report_name(runs: list[RunData]) -> str:
+    name = "+".join(r.run_id for r in runs)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name)
+
+
+def _primary_device(runs: list[RunData]) -> str:
+    points = runs[0].points
+    ok = [p for p in points if p.get("status") == "ok" and p.get("device")]
+    return str((ok or points)[0].get("device") or "?")
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _ms(v: Any, digits: int = 4) -> str:
+    return "-" if v is None or pd.isna(v) else f"{float(v):.{digits}g}"
+
+
+def perf_table(df: pd.DataFrame) -> str:
+    """Markdown tables (one per GPU model): per layer, per method at the layer's reference (rank, tokens):
+    gpu_ms (p10-p90), wall_ms, floor_ms, % of floor, speedup vs bf16_lora (eager)."""
+    out = []
+    for device in sorted(set(df["device"])):
+        on = df[df["device"] == device]
+        out.append(f"#### {device}\n")
+        out.append("| layer | rank | tokens | method | gpu_ms (p10-p90) | wall_ms | floor_ms | % of floor | speedup vs bf16_lora |")
+        out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+        for layer in pd.unique(on["layer"]):
+            sub = on[on["layer"] == layer]
+            config = reference_config(sub)
+            pts = at_config(sub, config)
+            base = pts[(pts["variant"] == BASELINE_METHOD) & pts["ok"]]
+            base_ms = float(base["metric_ms"].iloc[0]) if not base.empty else None
+            for variant in sorted_variants(pts["variant"]):
+                r = pts[pts["variant"] == variant].iloc[0]
+                head = f"| {_cell(layer)} | {r['rank']} | {r['tokens']} | {_cell(variant)} |"
+                if not r["ok"]:
+                    out.append(f"{head} failed | - | - | - | - |")
+                    continue
+                gpu = "-" if r["gpu_ms"] is None or pd.isna(r["gpu_ms"]) else f"{_ms(r['gpu_ms'])} ({_ms(r['p10_ms'])}-{_ms(r['p90_ms'])})"
+                if r["metric_kind"] == "wall":
+                    gpu = "- (CPU)"
+                pct = pct_of_floor(r["metric_ms"], r["floor_ms"]) if r["metric_kind"] == "gpu" else None
+                speedup = f"{base_ms / r['metric_ms']:.2f}x" if base_ms and r["metric_ms"] else "-"
+                out.append(f"{head} {gpu} | {_ms(r['wall_ms'])} | {_ms(r['floor_ms'])} | {'-' if pct is None else f'{pct:.0f}%'} | {speedup} |")
+        out.append("")
+    note = ("Times in ms per fwd+bwd+update step of one layer: gpu_ms is the median of CUDA-graph replays "
+            "(p10-p90 in brackets), wall_ms the eager median; speedup compares the layer's main metric "
+            "(gpu_ms, or wall_ms on CPU) with bf16_lora (eager) at the same shape; % of floor = 100 x floor / gpu_ms.")
+    return "\n".join(out) + "\n" + note + "\n"
+
+
+def _find_dict(obj: Any, key: str, depth: int = 0) -> dict[str, Any]:
+    """The first dict under `key` anywhere in a nested manifest (the runner nests env.git), else {}."""
+    if depth > 4 or not isinstance(obj, dict):
+        return {}
+    if isinstance(obj.get(key), dict):
+        return obj[key]
+    for value in obj.values():
+        found = _find_dict(value, key, depth + 1)
+        if found:
+            return found
+    return {}
+
+
+def _runs_table(runs: list[RunData]) -> str:
+    lines = ["| run | GPU | torch | triton | git | points ok / failed |", "|---|---|---|---|---|---:|"]
+    for run in runs:
+        versions = run_versions(run)
+        devices = sorted({str(p.get("device")) for p in run.points if p.get("device")})
+        git = _find_dict(run.manifest, "git")
+        sha = git.get("sha") or run.manifest.get("git_sha") or "?"
+        dirty = " (dirty)" if git.get("dirty") or run.manifest.get("dirty") else ""
+        ok = sum(p.get("status") == "ok" for p in run.points)
+        lines.append(f"| {_cell(run.run_id)} | {_cell(', '.join(devices))} | {versions['torch']} | {versions['triton']} | "
+                     f"{_cell(str(sha)[:12])}{dirty} | {ok} / {len(run.points) - ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def _failed_points(df: pd.DataFrame) -> str:
+    bad = df[~df["ok"]]
+    if bad.empty:
+        return "None.\n"
+    return "\n".join(
+        f"- `{r.variant}` on `{r.layer}` r={r.rank} M={r.tokens} ({r.device}): {_cell(r.error)}" for r in bad.itertuples()
+    ) + "\n"
+
+
+def _reference_configs(df: pd.DataFrame) -> str:
+    parts = []
+    for layer in pd.unique(df["layer"]):
+        config = reference_config(df[df["layer"] == layer])
+        if config:
+            parts.append(f"`{layer}`: r={config[0]}, M={config[1]}")
+    return "; ".join(parts)
+
+
+def _markdown(runs: list[RunData], df: pd.DataFrame, figures: list[tuple[str, str]], notes: list[str], table: str) -> str:
+    md = [f"# falqon-bench report: {', '.join(r.run_id for r in runs)}\n", "## Runs\n", _runs_table(runs)]
+    md.append("## Notes\n")
+    md += [f"- {n}" for n in notes]
+    md.append("")
+    md.append("## Figures\n")
+    for fname, caption in figures:
+        md.append(f"### {caption}\n\n![{caption}]({fname})\n")
+    md.append("## Performance\n")
+    md.append(table)
+    md.append("## Failed points\n")
+    md.append(_failed_points(df))
+    return "\n".join(md)
+
+
+_HTML_STYLE = """body{font-family:system-ui,-apple-system,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:0.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 3px}"""
+
+
+def _html(md: str, out_dir: Path, title: str) -> str:
+    """The markdown rendered to HTML with every image inlined as a base64 data URI (no external files)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(md)
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((out_dir / html.unescape(match.group(1))).read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_HTML_STYLE}</style></head><body>\n{body}</body></html>\n")
+
+
+def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+    """Render the report of one or more runs; returns the directory written. No runs: the latest under results/.
+
+    Raises ResultsError (a BenchInputError) for a missing or corrupt results file.
+    """
+    run_dirs = [Path(d) for d in run_dirs] or [latest_run(RESULTS_ROOT)]
+    runs = [load_run(d) for d in run_dirs]
+    df = points_table(runs)
+    device = _primary_device(runs)
+    primary = df[df["device"] == device].reset_index(drop=True)
+    label = label_for([r for r in runs if device in {str(p.get("device")) for p in r.points}], primary)
+    out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
+    out.mkdir(parents=True, exist_ok=True)
+
+    notes = [
+        f"Figures 1, 3, 4 and the floor figure show {device} ({metric_label(primary)}); "
+        f"each layer at the rank and token count most methods ran: {_reference_configs(primary)}.",
+        "Bars carry p10-p90 whiskers; failed or missing points are hatched bars marked 'failed' or 'n/a' (errors below), never zero.",
+    ]
+    if metric_label(primary) == "CPU wall time":
+        notes.append("CPU run: no GPU time was measured, so figures use eager wall time and there is no roofline floor.")
+    written: list[tuple[str, str]] = []
+    figures = list(FIGURES)
+    gpu_models = sorted(set(df["device"]))
+    if len(gpu_models) >= 2:
+        figures.insert(4, GPU_FIGURE)
+    else:
+        (out / GPU_FIGURE[0]).unlink(missing_ok=True)
+        notes.append(f"Fig. 5 skipped: it needs runs from at least two GPU models; these runs cover {', '.join(gpu_models)}.")
+    for fname, caption, render in figures:
+        data = df if render is render_gpu_speedup_figure else primary
+        fig = render(data, label_for(runs, data) if data is df else label)
+        fig.savefig(out / fname, dpi=DPI, metadata={"Software": None})
+        written.append((fname, caption))
+
+    table = perf_table(df)
+    (out / "perf_table.md").write_text(table)
+    md = _markdown(runs, df, written, notes, table)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(md, out, f"falqon-bench report {_report_name(runs)}"))
+    return out

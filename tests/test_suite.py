@@ -1,0 +1,160 @@
+"""Suite files: the shipped suites load; every kind of mistake exits 2 with one paragraph naming file, key, line, allowed values."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from falqon_bench.cli import app
+from falqon_bench.errors import BenchInputError
+from falqon_bench.layers import resolve_layer
+from falqon_bench.suite import find_key_line, known_suites, load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """\
+name = "t"
+device = "cpu"
+[timing]
+budget_ms = 5
+[defaults]
+tokens = [16]
+[[grid]]
+layers = [{name = "t.32x48", K = 32, N = 48}]
+ranks = [4, 8]
+methods = ["bf16_linear"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_cli_error(path: Path) -> str:
+    """`falqon-bench run PATH --dry-run` must exit 2 with one red paragraph on stderr and no traceback."""
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("name", ["smoke", "overhead", "methods", "ranks", "e2e"])
+def test_every_shipped_suite_loads(name):
+    suite = load_suite(name)
+    assert suite.name == name and suite.description and suite.grids
+    assert str(suite.path).startswith(str(REPO / "suites")) and "#" in suite.raw_text.splitlines()[0]
+
+
+def test_overhead_suite_runs_all_ranks_eager_and_only_rank_64_compiled():
+    suite = load_suite("overhead")
+    eager, compiled = suite.grids
+    assert eager.compile == [False] and eager.ranks == [16, 32, 64, 128, 256] and len(eager.methods) == 8
+    assert compiled.compile == [True] and compiled.ranks == [64]
+    assert [s.name for s in eager.layers] == ["llama-7b.attn", "llama-7b.up", "llama-7b.down"]
+    from falqon_core.methods import get_method
+
+    assert compiled.methods == [m for m in eager.methods if get_method(m).supports_compile], "every method that supports compile"
+
+
+def test_named_shapes_come_from_the_published_configs():
+    assert [(s.name, s.K, s.N, s.per_block) for s in resolve_layer("llama-7b")] == [
+        ("llama-7b.attn", 4096, 4096, 4), ("llama-7b.up", 4096, 11008, 2), ("llama-7b.down", 11008, 4096, 1),
+    ]  # fmt: skip
+    assert [(s.name, s.K, s.N, s.per_block) for s in resolve_layer("llama-3-8b")] == [
+        ("llama-3-8b.attn", 4096, 4096, 2), ("llama-3-8b.kv", 4096, 1024, 2),
+        ("llama-3-8b.up", 4096, 14336, 2), ("llama-3-8b.down", 14336, 4096, 1),
+    ]  # fmt: skip
+    assert [(s.K, s.N) for s in resolve_layer("mistral-7b")] == [(s.K, s.N) for s in resolve_layer("llama-3-8b")]
+    assert [(s.K, s.N) for s in resolve_layer("llama-13b")] == [(5120, 5120), (5120, 13824), (13824, 5120)]
+
+
+def test_scalars_are_read_as_one_element_axes(tmp_path):
+    suite = load_suite(write(tmp_path, GOOD.replace("ranks = [4, 8]", "ranks = 4").replace('["bf16_linear"]', '"bf16_linear"')))
+    assert suite.grids[0].ranks == [4] and suite.grids[0].methods == ["bf16_linear"]
+    assert suite.grids[0].tokens == [16] and suite.grids[0].compile == [False] and suite.grids[0].cache == ["warm"]
+
+
+def test_misspelled_key_names_file_table_line_and_allowed_keys(tmp_path):
+    path = write(tmp_path, GOOD.replace("ranks = [4, 8]", "rank = [4, 8]"))
+    msg = run_cli_error(path)
+    assert "unknown key `rank` in [[grid]] #1" in msg and "line 9" in msg
+    assert "allowed keys: layers, ranks, tokens, methods, compile, cache, dtype, options" in msg
+
+
+def test_misspelled_timing_key_lists_timing_keys(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("budget_ms = 5", "budget = 5")))
+    assert "unknown key `budget` in [timing]" in msg and "line 4" in msg and "budget_ms, warmup_ms, min_samples, cache, profile" in msg
+
+
+def test_wrong_type_names_the_key_item_and_expected_type(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("ranks = [4, 8]", 'ranks = [4, "8"]')))
+    assert "`ranks` item 2 in [[grid]] #1" in msg and "line 9" in msg and "valid integer" in msg and "'8'" in msg
+
+
+def test_bad_literal_lists_the_allowed_values(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("budget_ms = 5", 'budget_ms = 5\ncache = "hot"')))
+    assert "`cache` in [timing]" in msg and "line 5" in msg and "'warm' or 'cold'" in msg
+
+
+def test_unknown_method_lists_the_registered_methods(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace('"bf16_linear"', '"bf16_lroa"')))
+    assert "unknown method `bf16_lroa`" in msg and "line 10" in msg
+    assert "registered methods: bf16_linear, bf16_lora" in msg
+
+
+def test_unknown_layer_lists_the_named_shapes(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace('{name = "t.32x48", K = 32, N = 48}', '"llama-7b.atn"')))
+    assert "unknown layer `llama-7b.atn`" in msg and "line 8" in msg and "llama-7b.attn" in msg and "llama-3-8b.kv" in msg
+
+
+def test_empty_sweep_says_which_axis_is_empty(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("tokens = [16]", "tokens = []")))
+    assert "empty sweep: axis `tokens` in [defaults]" in msg and "line 6" in msg
+
+
+def test_missing_axis_and_missing_grid_are_explained(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("tokens = [16]", "")))
+    assert "missing axis `tokens` in [[grid]] #1" in msg
+    msg = run_cli_error(write(tmp_path, GOOD.split("[[grid]]")[0]))
+    assert "has no [[grid]] table" in msg
+
+
+def test_inline_layer_with_unknown_key_is_explained(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("K = 32", "k = 32")))
+    assert "`layers`" in msg and "unknown key `k`" in msg and "name, K, N, per_block" in msg
+
+
+def test_invalid_toml_and_unknown_suite_name_exit_2(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("ranks = [4, 8]", "ranks = [4, 8")))
+    assert "not valid TOML" in msg
+    result = CliRunner().invoke(app, ["run", "no-such-suite", "--dry-run"])
+    assert result.exit_code == 2 and "known suites: " in result.stderr and "smoke" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a CPU-only machine gives")
+def test_cuda_suite_on_a_cpu_machine_exits_2_with_the_fix(tmp_path):
+    path = write(tmp_path, GOOD.replace('device = "cpu"', 'device = "cuda"'))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and 'device = "auto"' in result.stderr
+
+
+def test_find_key_line_looks_inside_the_right_table():
+    text = "name = 'a'\n[timing]\ncache = 'x'\n[[grid]]\nranks = [1]\n[[grid]]\n# c\nranks = [2]\n"
+    assert find_key_line(text, "grid", 1, "ranks") == 8
+    assert find_key_line(text, "grid", 0, "ranks") == 5
+    assert find_key_line(text, "timing", None, "cache") == 3
+    assert find_key_line(text, None, None, "name") == 1
+    assert find_key_line(text, "grid", 0, "methods") == 4  # absent key: the table header
+
+
+def test_known_suites_finds_the_shipped_files():
+    assert {"smoke", "overhead", "methods", "ranks", "e2e"} <= set(known_suites())
+    with pytest.raises(BenchInputError, match="known suites"):
+        load_suite("nope")

@@ -1,0 +1,87 @@
+"""Timing primitives: percentiles, CPU wall sampling within budget, flush outside the timed region, GPU graph replay."""
+
+import time
+
+import pytest
+import torch
+
+from falqon_bench.timing import CaptureError, l2_flusher, summarize, time_cudagraph, time_wall, warm_up
+
+
+def test_summarize_gives_numpy_linear_percentiles_of_known_samples():
+    s = summarize([float(v) for v in range(1, 11)])  # 1..10: p10 = 1 + 0.9*1, p90 = 1 + 8.1
+    assert s == {"median": 5.5, "p10": pytest.approx(1.9), "p90": pytest.approx(9.1), "n": 10}
+    assert summarize([3.0]) == {"median": 3.0, "p10": 3.0, "p90": 3.0, "n": 1}
+    assert summarize([]) == {"median": None, "p10": None, "p90": None, "n": 0}
+
+
+def test_cpu_wall_timing_returns_at_least_min_samples_positive_samples_within_budget():
+    def step():
+        time.sleep(0.001)
+
+    t0 = time.perf_counter()
+    samples = time_wall(step, device="cpu", warmup_ms=5, budget_ms=30, min_samples=5)
+    elapsed_ms = (time.perf_counter() - t0) * 1e3
+    assert len(samples) >= 5 and all(s >= 1.0 for s in samples), "each sample covers one 1 ms step, in ms"
+    assert sum(samples) >= 30, "sampled until the budget was spent"
+    assert sum(samples) - samples[-1] < 30, "and stopped at the first sample past it"
+    assert elapsed_ms < 30 + 5 + 2000, "warm-up + budget, with slack for a loaded machine"
+
+
+def test_min_samples_wins_over_a_tiny_budget():
+    samples = time_wall(lambda: None, device="cpu", warmup_ms=0, budget_ms=1e-6, min_samples=7)
+    assert len(samples) == 7 and all(s >= 0 for s in samples)
+
+
+def test_warm_up_runs_by_time_after_a_first_call():
+    calls = []
+    n = warm_up(lambda: (calls.append(1), time.sleep(0.002)), "cpu", warmup_ms=20)
+    assert n == len(calls) >= 2
+
+
+def test_cold_cache_flush_runs_before_each_sample_outside_the_timed_region():
+    events: list[str] = []
+    ticks = iter(range(10_000))
+
+    def clock() -> float:
+        events.append("clock")
+        return next(ticks) * 1e-3  # 1 ms per clock read
+
+    samples = time_wall(
+        lambda: events.append("step"), device="cpu", warmup_ms=0, budget_ms=1e-6, min_samples=4,
+        flush=lambda: events.append("flush"), clock=clock,
+    )  # fmt: skip
+    timed = events[events.index("flush") :]  # after warm-up (which never flushes)
+    assert timed == ["flush", "clock", "step", "clock"] * 4
+    assert samples == [1.0] * 4, "only the step lies between the two clock reads"
+
+
+@pytest.mark.gpu
+def test_cudagraph_timing_replays_a_captured_step_and_flushes_for_cold_cache():
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+
+    def step():
+        torch.mm(a, b, out=out)
+
+    warm = time_cudagraph(step, device="cuda", warmup_ms=20, budget_ms=20, min_samples=10)
+    cold = time_cudagraph(step, device="cuda", warmup_ms=20, budget_ms=20, min_samples=10, cache="cold")
+    assert len(warm) >= 10 and len(cold) >= 10 and min(warm) > 0
+    # 2*1024^3 FLOP at under 2 PFLOP/s takes > 1 us; a warm replay cannot be slower than 10 ms on any GPU
+    assert 1e-3 < summarize(warm)["median"] < 10
+    assert summarize(cold)["median"] >= 0.9 * summarize(warm)["median"], "cold cache is not faster than warm"
+
+
+@pytest.mark.gpu
+def test_a_step_that_syncs_the_host_cannot_be_captured():
+    x = torch.ones(8, device="cuda")
+    with pytest.raises(CaptureError):
+        time_cudagraph(lambda: x.sum().item(), device="cuda", warmup_ms=1, budget_ms=1, min_samples=1)
+
+
+@pytest.mark.gpu
+def test_l2_flush_buffer_is_at_least_twice_the_l2():
+    flush = l2_flusher("cuda")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    assert flush.__self__.numel() * 4 >= 2 * l2
