@@ -396,8 +396,13 @@ def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[
     fallback = _dtypes_by_correlation(prof)
     cpu_events = [e for e in events if not _is_device_event(e) and not getattr(e, "is_async", False)]
     roots = [e for e in cpu_events if e.name == STEP_LABEL]
-    in_step = {id(e) for r in roots for e in _subtree(r)}
-    step_events = [e for e in cpu_events if id(e) in in_step]
+    if on_gpu:
+        # backward ops run on the autograd engine's device thread, outside the step label's subtree;
+        # the profile holds nothing but the labelled steps, so every op in it belongs to a step
+        step_events = cpu_events
+    else:
+        in_step = {id(e) for r in roots for e in _subtree(r)}
+        step_events = [e for e in cpu_events if id(e) in in_step]
     dtypes_of = functools.partial(_event_dtypes, fallback=fallback)
     quant_ids = _quantization_event_ids(step_events, dtypes_of)
 

@@ -86,6 +86,8 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (default: results/<run-id>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run: skip points already ok in --out (or the newest run of this suite)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Only these methods, comma-separated: bf16_lora,falqon."),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="Only these ranks, comma-separated: 16,64."),
+    variant: str = typer.Option("all", "--variant", help="eager, compile or all: keep only eager (compile=false) or only compiled points."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Run shard i of n (1-based), e.g. 2/4; `merge` joins the shards."),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Run each method's points in a worker subprocess (default) or in-process."),
     point_timeout_s: float = typer.Option(300.0, "--point-timeout-s", help="Seconds a point may take before its worker is killed (isolated runs)."),
@@ -106,6 +108,7 @@ def run(
       falqon-bench run overhead --out results/h100-overhead --lock-clocks
       falqon-bench run overhead --out results/h100-overhead --resume
       falqon-bench run methods --methods bf16_lora,falqon --dry-run
+      falqon-bench run overhead --ranks 64 --variant eager
       falqon-bench run ranks --shard 2/4 --point-timeout-s 600
     """
     from falqon_bench.runner import RunOptions, print_summary, run_suite
@@ -117,6 +120,8 @@ def run(
         out_dir=out,
         resume=resume,
         methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+        ranks=_parse_ranks(ranks) if ranks else None,
+        variant=variant,
         shard=parse_shard(shard) if shard else None,
         isolate=isolate,
         point_timeout_s=point_timeout_s,
@@ -135,6 +140,13 @@ def run(
     print_summary(outcome, _out())
     if outcome.status == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _parse_ranks(text: str) -> list[int]:
+    try:
+        return [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise BenchInputError(f"--ranks {text!r}: expected comma-separated integers, e.g. 16,64") from None
 
 
 def _print_plan(suite_name: str, points: list) -> None:

@@ -34,7 +34,7 @@ from falqon_bench import envinfo
 from falqon_bench.errors import BenchInputError
 from falqon_bench.store import POINTS, RunWriter, find_runs, load_run, new_run_id
 from falqon_bench.suite import Suite
-from falqon_bench.sweep import Point, expand_suite, filter_methods, shard_points
+from falqon_bench.sweep import Point, expand_suite, filter_methods, filter_ranks, filter_variant, shard_points
 from falqon_bench.worker import MeasureContext, error_row, measure_point
 
 CPU_WARNING = "CPU run: timings are wall-clock on the CPU and say nothing about GPU speed; run on a CUDA GPU for gpu_ms"
@@ -49,6 +49,8 @@ class RunOptions:
     out_dir: Path | None = None
     resume: bool = False
     methods: list[str] | None = None
+    ranks: list[int] | None = None
+    variant: str = "all"
     shard: tuple[int, int] | None = None
     isolate: bool = True
     point_timeout_s: float = DEFAULT_POINT_TIMEOUT_S
@@ -88,6 +90,9 @@ def plan_points(suite: Suite, options: RunOptions) -> list[Point]:
     points = expand_suite(suite)
     if options.methods:
         points = filter_methods(points, options.methods)
+    if options.ranks:
+        points = filter_ranks(points, options.ranks)
+    points = filter_variant(points, options.variant)
     if options.shard:
         points = shard_points(points, *options.shard)
     return points
@@ -355,7 +360,7 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
     console = console or Console(stderr=True)
     points = plan_points(suite, options)
     if not points:
-        raise BenchInputError(f"suite {suite.name!r}: the selection (--methods / --shard) leaves no points to run")
+        raise BenchInputError(f"suite {suite.name!r}: the selection (--methods / --ranks / --variant / --shard) leaves no points to run")
     if options.dry_run:
         return RunOutcome(status="dry-run", points=points)
     device = resolve_device(suite.device)

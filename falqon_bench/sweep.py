@@ -62,6 +62,24 @@ def filter_methods(points: list[Point], methods: list[str]) -> list[Point]:
     return [p for p in points if p["method"] in wanted]
 
 
+def filter_ranks(points: list[Point], ranks: list[int]) -> list[Point]:
+    """Keep the points at these ranks (from --ranks 16,64); a rank the suite does not sweep is an error."""
+    in_suite = sorted({p["rank"] for p in points})
+    unknown = [r for r in ranks if r not in in_suite]
+    if unknown:
+        raise BenchInputError(f"--ranks names {unknown}, which the suite does not sweep; ranks in this suite: {in_suite}")
+    return [p for p in points if p["rank"] in set(ranks)]
+
+
+def filter_variant(points: list[Point], variant: str) -> list[Point]:
+    """Keep only eager (compile=false) or only compiled points (--variant eager|compile); 'all' keeps both."""
+    allowed = {"all": None, "eager": False, "compile": True}
+    if variant not in allowed:
+        raise BenchInputError(f"--variant {variant!r}; allowed: {', '.join(allowed)}")
+    wanted = allowed[variant]
+    return points if wanted is None else [p for p in points if bool(p["compile"]) is wanted]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'2/4' -> (2, 4): shard i of n, 1-based (Slurm: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)."""
     try:

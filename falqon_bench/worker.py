@@ -99,7 +99,13 @@ def one_line(e: BaseException) -> str:
 
 
 def process_poisoned(row: dict[str, Any]) -> bool:
-    """Whether the error in `row` leaves the CUDA context unusable (the worker must be replaced)."""
+    """Whether the point left this process unfit for the next point (the worker must be replaced).
+
+    A failed CUDA-graph capture counts: it can leave the CUDA RNG in capture state ("Offset increment
+    outside graph capture"), which breaks every later random init in the process.
+    """
+    if row.get("capture_error"):
+        return True
     if row.get("status") != "error" or not row.get("error"):
         return False
     return row.get("error_type") == "AcceleratorError" or bool(_POISON.search(str(row["error"])))
@@ -270,7 +276,7 @@ def main() -> int:
         row = measure_point(point, ctx)
         emit({"event": "result", "row": row})
         if process_poisoned(row):
-            emit({"event": "restart", "reason": row["error"]})
+            emit({"event": "restart", "reason": row.get("error") or row.get("capture_error")})
             return 3
     emit({"event": "done"})
     return 0

@@ -122,11 +122,17 @@ def ordered(values: Iterable[str]) -> list[str]:
 
 
 def reference_config(df: pd.DataFrame) -> tuple[Any, Any] | None:
-    """The (rank, tokens) most variants ran at (ties: more tokens, then smaller rank); None when df is empty."""
+    """The (rank, tokens) most variants ran at; None when df is empty.
+
+    Ties: more tokens, then the rank nearest the middle of the swept ranks (64 of 16..256, the paper's
+    setting), then the smaller rank.
+    """
     if df.empty:
         return None
     counts = df.groupby(["rank", "tokens"])["variant"].nunique().reset_index()
-    counts = counts.sort_values(["variant", "tokens", "rank"], ascending=[False, False, True])
+    middle = float(np.median(np.log2(counts["rank"].astype(float).unique())))
+    counts["off_middle"] = (np.log2(counts["rank"].astype(float)) - middle).abs()
+    counts = counts.sort_values(["variant", "tokens", "off_middle", "rank"], ascending=[False, False, True, True])
     row = counts.iloc[0]
     return row["rank"], row["tokens"]
 
