@@ -81,17 +81,64 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of the fp8 grid at |x| (in the units of x, i.e. already-scaled fp8 values).
 
     Normal range: 2**(floor(log2|x|) - mantissa_bits); subnormals: 2**(min_exp - mantissa_bits).
-    Tolerances in tests are stated as multiples of this.
+    Tolerances in tests are stated as multiples of this. Exact on every device: the exponent comes from
+    frexp and the power of two is assembled from its fp64 bits (CUDA's log2 and pow on doubles may be off
+    by an ulp, e.g. a step of 2048 + 2^-41 next to an e5m2 value of 16384).
     """
     _, mbits, min_exp = _FORMAT[dtype]
     ax = x.detach().abs().double()
-    exp = torch.floor(torch.log2(torch.clamp(ax, min=2.0**min_exp)))
-    return torch.pow(2.0, exp - mbits)
+    _, e = torch.frexp(torch.clamp(ax, min=2.0**min_exp))  # ax = m 2^e with m in [0.5, 1): floor(log2) = e - 1
+    exp = e.to(torch.int64) - 1 - mbits
+    return torch.bitwise_left_shift(exp + 1023, 52).view(torch.float64)  # 2^exp, exactly
 
 
 def relative_ulp(dtype: torch.dtype) -> float:
     """Worst-case relative rounding error of a normal fp8 value (half an ulp relative to 1.0): 2**-(mbits+1)."""
     return 2.0 ** -(_FORMAT[dtype][1] + 1)
+
+
+# cuBLASLt's fp8 GEMM (torch._scaled_mm on CUDA) needs the reduction dim K and the output width N to be
+# multiples of 16
+SCALED_MM_MULTIPLE = 16
+# torch.mm(..., out_dtype=torch.float32) on bf16 operands (CUDA only; "aten::mm.dtype", torch >= 2.8)
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def scaled_mm_fits(k: int, n: int) -> bool:
+    """True when torch._scaled_mm's CUDA fp8 GEMM takes reduction length k and output width n."""
+    return k % SCALED_MM_MULTIPLE == 0 and n % SCALED_MM_MULTIPLE == 0
+
+
+def _row_col_scales(a_scale, b_scale, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scales as torch._scaled_mm takes them: both 0-dim (tensorwise), or a: m x 1 and b: 1 x n (rowwise)."""
+    if a_scale.dim() == 0 and b_scale.dim() == 0:
+        return a_scale.float(), b_scale.float()
+    sa = a_scale.float().reshape(-1, 1).expand(m, 1).contiguous()
+    sb = b_scale.float().reshape(1, -1).expand(1, n).contiguous()
+    return sa, sb
+
+
+def upcast_scaled_mm(
+    a_data: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_data: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """scaled_mm without fp8 tensor cores, for shapes cuBLASLt's fp8 GEMM refuses: same contract and inputs.
+
+    Every e4m3/e5m2 value is exactly a bf16 (and fp32) value, so upcasting loses nothing. On CUDA: a bf16
+    GEMM with an fp32 output (fp32 accumulation, no bf16 rounding of the product); elsewhere, or on a torch
+    without mm's out_dtype, an fp32 GEMM of the same exact values. Then the dequant scales in fp32 and one
+    cast to out_dtype.
+    """
+    m, n = a_data.shape[0], b_data.shape[0]
+    if a_data.is_cuda and _MM_HAS_OUT_DTYPE:
+        product = torch.mm(a_data.to(torch.bfloat16), b_data.to(torch.bfloat16).t(), out_dtype=torch.float32)
+    else:
+        product = a_data.float() @ b_data.float().t()
+    sa, sb = _row_col_scales(a_scale, b_scale, m, n)
+    return (product * sa * sb).to(out_dtype)
 
 
 def scaled_mm(
@@ -100,15 +147,18 @@ def scaled_mm(
     b_data: torch.Tensor,
     b_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    fallback: bool | None = None,
 ) -> torch.Tensor:
     """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
 
     Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
-    GPU; works on CPU too). On GPU K and N must be multiples of 16.
+    GPU; works on CPU too). cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to
+    upcast_scaled_mm (fp32 accumulation). fallback: True forces upcast_scaled_mm, False forces
+    torch._scaled_mm, None decides as just said.
     """
-    if a_scale.dim() == 0 and b_scale.dim() == 0:
-        sa, sb = a_scale.float(), b_scale.float()
-    else:
-        sa = a_scale.float().reshape(-1, 1).expand(a_data.shape[0], 1).contiguous()
-        sb = b_scale.float().reshape(1, -1).expand(1, b_data.shape[0]).contiguous()
+    if fallback is None:
+        fallback = a_data.is_cuda and not scaled_mm_fits(a_data.shape[1], b_data.shape[0])
+    if fallback:
+        return upcast_scaled_mm(a_data, a_scale, b_data, b_scale, out_dtype)
+    sa, sb = _row_col_scales(a_scale, b_scale, a_data.shape[0], b_data.shape[0])
     return torch._scaled_mm(a_data, b_data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)

@@ -30,7 +30,6 @@ that fp32 difference moves a value across the midpoint between two neighbouring 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import scipy.linalg
@@ -50,6 +49,9 @@ _PROGRAMS_PER_SM = 4
 
 # (block, dtype, device, normalized) -> H_b; a plain dict (not lru_cache) so torch.compile sees a constant
 _HADAMARD_CACHE: dict[tuple[int, torch.dtype, torch.device, bool], torch.Tensor] = {}
+# the same for the launch constants: (dtype, on_cuda, interpreter) -> scale args, block -> fp32(1/sqrt(block))
+_SCALE_CONSTANTS_CACHE: dict[tuple[torch.dtype, bool, bool], tuple[tuple[str, object], ...]] = {}
+_INV_SQRT_CACHE: dict[int, float] = {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,6 +149,9 @@ def _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK: tl
 
     DOT_FP32: upcast x and use an IEEE fp32 dot (fp32 inputs, and the interpreter, whose bf16 dot is wrong);
     otherwise a bf16/fp16 tensor-core dot with fp32 accumulation: the same exact products, summed in fp32.
+    inv_sqrt_b is cast to fp32: Triton types a Python float argument fp32, but inductor launches these kernels
+    from torch.compile'd code with it as fp64, which made y fp64 ("Loop-carried variable acc has initial type
+    fp32 but is re-assigned to fp64").
     """
     cols = col0 + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_mask[:, None], other=0.0)
@@ -154,12 +159,17 @@ def _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK: tl
         y = tl.dot(x.to(tl.float32), h, input_precision="ieee")
     else:
         y = tl.dot(x, h)
-    return y * inv_sqrt_b
+    return y * tl.cast(inv_sqrt_b, tl.float32)
 
 
 @triton.jit
 def _dequant_scale(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
-    """amax / fp8_max clamped at min_scale, as torch computes it on this device (CUDA: times fp32(1/max))."""
+    """amax / fp8_max clamped at min_scale, as torch computes it on this device (CUDA: times fp32(1/max)).
+
+    Float scalars cast to fp32 here: launched from torch.compile'd code they arrive as fp64 (see _rotate_tile).
+    """
+    fp8_max, inv_max = tl.cast(fp8_max, tl.float32), tl.cast(inv_max, tl.float32)
+    min_scale = tl.cast(min_scale, tl.float32)
     if SCALE_BY_RECIPROCAL:
         scale = amax * inv_max
     else:
@@ -289,26 +299,29 @@ def _scale_args(x: torch.Tensor, dtype: torch.dtype) -> dict:
     return dict(_scale_constants(dtype, x.is_cuda, tc.is_interpreter()))
 
 
-@functools.lru_cache(maxsize=None)
 def _scale_constants(dtype: torch.dtype, on_cuda: bool, interpreter: bool) -> tuple[tuple[str, object], ...]:
-    """Cached: computing the fp32 constants makes small CPU tensors, host time an eager step should not pay."""
-    fp8_max, mant_bits, min_exp = tc.format_constants(dtype)
-    return (
-        ("fp8_max", fp8_max),
-        ("inv_max", tc.fp32_reciprocal(fp8_max)),
-        ("min_scale", tc.fp32(fp8.MIN_SCALE)),
-        ("FP8_MAX", fp8_max),
-        ("MANT_BITS", mant_bits),
-        ("MIN_EXP", min_exp),
-        ("SCALE_BY_RECIPROCAL", on_cuda),
-        ("SOFTWARE_ROUND", interpreter),
-    )
+    """Cached in a plain dict (Dynamo traces through lru_cache wrappers, ignoring the cache, and warns)."""
+    key = (dtype, on_cuda, interpreter)
+    if key not in _SCALE_CONSTANTS_CACHE:
+        fp8_max, mant_bits, min_exp = tc.format_constants(dtype)
+        _SCALE_CONSTANTS_CACHE[key] = (
+            ("fp8_max", fp8_max),
+            ("inv_max", tc.fp32_reciprocal(fp8_max)),
+            ("min_scale", tc.fp32(fp8.MIN_SCALE)),
+            ("FP8_MAX", fp8_max),
+            ("MANT_BITS", mant_bits),
+            ("MIN_EXP", min_exp),
+            ("SCALE_BY_RECIPROCAL", on_cuda),
+            ("SOFTWARE_ROUND", interpreter),
+        )
+    return _SCALE_CONSTANTS_CACHE[key]
 
 
-@functools.lru_cache(maxsize=None)
 def _inv_sqrt(block: int) -> float:
     """1/sqrt(b) rounded to fp32, the factor torch applies when it scales an fp32 tensor by block**-0.5."""
-    return tc.fp32(block**-0.5)
+    if block not in _INV_SQRT_CACHE:
+        _INV_SQRT_CACHE[block] = tc.fp32(block**-0.5)
+    return _INV_SQRT_CACHE[block]
 
 
 def block_hadamard_triton(x: torch.Tensor, block: int) -> torch.Tensor:

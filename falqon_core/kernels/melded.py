@@ -1,8 +1,9 @@
 """FALQON's melded forward GEMM: x (M x K) against the melded [W; A] (N+r x K) fp8 matrix in one pass.
 
 Two backends, chosen by `backend=`:
-- "cublas": torch._scaled_mm (cuBLASLt) into one M x (N+r) buffer; out and o_a are column slices of it,
-  so both are non-contiguous views (row stride N+r). This is the reference.
+- "cublas": fp8.scaled_mm (torch._scaled_mm, cuBLASLt; its fp32-accumulating upcast GEMM on CUDA when K or
+  N+r is not a multiple of 16) into one M x (N+r) buffer; out and o_a are column slices of it, so both are
+  non-contiguous views (row stride N+r). This is the reference.
 - "triton": a persistent fp8 GEMM (tl.dot on e4m3, fp32 accumulate, dequant scales in the epilogue)
   that writes out (M x N) and o_a (M x r) into two separate contiguous buffers: no slicing copy when the
   caller needs o_a contiguous (the dB GEMM does). `melded_matmul_quantized_oa` also writes, per program,

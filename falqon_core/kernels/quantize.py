@@ -44,7 +44,13 @@ def quantize_fp8_reference(
 
 @triton.jit
 def _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
-    """Dequant scale (fp32) = amax / fp8_max, clamped at min_scale, with torch's fp32 ops on this device."""
+    """Dequant scale (fp32) = amax / fp8_max, clamped at min_scale, with torch's fp32 ops on this device.
+
+    The float scalars are cast to fp32 here: Triton types a Python float argument fp32, but a kernel launched
+    from torch.compile'd code gets it as fp64, which would turn the scale (and the cast after it) fp64.
+    """
+    fp8_max, inv_max = tl.cast(fp8_max, tl.float32), tl.cast(inv_max, tl.float32)
+    min_scale = tl.cast(min_scale, tl.float32)
     if SCALE_BY_RECIPROCAL:
         scale = amax * inv_max
     else:

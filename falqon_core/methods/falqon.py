@@ -54,16 +54,12 @@ def fp8_matmul_nt(
 ) -> torch.Tensor:
     """a (M x K, fp8) . b (N x K, fp8)^T -> M x N in out_dtype, tensorwise dequant scales applied.
 
-    The fp8 GEMM (torch._scaled_mm) wants both operands K-contiguous (a row-major, b^T column-major) and
-    K, N multiples of 16; the operands are made contiguous here (a no-op when they already are). When
-    K or N is not a multiple of 16 (e.g. rank 12 as N of the dB GEMM), this falls back to a bf16 matmul
-    of the upcast fp8 values (exact: every e4m3/e5m2 value is a bf16 value) followed by the scales in
-    fp32: one more bf16 rounding than the fp8 GEMM (the product), same inputs.
+    The fp8 GEMM (torch._scaled_mm) wants both operands K-contiguous (a row-major, b^T column-major); the
+    operands are made contiguous here (a no-op when they already are). fp8.scaled_mm handles K or N not
+    multiples of 16 on CUDA (e.g. rank 12 as N of the dB GEMM) with its upcast GEMM: the same fp8 values
+    exactly, fp32 accumulation, the scales in fp32, one rounding to out_dtype.
     """
-    if fp8_gemm_fits(a8.shape[1], b8.shape[0]):
-        return fp8.scaled_mm(a8.contiguous(), a_scale, b8.contiguous(), b_scale, out_dtype=out_dtype)
-    product = a8.to(torch.bfloat16) @ b8.to(torch.bfloat16).t()
-    return (product.float() * (a_scale.float() * b_scale.float())).to(out_dtype)
+    return fp8.scaled_mm(a8.contiguous(), a_scale, b8.contiguous(), b_scale, out_dtype=out_dtype)
 
 
 class MeldedLinearFunction(torch.autograd.Function):
