@@ -20,6 +20,8 @@ from falqon_bench.schema import REQUIRED_KEYS, SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 POINTS = "points.jsonl"
+# a finished run may be gzip'd in place (`gzip -9 points.jsonl`) to keep committed results small
+POINTS_GZ = POINTS + ".gz"
 
 
 class ResultsError(BenchInputError):
@@ -104,7 +106,12 @@ def _drop_partial_last_line(path: Path) -> None:
 def _read_points(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    if path.suffix == ".gz":
+        import gzip
+
+        lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    else:
+        lines = path.read_text().splitlines()
     points = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -121,10 +128,12 @@ def _read_points(path: Path) -> list[dict[str, Any]]:
 def load_run(path: Path | str) -> RunData:
     """Read a run directory (or its points.jsonl). Raises ResultsError with a clear message."""
     path = Path(path)
-    run_dir = path.parent if path.name == POINTS else path
+    run_dir = path.parent if path.name in (POINTS, POINTS_GZ) else path
     if not run_dir.exists():
         raise ResultsError(f"{run_dir}: no such results directory")
     points_path, manifest_path = run_dir / POINTS, run_dir / MANIFEST
+    if not points_path.exists() and (run_dir / POINTS_GZ).exists():
+        points_path = run_dir / POINTS_GZ
     if not points_path.exists():
         raise ResultsError(f"{run_dir}: no {POINTS} (not a falqon-bench run directory)")
     manifest: dict[str, Any] = {}
@@ -152,7 +161,7 @@ def find_runs(results_root: Path | str) -> list[Path]:
     root = Path(results_root)
     if not root.exists():
         return []
-    runs = [p.parent for p in root.rglob(POINTS)]
+    runs = list({p.parent for pattern in (POINTS, POINTS_GZ) for p in root.rglob(pattern)})
     return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
 
 

@@ -26,6 +26,8 @@ import io
 import pytest
 import torch
 
+from falqon_bench.timing import capture_graph
+
 from falqon_core.convert import convert_model
 from falqon_core.methods import AdapterConfig, MethodUnavailable, fp6_lora, get_method
 from falqon_core.methods._lora_common import lora_layers
@@ -375,14 +377,10 @@ def test_floatx_step_is_cuda_graph_capturable():
         return (out, *torch.autograd.grad(out, [x, *params], grad_outputs=dy))
 
     eager = [t.clone() for t in step()]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    holder: list = []
+    # the suite's own capture path: warm-up by time on a side stream, synchronize, capture
+    graph = capture_graph(lambda: holder.__setitem__(slice(None), step()), "cuda", warmup_ms=50)
+    captured = list(holder)
     graph.replay()
     torch.cuda.synchronize()
     for e, c in zip(eager, captured):

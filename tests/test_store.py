@@ -129,3 +129,18 @@ def test_merge_joins_shards_once_each_and_refuses_mixed_gpus(tmp_path):
     c.append(row(32, device="NVIDIA H200"))
     with pytest.raises(ResultsError, match="different devices"):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")
+
+
+def test_a_gzipped_run_loads_like_the_plain_one(tmp_path):
+    import gzip
+
+    run = tmp_path / "run"
+    w = RunWriter(run, {"run_id": "r"})
+    for r in (16, 64):
+        w.append(row(r))
+    plain = load_run(run).points
+    data = (run / store.POINTS).read_bytes()
+    (run / store.POINTS_GZ).write_bytes(gzip.compress(data))
+    (run / store.POINTS).unlink()
+    assert load_run(run).points == plain
+    assert store.find_runs(tmp_path) == [run]

@@ -40,6 +40,8 @@ import triton.language as tl
 from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
+# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import saturating_cast
 
 MAX_BLOCK = 128
 MIN_BLOCK = 16
@@ -232,7 +234,7 @@ def _rotate_cast_tensorwise_kernel(
         row_mask = rows < n_rows
         col0 = (t % tiles_per_row) * BLOCK
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
-        q = tc.saturating_cast(tl.math.div_rn(y, scale), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+        q = saturating_cast(tl.math.div_rn(y, scale), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
                                out_ptr.dtype.element_ty)
         cols = col0 + tl.arange(0, BLOCK)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], q, mask=row_mask[:, None])
@@ -258,7 +260,7 @@ def _rotate_cast_rowwise_kernel(
     scale = _dequant_scale(tl.max(acc, axis=1), fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
     for col0 in range(0, n_cols, BLOCK):
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
-        q = tc.saturating_cast(tl.math.div_rn(y, scale[:, None]), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+        q = saturating_cast(tl.math.div_rn(y, scale[:, None]), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
                                out_ptr.dtype.element_ty)
         cols = col0 + tl.arange(0, BLOCK)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], q, mask=row_mask[:, None])

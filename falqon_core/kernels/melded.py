@@ -25,6 +25,8 @@ import triton.language as tl
 
 from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
+# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import cast_bf16
 from falqon_core.kernels.quantize import cast_tensorwise_from_partials, quantize_fp8_reference
 
 Backend = Literal["auto", "cublas", "triton"]
@@ -129,7 +131,7 @@ def _melded_gemm_kernel(
             acc = acc * tl.load(w_scale_ptr + safe_n)[None, :]
         else:
             acc = acc * w_scale
-        c = tc.cast_bf16(acc, SOFTWARE_ROUND)
+        c = cast_bf16(acc, SOFTWARE_ROUND)
 
         m_mask = (offs_m < M)[:, None]
         if pid_n * BLOCK_N < n_out:

@@ -20,6 +20,8 @@ import triton.language as tl
 
 from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
+# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import saturating_cast
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
@@ -73,7 +75,7 @@ def _merge_rows_kernel(
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-    q = tc.saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
+    q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
     tl.store(w_ptrs, q, mask=mask)
 
 

@@ -24,6 +24,8 @@ import triton.language as tl
 from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
+# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import saturating_cast
 
 # tensorwise grid-stride kernels: elements per program per iteration, programs per SM
 _TENSORWISE_BLOCK = 4096
@@ -92,7 +94,7 @@ def _cast_tensorwise_kernel(
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.math.div_rn(x, scale)
-        q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+        q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, q, mask=mask)
 
 
@@ -117,7 +119,7 @@ def _quantize_rowwise_kernel(
         amax = tl.max(tl.abs(x), axis=1)
         scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
         y = tl.math.div_rn(x, scale[:, None])
-        q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+        q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         tl.store(out_rows + cols[None, :], q, mask=mask)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -133,7 +135,7 @@ def _quantize_rowwise_kernel(
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = tl.math.div_rn(x, scale[:, None])
-            q = tc.saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
+            q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
             tl.store(out_rows + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
 
