@@ -5,6 +5,8 @@ One question: how fast is each kernel of falqon_core.kernels, and how far from i
   on bf16 inputs; reports achieved GB/s (bytes the fused kernel must move: input read once, fp8 data and
   fp32 scales written once) and % of the measured device copy bandwidth;
 - the proxy update (top-k rows of B merged into W8, B zeroed): Triton vs reference; GB/s as above;
+- the fp8 transpose (W8^T and dY8^T of FALQON's backward): Triton tiled byte transpose vs torch's
+  x.t().contiguous(); GB/s of R x C bytes read + R x C written, and % of copy bandwidth;
 - the melded forward GEMM (M x K @ (N+r) x K^T, e4m3): cuBLASLt vs Triton, plain and with o_a quantized
   for the backward; reports TFLOP/s and the floor at the measured fp8 GEMM peak.
 Each (kernel, shape, variant, cache) is one point of results/<run-id>/points.jsonl (falqon_bench.store),
@@ -41,6 +43,7 @@ from falqon_core.kernels.melded import (
 )
 from falqon_core.kernels.proxy_update import proxy_update_reference_, proxy_update_triton_
 from falqon_core.kernels.quantize import quantize_fp8_reference, quantize_fp8_triton
+from falqon_core.kernels.transpose import transpose_fp8_reference, transpose_fp8_triton
 
 SUITE = "kernels"
 Step = Callable[[], object]
@@ -57,10 +60,12 @@ class KernelBenchError(BenchInputError):
 
 @dataclass(frozen=True)
 class KernelShapes:
-    """The shapes to benchmark (LLaMA-7B by default).
+    """The shapes to benchmark (LLaMA-7B by default; LLAMA_7B also sets the transpose sweep).
 
     quantize: (rows, cols) of a bf16 input. proxy: (N, K, r, k) with W8 N x K, A8 r x K, B N x r.
     gemm: (M, K, N, r): x M x K against the melded (N+r) x K matrix.
+    transpose: (rows, cols) of an e4m3 input; empty unless given, so a sweep written before the transpose
+    case existed keeps its points.
     """
 
     quantize: tuple[tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (16384, 4096))
@@ -68,9 +73,12 @@ class KernelShapes:
     gemm: tuple[tuple[int, int, int, int], ...] = (
         (4096, 4096, 4096, 64), (4096, 4096, 11008, 64), (4096, 11008, 4096, 64),
     )
+    transpose: tuple[tuple[int, int], ...] = ()
 
 
-LLAMA_7B = KernelShapes()
+# W8 of a 4096 x 4096 projection (attention), and dY8 / W8 of the 4096 x 11008 MLP ones
+LLAMA_7B_TRANSPOSE = ((4096, 4096), (4096, 11008))
+LLAMA_7B = KernelShapes(transpose=LLAMA_7B_TRANSPOSE)
 
 
 @dataclass
@@ -171,6 +179,16 @@ def _proxy_cases(shape: tuple[int, int, int, int], device: torch.device) -> Iter
     yield KernelCase(method="kernel.proxy_update.torch", step=torch_step, **common)
 
 
+def _transpose_cases(shape: tuple[int, int], device: torch.device) -> Iterator[KernelCase]:
+    rows, cols = shape
+    x8 = torch.randn(rows, cols, device=device).mul_(64).clamp_(-448, 448).to(fp8.E4M3)
+    common = dict(
+        layer=f"{rows}x{cols}", K=cols, N=rows, rank=0, tokens=0, dtype="e4m3", bytes_moved=float(2 * x8.numel())
+    )
+    yield KernelCase(method="kernel.transpose_fp8.triton", step=functools.partial(transpose_fp8_triton, x8), **common)
+    yield KernelCase(method="kernel.transpose_fp8.torch", step=functools.partial(transpose_fp8_reference, x8), **common)
+
+
 def _gemm_cases(shape: tuple[int, int, int, int], device: torch.device) -> Iterator[KernelCase]:
     m, k_dim, n, r = shape
     x8, xs = fp8.quantize(torch.randn(m, k_dim, device=device, dtype=torch.bfloat16), fp8.E4M3, "tensorwise")
@@ -202,6 +220,8 @@ def kernel_cases(shapes: KernelShapes, device: torch.device, compile_reference: 
         yield from _proxy_cases(shape, device)
     for shape in shapes.gemm:
         yield from _gemm_cases(shape, device)
+    for shape in shapes.transpose:
+        yield from _transpose_cases(shape, device)
 
 
 # ---------------------------------------------------------------- points
@@ -334,7 +354,9 @@ def run_kernel_bench(
         "suite": SUITE,
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "peaks": peaks,
-        "shapes": {"quantize": shapes.quantize, "proxy": shapes.proxy, "gemm": shapes.gemm},
+        "shapes": {
+            "quantize": shapes.quantize, "proxy": shapes.proxy, "gemm": shapes.gemm, "transpose": shapes.transpose,
+        },
         "env": envinfo.collect_env(device),
     }
     writer = RunWriter(run_dir, manifest)

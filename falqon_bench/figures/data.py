@@ -134,7 +134,7 @@ def reference_config(df: pd.DataFrame) -> tuple[Any, Any] | None:
     counts["off_middle"] = (np.log2(counts["rank"].astype(float)) - middle).abs()
     counts = counts.sort_values(["variant", "tokens", "off_middle", "rank"], ascending=[False, False, True, True])
     row = counts.iloc[0]
-    return row["rank"], row["tokens"]
+    return int(row["rank"]), int(row["tokens"])
 
 
 def at_config(df: pd.DataFrame, config: tuple[Any, Any] | None) -> pd.DataFrame:

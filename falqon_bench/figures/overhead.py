@@ -126,7 +126,7 @@ def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("adapter rank r")
         ax.set_ylabel(f"throughput, tokens/s ({metric})")
-        ax.set_title(f"{layer}  (M={tokens} tokens)", fontsize=9)
+        ax.set_title(f"{layer}  (M={int(tokens)} tokens)", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     add_footer(fig, label, sorted(set(df["device"])), metric)
