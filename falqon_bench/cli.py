@@ -383,8 +383,18 @@ def kernels(out: Optional[Path] = typer.Option(None, "--out", help="Run director
     _out().print(f"kernel results written to {path}")
 
 
+def _quiet_library_import_noise() -> None:
+    """torchao's import logs a torch deprecation warning (KernelPreference enum) on every command: hide it."""
+    import logging
+
+    import torch  # noqa: F401  (torch configures its loggers on import; set the level after)
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Console-script entry point: BenchInputError anywhere -> red paragraph, exit 2 (no traceback)."""
+    _quiet_library_import_noise()
     try:
         app()
     except BenchInputError as e:

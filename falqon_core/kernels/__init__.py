@@ -7,6 +7,7 @@ Contracts (scale is always the dequantization scale, x ~= data * scale; see falq
   melded_matmul(x8, x_scale, w8_melded, w_scale, n_out, backend="cublas") -> (out M x N, o_a M x r)
   melded_matmul_quantized_oa(...same...) -> (out, o_a contiguous, o_a8 e4m3, o_a_scale)
   proxy_update_(w8, a8, b, k) -> rows   (in place on w8 and b)            Triton on CUDA
+  transpose_fp8(x R x C, 1-byte dtype) -> contiguous C x R copy              Triton on CUDA, bit-exact
 """
 
 from falqon_core.kernels.melded import (
@@ -19,6 +20,7 @@ from falqon_core.kernels.melded import (
 )
 from falqon_core.kernels.proxy_update import proxy_update_, proxy_update_reference_, proxy_update_triton_
 from falqon_core.kernels.quantize import quantize_fp8, quantize_fp8_reference, quantize_fp8_triton
+from falqon_core.kernels.transpose import transpose_fp8, transpose_fp8_reference, transpose_fp8_triton
 
 __all__ = [
     "melded_matmul",
@@ -33,4 +35,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_fp8_reference",
     "quantize_fp8_triton",
+    "transpose_fp8",
+    "transpose_fp8_reference",
+    "transpose_fp8_triton",
 ]

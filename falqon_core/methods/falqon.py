@@ -4,6 +4,9 @@ A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one 
 plus a trainable B (N x r) that the forward never reads:
   forward   x -> e4m3; one fp8 GEMM against [W; A] gives (out = x.W^T, O_A = x.A^T); O_A kept in e4m3.
   backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A (fp8 GEMM). No gradient for W or A.
+            The GEMMs want their operands K-contiguous, so W8^T (K x N, unless cached) and dY8^T (N x M)
+            are made by transpose_fp8 (a tiled Triton byte transpose on CUDA; torch's generic copy of a
+            transposed fp8 tensor is not vectorised).
   update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
             of s (W8[rows] += B[rows].A8, saturating re-cast) and B is zeroed; s never changes.
 
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from falqon_core import fp8
-from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8
+from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
 
@@ -54,8 +57,9 @@ def fp8_matmul_nt(
 ) -> torch.Tensor:
     """a (M x K, fp8) . b (N x K, fp8)^T -> M x N in out_dtype, tensorwise dequant scales applied.
 
-    The fp8 GEMM (torch._scaled_mm) wants both operands K-contiguous (a row-major, b^T column-major); the
-    operands are made contiguous here (a no-op when they already are). fp8.scaled_mm handles K or N not
+    The fp8 GEMM (torch._scaled_mm) wants both operands K-contiguous (a row-major, b^T column-major). Callers
+    pass contiguous operands (transposed ones made with transpose_fp8), so the `.contiguous()` here is a
+    no-op that only guards against a strided view costing a slow implicit copy. fp8.scaled_mm handles K or N not
     multiples of 16 on CUDA (e.g. rank 12 as N of the dB GEMM) with its upcast GEMM: the same fp8 values
     exactly, fp32 accumulation, the scales in fp32, one rounding to out_dtype.
     """
@@ -71,7 +75,7 @@ class MeldedLinearFunction(torch.autograd.Function):
         out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out)
         oa8, oa_scale = quantize_fp8(o_a.contiguous(), fp8.E4M3, "tensorwise")
         # the dB GEMM reduces over M, so it wants O_A M-contiguous: r x M bytes, cheap next to M x K
-        ctx.save_for_backward(melded, scale, oa8.t().contiguous(), oa_scale, weight_t)
+        ctx.save_for_backward(melded, scale, transpose_fp8(oa8), oa_scale, weight_t)
         ctx.n_out = n_out
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
@@ -86,11 +90,12 @@ class MeldedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N)
             # N-contiguous: the cached copy, else a transposed copy made here (N x K bytes read + written).
-            w8_t = weight_t if weight_t is not None else melded[:n_out].t()
+            w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M; e5m2 x e4m3 (CUDA has no e5m2 x e5m2)
-            grad_b = fp8_matmul_nt(dy8.t(), dy_scale, oa8_t, oa_scale, ctx.b_dtype)
+            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T N x M M-contiguous (M x N
+            # bytes read + written); e5m2 x e4m3 (CUDA has no e5m2 x e5m2)
+            grad_b = fp8_matmul_nt(transpose_fp8(dy8), dy_scale, oa8_t, oa_scale, ctx.b_dtype)
         return grad_x, grad_b, None, None, None, None
 
 
@@ -133,7 +138,7 @@ class FalqonLinear(nn.Module):
         melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype)
         self.register_buffer("melded", melded)
         self.register_buffer("scale", scale)
-        self.register_buffer("weight_t", melded[:n_out].t().contiguous() if cache_weight_t else None)
+        self.register_buffer("weight_t", transpose_fp8(melded[:n_out]) if cache_weight_t else None)
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=melded.device))
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
@@ -310,7 +315,8 @@ class Falqon(Method):
         torch._scaled_mm's multiple-of-16 rule, else bf16 (the fallback that runs). The proxy update's
         k x r x K fp32 product is negligible and not counted.
         Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
-        layout transposes the fp8 GEMMs need (dY8 M x N for dB; W8 N x K for dX unless cached); proxy
+        layout transposes (transpose_fp8, read + write) the fp8 GEMMs need (dY8 M x N for dB; W8 N x K for
+        dX unless cached; the r x M one of O_A is small and not counted); proxy
         update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of W8
         rows, k x r of B rows (and k x K into weight_t when cached). k is the `topk` option (default r).
         """
