@@ -9,16 +9,15 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from falqon_bench.figures.data import RunLabel, at_config, metric_label, reference_config
+from falqon_bench.figures.data import RunLabel, metric_label
 from falqon_bench.figures.style import (
+    layer_panels,
     FAILED_GID,
     NA_GID,
     add_footer,
     empty_panel,
     mark_unavailable,
     new_figure,
-    set_variant_ticks,
-    sorted_variants,
     variant_color,
 )
 from falqon_bench.roofline import pct_of_floor
@@ -33,14 +32,10 @@ def render_floor_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
     fig, axes = new_figure(len(layers), "% of roofline floor per method and layer\n(100% = at the floor, higher is better)")
     if not layers:
         empty_panel(axes[0], "no points")
-    for ax, layer in zip(axes, layers):
-        sub = df[df["layer"] == layer]
-        config = reference_config(sub)
-        pts = at_config(sub, config)
-        variants = sorted_variants(pts["variant"])
+    for panel in layer_panels(df, axes, layers):
+        ax = panel.ax
         unavailable = []
-        for i, variant in enumerate(variants):
-            row = pts[pts["variant"] == variant].iloc[0]
+        for i, variant, row in panel.rows:
             pct = pct_of_floor(row["metric_ms"], row["floor_ms"]) if row["ok"] else None
             if not row["ok"]:
                 unavailable.append((i, "failed", FAILED_GID))
@@ -53,8 +48,7 @@ def render_floor_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.axhline(100.0, color="black", linewidth=0.8, linestyle=":")
         for i, text, gid in unavailable:
             mark_unavailable(ax, i, BAR_WIDTH, text, gid)
-        set_variant_ticks(ax, variants)
-        ax.set_title(f"{layer}  (r={config[0]}, M={config[1]} tokens)" if config else layer, fontsize=9)
+        panel.finish()
         ax.set_ylabel(f"% of floor ({metric})")
     add_footer(fig, label, sorted(set(df["device"])), f"{metric}; floor from measured peaks")
     return fig

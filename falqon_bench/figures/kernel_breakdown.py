@@ -9,8 +9,9 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from falqon_bench.figures.data import RunLabel, at_config, metric_label, reference_config
+from falqon_bench.figures.data import RunLabel, metric_label
 from falqon_bench.figures.style import (
+    layer_panels,
     CATEGORY_COLORS,
     FAILED_GID,
     NA_GID,
@@ -19,8 +20,6 @@ from falqon_bench.figures.style import (
     legend_handles,
     mark_unavailable,
     new_figure,
-    set_variant_ticks,
-    sorted_variants,
 )
 from falqon_bench.schema import BREAKDOWN_CATEGORIES
 
@@ -35,14 +34,10 @@ def render_breakdown_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         empty_panel(axes[0], "no points")
     used: set[str] = set()
     cpu = metric_label(df) == "CPU wall time"
-    for ax, layer in zip(axes, layers):
-        sub = df[df["layer"] == layer]
-        config = reference_config(sub)
-        pts = at_config(sub, config)
-        variants = sorted_variants(pts["variant"])
+    for panel in layer_panels(df, axes, layers):
+        ax = panel.ax
         unavailable = []
-        for i, variant in enumerate(variants):
-            row = pts[pts["variant"] == variant].iloc[0]
+        for i, variant, row in panel.rows:
             if not row["ok"]:
                 unavailable.append((i, "failed", FAILED_GID))
                 continue
@@ -60,8 +55,7 @@ def render_breakdown_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.set_ylim(bottom=0)
         for i, text, gid in unavailable:
             mark_unavailable(ax, i, BAR_WIDTH, text, gid)
-        set_variant_ticks(ax, variants)
-        ax.set_title(f"{layer}  (r={config[0]}, M={config[1]} tokens)" if config else layer, fontsize=9)
+        panel.finish()
         ax.set_ylabel("profiled time, ms per step" + (" (CPU self time)" if cpu else " (GPU kernels)"))
     if used:
         fig.legend(handles=legend_handles(CATEGORY_COLORS, used), loc="outside right upper", fontsize=7)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from falqon_bench.figures.data import COMPUTE_CATEGORIES, OVERHEAD_CATEGORIES, RunLabel, at_config, metric_label, reference_config
+from falqon_bench.figures.data import COMPUTE_CATEGORIES, OVERHEAD_CATEGORIES, RunLabel, metric_label
 from falqon_bench.figures.style import (
+    layer_panels,
     FAILED_GID,
     SPLIT_COLORS,
     add_footer,
@@ -22,7 +23,6 @@ from falqon_bench.figures.style import (
     mark_failed_point,
     mark_unavailable,
     new_figure,
-    set_variant_ticks,
     sorted_variants,
     legend_handles,
     variant_color,
@@ -62,14 +62,10 @@ def render_overhead_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
     if not layers:
         empty_panel(axes[0], "no points")
     used: set[str] = set()
-    for ax, layer in zip(axes, layers):
-        sub = df[df["layer"] == layer]
-        config = reference_config(sub)
-        pts = at_config(sub, config)
-        variants = sorted_variants(pts["variant"])
+    for panel in layer_panels(df, axes, layers):
+        ax = panel.ax
         unavailable = []
-        for i, variant in enumerate(variants):
-            row = pts[pts["variant"] == variant].iloc[0]
+        for i, variant, row in panel.rows:
             if not row["ok"]:
                 unavailable.append((i, "failed", FAILED_GID))
                 continue
@@ -86,8 +82,7 @@ def render_overhead_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.set_ylim(bottom=0)
         for i, text, gid in unavailable:
             mark_unavailable(ax, i, BAR_WIDTH, text, gid)
-        set_variant_ticks(ax, variants)
-        ax.set_title(f"{layer}  (r={config[0]}, M={config[1]} tokens)" if config else layer, fontsize=9)
+        panel.finish()
         ax.set_ylabel(f"step time, ms ({metric})")
     if used:
         fig.legend(handles=legend_handles(SPLIT_COLORS, used), loc="outside right upper", fontsize=7)

@@ -7,14 +7,15 @@ holds no global state, and PNGs come from the Agg canvas.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from falqon_bench.figures.data import METHOD_ORDER, RunLabel, method_sort_key
+from falqon_bench.figures.data import METHOD_ORDER, RunLabel, at_config, method_sort_key, reference_config
 
 CATEGORY_COLORS = {
     "gemm_fp8": "#1f77b4",
@@ -99,6 +100,34 @@ def set_variant_ticks(ax: Axes, variants: Sequence[str]) -> None:
 
 def sorted_variants(variants) -> list[str]:
     return sorted(set(variants), key=method_sort_key)
+
+
+@dataclass
+class LayerPanel:
+    """One layer's panel of a per-method bar figure, at the layer's reference (rank, tokens)."""
+
+    ax: Axes
+    layer: str
+    config: tuple[int, int] | None
+    variants: list[str]
+    rows: list[tuple[int, str, Any]]  # (bar index, variant, its point row)
+
+    def finish(self) -> None:
+        """Method names under the bars and the layer / rank / tokens title."""
+        set_variant_ticks(self.ax, self.variants)
+        title = f"{self.layer}  (r={self.config[0]}, M={self.config[1]} tokens)" if self.config else self.layer
+        self.ax.set_title(title, fontsize=9)
+
+
+def layer_panels(df, axes, layers) -> Iterator[LayerPanel]:
+    """Pair each layer with its axes and the point of every variant at the layer's reference config."""
+    for ax, layer in zip(axes, layers):
+        sub = df[df["layer"] == layer]
+        config = reference_config(sub)
+        pts = at_config(sub, config)
+        variants = sorted_variants(pts["variant"])
+        rows = [(i, v, pts[pts["variant"] == v].iloc[0]) for i, v in enumerate(variants)]
+        yield LayerPanel(ax, layer, config, variants, rows)
 
 
 def geomean(values: Sequence[float]) -> float:
