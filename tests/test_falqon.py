@@ -315,16 +315,41 @@ def test_step_cost_counts_melded_forward_dx_db_and_moves_odd_rank_db_to_bf16():
     cost = get_method("falqon").step_cost(K, N, 16, M)
     assert cost.gemm_flops == {"fp8": 2.0 * M * (N + 16) * K + 2.0 * M * K * N + 2.0 * N * 16 * M, "bf16": 0.0}
     odd = get_method("falqon").step_cost(K, N, 12, M)
-    assert odd.gemm_flops["bf16"] == 2.0 * N * 12 * M
+    assert odd.gemm_flops["bf16"] == 2.0 * N * 12 * M + 2.0 * M * (N + 12) * K  # dB and the melded forward
     r = k = 16
     casts = 3 * M * K + 3 * M * N + 3 * M * r  # x, dY, O_A: bf16 read + fp8 write
     transposes = 2 * M * N + 2 * N * K  # dY8 for the dB GEMM, W8 for the dX GEMM
+    sgd = 3 * 2 * N * r  # the timed step's SGD on B: read B, dB, write B (bf16)
     update = 2 * 2 * N * r + r * K + 2 * k * K + 2 * k * r  # rank + zero B, read A8, W8 rows, B rows
-    assert cost.quant_bytes == casts + transposes + update
+    assert cost.quant_bytes == casts + transposes + sgd + update
     method = get_method("falqon")
     method.convert(nn.Linear(K, N), AdapterConfig(rank=r, options={"cache_weight_t": True, "topk": 4}))
     cached = method.step_cost(K, N, r, M)
-    assert cached.quant_bytes == casts + 2 * M * N + 2 * 2 * N * r + r * K + 3 * 4 * K + 2 * 4 * r
+    assert cached.quant_bytes == casts + 2 * M * N + sgd + 2 * 2 * N * r + r * K + 3 * 4 * K + 2 * 4 * r
+
+
+def test_step_cost_follows_the_gemms_and_transposes_the_layer_really_runs():
+    """fp8.scaled_mm sends any GEMM off the multiple-of-16 grid to its bf16 upcast GEMM on CUDA, the melded
+    forward included (N + r = 104 at rank 8); the backward makes its transposes on every path; and the
+    proxy update's k in steady state is `topk_after` (with warmup_steps = 0 every update uses it)."""
+    K, N, M, r = 64, 96, 32, 8
+    method = get_method("falqon")
+    cost = method.step_cost(K, N, r, M)
+    assert fp8.scaled_mm_fits(K, N + r) is False
+    assert cost.gemm_flops == {"fp8": 2.0 * M * K * N, "bf16": 2.0 * M * (N + r) * K + 2.0 * N * r * M}
+    casts = 3 * M * K + 3 * M * N + 3 * M * r
+    transposes = 2 * M * N + 2 * N * K  # made although dB runs the upcast GEMM (backward always transposes)
+    sgd_and_update = 3 * 2 * N * r + 2 * 2 * N * r + r * K + 2 * r * K + 2 * r * r
+    assert cost.quant_bytes == casts + transposes + sgd_and_update
+
+    model = method.convert(nn.Linear(K, N), AdapterConfig(rank=16, options={"topk_after": 2}))
+    with torch.no_grad():
+        model.lora_B.normal_()
+    assert model.proxy_update().numel() == 2  # the k every update uses
+    base = method.step_cost(K, N, 16, M)
+    method.options = {}
+    full = method.step_cost(K, N, 16, M)
+    assert full.quant_bytes - base.quant_bytes == (2 * 16 * K + 2 * 16 * 16) - (2 * 2 * K + 2 * 2 * 16)
 
 
 # ---------------------------------------------------------------- training

@@ -309,29 +309,33 @@ class Falqon(Method):
         return {name: layer.last_k for name, layer in falqon_layers(model)}
 
     def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
-        """Minimum work of one FALQON step (fwd + bwd + proxy update) at M = tokens.
+        """Minimum work of one FALQON step (fwd + bwd + SGD on B + proxy update) at M = tokens.
 
-        GEMMs: forward M x (N+r) x K (fp8); dX M x K x N and dB N x r x M, each fp8 when its dims meet
-        torch._scaled_mm's multiple-of-16 rule, else bf16 (the fallback that runs). The proxy update's
-        k x r x K fp32 product is negligible and not counted.
+        GEMMs: forward M x (N+r) x K, dX M x K x N and dB N x r x M, each fp8 when its dims meet
+        torch._scaled_mm's multiple-of-16 rule, else bf16 (fp8.scaled_mm's upcast fallback, which runs on
+        CUDA for the forward too, e.g. N+r = 4104 at rank 8). The proxy update's k x r x K fp32 product is
+        negligible and not counted.
         Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
-        layout transposes (transpose_fp8, read + write) the fp8 GEMMs need (dY8 M x N for dB; W8 N x K for
-        dX unless cached; the r x M one of O_A is small and not counted); proxy
-        update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of W8
-        rows, k x r of B rows (and k x K into weight_t when cached). k is the `topk` option (default r).
+        layout transposes (transpose_fp8, read + write) the backward makes on every path (dY8 M x N for dB;
+        W8 N x K for dX unless cached; the r x M one of O_A is small and not counted); the timed step's
+        SGD update of B (read B and dB, write B: 3 N x r bf16, as the LoRA baselines count for A and B);
+        proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
+        W8 rows, k x r of B rows (and k x K into weight_t when cached). k is the steady-state k: the
+        `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
         """
         M, r = tokens, rank
-        k = min(int(self.options.get("topk") or r), N)
+        k = min(int(self.options.get("topk_after") or self.options.get("topk") or r), N)
         cached = bool(self.options.get("cache_weight_t", False))
         bf16, e = 2, 1  # bytes per element
-        flops = {"fp8": 2.0 * M * (N + r) * K, "bf16": 0.0}
-        dx_fp8, db_fp8 = fp8_gemm_fits(N, K), fp8_gemm_fits(M, r)
+        flops = {"fp8": 0.0, "bf16": 0.0}
+        fwd_fp8, dx_fp8, db_fp8 = fp8_gemm_fits(K, N + r), fp8_gemm_fits(N, K), fp8_gemm_fits(M, r)
+        flops["fp8" if fwd_fp8 else "bf16"] += 2.0 * M * (N + r) * K
         flops["fp8" if dx_fp8 else "bf16"] += 2.0 * M * K * N
         flops["fp8" if db_fp8 else "bf16"] += 2.0 * N * r * M
         quant = (bf16 + e) * M * K + (bf16 + e) * M * N + (bf16 + e) * M * r
-        if db_fp8:
-            quant += 2 * e * M * N
-        if dx_fp8 and not cached:
+        quant += 2 * e * M * N
+        if not cached:
             quant += 2 * e * N * K
+        quant += 3 * bf16 * N * r
         quant += 2 * bf16 * N * r + e * r * K + 2 * e * k * K + bf16 * k * r + (e * k * K if cached else 0)
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))
