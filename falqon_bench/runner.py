@@ -79,8 +79,9 @@ def resolve_device(suite_device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if suite_device == "cuda" and not torch.cuda.is_available():
         raise BenchInputError(
-            f'the suite sets device = "cuda" but torch {torch.__version__} sees no CUDA GPU here; '
-            f'use device = "auto" (CPU fallback) or "cpu", or run on a GPU machine'
+            f'the suite sets device = "cuda" but torch {torch.__version__} sees no CUDA GPU here: its timings need a GPU; '
+            f'run it on a GPU machine, or check the run path on this CPU with `falqon-bench run smoke` '
+            f'(device = "auto"), or set device = "auto" or "cpu" in the suite'
         )
     return torch.device(suite_device)
 
@@ -322,33 +323,40 @@ def _sigint_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-def _find_resumable(results_root: Path, suite: Suite, options: RunOptions) -> Path:
-    """--resume without --out: the newest run of this suite (and shard) under results/."""
+def _find_resumable(results_root: Path, suite: Suite, options: RunOptions, label: str) -> Path:
+    """--resume without --out: the newest run of this suite (and shard) on this device under results/."""
     shard = f"{options.shard[0]}/{options.shard[1]}" if options.shard else None
     for run_dir in reversed(find_runs(results_root)):
         try:
             manifest = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if manifest.get("suite") == suite.name and manifest.get("shard") == shard:
+        if manifest.get("suite") == suite.name and manifest.get("shard") == shard and manifest.get("device") in (None, label):
             return run_dir
     raise BenchInputError(
-        f"--resume: no earlier run of suite {suite.name!r}{' shard ' + shard if shard else ''} under {results_root}; "
+        f"--resume: no earlier run of suite {suite.name!r}{' shard ' + shard if shard else ''} on {label} under {results_root}; "
         f"name the run directory with --out"
     )
 
 
-def _check_resumable(run_dir: Path, suite: Suite) -> None:
-    """--resume continues a run of the same suite; anything else would mix two sweeps in one file."""
+def _check_resumable(run_dir: Path, suite: Suite, label: str) -> None:
+    """--resume continues a run of the same suite on the same device; anything else would mix two sweeps in one file."""
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.exists():
         raise BenchInputError(f"--resume: {run_dir} holds no earlier run; drop --resume to start one there")
     try:
-        old_suite = json.loads(manifest_path.read_text()).get("suite")
+        old_manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise BenchInputError(f"--resume: {manifest_path} is corrupt JSON ({e.msg})") from None
+    old_suite = old_manifest.get("suite")
     if old_suite != suite.name:
         raise BenchInputError(f"--resume: {run_dir} is a run of suite {old_suite!r}, not {suite.name!r}; choose another --out")
+    old_device = old_manifest.get("device")
+    if old_device not in (None, label):
+        raise BenchInputError(
+            f"--resume: {run_dir} was run on {old_device}, this machine runs on {label}; "
+            f"one run holds one device's timings: choose another --out"
+        )
 
 
 def _point_label(p: Point) -> str:
@@ -370,12 +378,12 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
     if options.out_dir is not None:
         run_dir = Path(options.out_dir)
     elif options.resume:
-        run_dir = _find_resumable(options.results_root, suite, options)
+        run_dir = _find_resumable(options.results_root, suite, options, label)
     else:
         run_id = new_run_id(suite.name, label) + (f"-shard{options.shard[0]}of{options.shard[1]}" if options.shard else "")
         run_dir = options.results_root / run_id
     if options.resume:
-        _check_resumable(run_dir, suite)
+        _check_resumable(run_dir, suite, label)
 
     manifest = {
         "run_id": run_dir.name,

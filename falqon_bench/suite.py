@@ -276,7 +276,10 @@ def find_suite_file(name_or_path: str | Path) -> Path:
 def load_suite(name_or_path: str | Path) -> Suite:
     """Read, validate and resolve a suite file. Raises BenchInputError (one paragraph) on any mistake."""
     path = find_suite_file(name_or_path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchInputError(f"{path} cannot be read as a UTF-8 TOML suite file: {e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

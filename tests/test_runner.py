@@ -247,6 +247,22 @@ def test_resume_refuses_a_directory_of_another_suite_or_without_a_run(tmp_path):
         run_suite(other, RunOptions(out_dir=tmp_path / "empty", resume=True, isolate=False))
 
 
+def test_resume_refuses_a_run_of_another_device_and_leaves_its_manifest_alone(tmp_path):
+    """A committed GPU run must not be resumed on another machine: it would mix devices and overwrite its env."""
+    from falqon_bench.errors import BenchInputError
+
+    suite = load_suite(write_suite(tmp_path / "a.toml", ["tiny_full_ft"], name="a"))
+    first = run_suite(suite, RunOptions(results_root=tmp_path / "results", isolate=False))
+    manifest_path = first.run_dir / "manifest.json"
+    gpu_manifest = {**json.loads(manifest_path.read_text()), "device": "NVIDIA H100 80GB HBM3"}
+    manifest_path.write_text(json.dumps(gpu_manifest))
+    with pytest.raises(BenchInputError, match="was run on NVIDIA H100 80GB HBM3"):
+        run_suite(suite, RunOptions(out_dir=first.run_dir, resume=True, isolate=False))
+    with pytest.raises(BenchInputError, match="no earlier run of suite 'a' on CPU"):
+        run_suite(suite, RunOptions(results_root=tmp_path / "results", resume=True, isolate=False))
+    assert json.loads(manifest_path.read_text()) == gpu_manifest
+
+
 def test_resume_without_out_continues_the_newest_run_of_the_suite(tmp_path):
     suite = load_suite(write_suite(tmp_path / "a.toml", ["tiny_full_ft"], name="a"))
     first = run_suite(suite, RunOptions(results_root=tmp_path / "results", isolate=False))

@@ -143,6 +143,15 @@ def test_cuda_suite_on_a_cpu_machine_exits_2_with_the_fix(tmp_path):
     path = write(tmp_path, GOOD.replace('device = "cpu"', 'device = "cuda"'))
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and 'device = "auto"' in result.stderr
+    message = " ".join(result.stderr.split())  # rich wraps the paragraph
+    assert "timings need a GPU" in message and "`falqon-bench run smoke`" in message, message
+    assert not (tmp_path / "r").exists(), "nothing written before the device check"
+
+
+def test_a_suite_file_that_is_not_utf8_exits_2(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_bytes(GOOD.encode("utf-16"))  # e.g. saved as UTF-16 by an editor
+    assert "cannot be read as a UTF-8 TOML suite file" in run_cli_error(path)
 
 
 def test_find_key_line_looks_inside_the_right_table():
