@@ -158,3 +158,36 @@ def test_profile_step_on_gpu_attributes_nvjet_kernels_by_parent_op():
     assert cats["gemm_bf16"] > 0 and cats["gemm_fp8"] > 0 and cats["lora_gemm"] > 0 and cats["quantize"] > 0
     # on a GPU every kernel lands in exactly one category: they sum to the device time
     assert sum(cats.values()) == pytest.approx(out["total_ms"], rel=1e-6)
+
+
+def _fake_event(name, start, end, device="CPU", kernels=(), shapes=None, dtypes=None, parent=None):
+    """A stand-in for torch.profiler's FunctionEvent with just what _collect_rows reads."""
+    from types import SimpleNamespace
+
+    ev = SimpleNamespace(
+        name=name, device_type=f"DeviceType.{device}", is_async=False, kernels=list(kernels),
+        cpu_parent=parent, cpu_children=[], input_shapes=shapes or [], input_dtypes=dtypes or [], id=id(name) + start,
+        time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start),
+        duration=end - start, self_cpu_time_total=0,
+    )
+    return ev
+
+
+def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once():
+    """On the H100 one bf16 GEMM per three steps also appeared under CUPTI's 'Activity Buffer Request'
+    pseudo-op; counting it twice made bf16 kernel sums exceed gpu_ms by ~11%."""
+    from types import SimpleNamespace
+
+    from falqon_bench.breakdown import STEP_LABEL, _collect_rows
+
+    gemm = _fake_event("nvjet_sm90_tst_256x128", 10, 110, device="CUDA")
+    add = _fake_event("vectorized_elementwise_kernel", 120, 140, device="CUDA")
+    mm = _fake_event("aten::mm", 0, 5, kernels=[gemm], shapes=[[64, 64], [64, 64]], dtypes=["c10::BFloat16"] * 2)
+    addop = _fake_event("aten::add", 6, 8, kernels=[add], shapes=[[64, 64], [64, 64]], dtypes=["c10::BFloat16"] * 2)
+    buffer = _fake_event("Activity Buffer Request", 9, 9, kernels=[gemm])  # the duplicate
+    label = _fake_event(STEP_LABEL, 0, 200)
+    prof = SimpleNamespace(events=lambda: [buffer, label, mm, addop, gemm, add])
+    rows, total_us = _collect_rows(prof, rank=8, on_gpu=True)
+    assert sorted(r["us"] for r in rows) == [20, 100], rows
+    assert total_us == 120
+    assert {r["op"] for r in rows} == {"aten::mm", "aten::add"}
