@@ -133,3 +133,19 @@ def triton_fp8_dtype(dtype: torch.dtype):
     """The Triton element type of a torch fp8 dtype."""
     check_fp8_dtype(dtype)
     return tl.float8e4nv if dtype == fp8.E4M3 else tl.float8e5
+
+
+@triton.jit
+def scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
+    """Dequant scale (fp32) = amax / fp8_max, clamped at min_scale, with torch's fp32 ops on this device.
+
+    The float scalars are cast to fp32 here: Triton types a Python float argument fp32, but a kernel launched
+    from torch.compile'd code gets it as fp64, which would turn the scale (and the cast after it) fp64.
+    """
+    fp8_max, inv_max = tl.cast(fp8_max, tl.float32), tl.cast(inv_max, tl.float32)
+    min_scale = tl.cast(min_scale, tl.float32)
+    if SCALE_BY_RECIPROCAL:
+        scale = amax * inv_max
+    else:
+        scale = tl.math.div_rn(amax, fp8_max)
+    return tl.maximum(scale, min_scale)

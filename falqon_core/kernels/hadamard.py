@@ -41,7 +41,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax
 
 MAX_BLOCK = 128
 MIN_BLOCK = 16
@@ -165,21 +165,6 @@ def _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK: tl
 
 
 @triton.jit
-def _dequant_scale(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
-    """amax / fp8_max clamped at min_scale, as torch computes it on this device (CUDA: times fp32(1/max)).
-
-    Float scalars cast to fp32 here: launched from torch.compile'd code they arrive as fp64 (see _rotate_tile).
-    """
-    fp8_max, inv_max = tl.cast(fp8_max, tl.float32), tl.cast(inv_max, tl.float32)
-    min_scale = tl.cast(min_scale, tl.float32)
-    if SCALE_BY_RECIPROCAL:
-        scale = amax * inv_max
-    else:
-        scale = tl.math.div_rn(amax, fp8_max)
-    return tl.maximum(scale, min_scale)
-
-
-@triton.jit
 def _rotate_kernel(
     x_ptr, h_ptr, out_ptr, n_rows, stride_x, stride_out, tiles_per_row, inv_sqrt_b,
     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -225,7 +210,7 @@ def _rotate_cast_tensorwise_kernel(
     pid = tl.program_id(0)
     p = tl.arange(0, PARTIALS_BLOCK)
     amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
-    scale = _dequant_scale(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
     if pid == 0:
         tl.store(scale_ptr, scale)
     h = _load_hadamard(h_ptr, BLOCK)
@@ -257,7 +242,7 @@ def _rotate_cast_rowwise_kernel(
     for col0 in range(0, n_cols, BLOCK):
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
         acc = tl.maximum(acc, tl.abs(y))
-    scale = _dequant_scale(tl.max(acc, axis=1), fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    scale = scale_from_amax(tl.max(acc, axis=1), fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
     for col0 in range(0, n_cols, BLOCK):
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
         q = saturating_cast(tl.math.div_rn(y, scale[:, None]), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,

@@ -25,7 +25,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax
 
 # tensorwise grid-stride kernels: elements per program per iteration, programs per SM
 _TENSORWISE_BLOCK = 4096
@@ -42,22 +42,6 @@ def quantize_fp8_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: (data, dequant scale) exactly as falqon_core.fp8.quantize computes them."""
     return fp8.quantize(x, dtype, granularity)
-
-
-@triton.jit
-def _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.constexpr):
-    """Dequant scale (fp32) = amax / fp8_max, clamped at min_scale, with torch's fp32 ops on this device.
-
-    The float scalars are cast to fp32 here: Triton types a Python float argument fp32, but a kernel launched
-    from torch.compile'd code gets it as fp64, which would turn the scale (and the cast after it) fp64.
-    """
-    fp8_max, inv_max = tl.cast(fp8_max, tl.float32), tl.cast(inv_max, tl.float32)
-    min_scale = tl.cast(min_scale, tl.float32)
-    if SCALE_BY_RECIPROCAL:
-        scale = amax * inv_max
-    else:
-        scale = tl.math.div_rn(amax, fp8_max)
-    return tl.maximum(scale, min_scale)
 
 
 @triton.jit
@@ -85,7 +69,7 @@ def _cast_tensorwise_kernel(
     pid = tl.program_id(0)
     p = tl.arange(0, PARTIALS_BLOCK)
     amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
-    scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
     if pid == 0:
         tl.store(scale_ptr, scale)
     step = tl.num_programs(0).to(tl.int64) * BLOCK
@@ -117,7 +101,7 @@ def _quantize_rowwise_kernel(
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
-        scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+        scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
         y = tl.math.div_rn(x, scale[:, None])
         q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         tl.store(out_rows + cols[None, :], q, mask=mask)
@@ -129,7 +113,7 @@ def _quantize_rowwise_kernel(
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, tl.abs(x))
         amax = tl.max(acc, axis=1)
-        scale = _scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+        scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
