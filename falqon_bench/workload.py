@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from falqon_core.convert import convert_model
 from falqon_core.methods import AdapterConfig, Method, MethodUnavailable, get_method
 from falqon_core.methods.base import StepCost
 
@@ -57,16 +58,6 @@ def make_base_model(K: int, N: int, dtype: torch.dtype, device: torch.device, se
     return nn.Sequential(OrderedDict([(TARGET, linear)]))
 
 
-def convert_for_bench(model: nn.Module, method_name: str, config: AdapterConfig) -> tuple[nn.Module, Method]:
-    """falqon_core.convert.convert_model when present, else the registry's method.convert (same result)."""
-    try:
-        from falqon_core.convert import convert_model
-    except ImportError:
-        method = get_method(method_name)
-        return method.convert(model, config), method
-    return convert_model(model, method_name, config)
-
-
 def build_workload(point: dict[str, Any], device: torch.device | str) -> Workload:
     """Build the model, inputs and step of one point. Raises MethodUnavailable when the method cannot run here."""
     device = torch.device(device)
@@ -81,7 +72,7 @@ def build_workload(point: dict[str, Any], device: torch.device | str) -> Workloa
     K, N, rank, tokens = int(point["K"]), int(point["N"]), int(point["rank"]), int(point["tokens"])
     config = AdapterConfig(rank=rank, target_modules=(TARGET,), dtype=dtype, seed=SEED, options=dict(point.get("options") or {}))
     base = make_base_model(K, N, dtype, device)
-    model, method = convert_for_bench(base, point["method"], config)
+    model, method = convert_model(base, point["method"], config)
     trainable = list(method.trainable_parameters(model))
     forward = torch.compile(model) if point.get("compile") else model
 
