@@ -1,0 +1,160 @@
+"""falqon_bench.e2e: whole-model DDP fine-tuning under torchrun, tested on CPU with gloo and 2 processes.
+
+The FALQON proxy update rewrites fp8 buffers on every rank; they stay bit-identical only because DDP
+all-reduces B's gradient first. The tests check the sync flag is true in a normal run AND false when the
+all-reduce is skipped (and that the fp8 bytes did change), so the check cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from falqon_bench import e2e
+from falqon_bench.schema import REQUIRED_KEYS
+from falqon_core.methods import Method, method_names, register_method
+from falqon_core.methods.base import StepCost
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--model", "tiny-llama", "--rank", "16", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2) -> list[dict]:
+    """Launch `python -m torch.distributed.run -m falqon_bench.e2e` on CPU (gloo) and return the rows it wrote."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "falqon_bench.e2e", *TINY_ARGS, "--out", str(out), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rank_rows(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    rows = torchrun(out, "--method", "bf16_lora,falqon", "--steps", "5", "--warmup-steps", "1")
+    assert (out / "manifest.json").exists()
+    return {r["method"]: r for r in rows}
+
+
+def test_two_rank_run_writes_one_complete_row_per_method(two_rank_rows):
+    assert sorted(two_rank_rows) == ["bf16_lora", "falqon"]
+    for row in two_rank_rows.values():
+        assert [k for k in REQUIRED_KEYS if k not in row] == []
+        assert row["status"] == "ok", row["error"]
+        assert row["world_size"] == 2 and row["backend"] == "gloo"
+        assert row["device"] == "CPU" and row["gpu_ms"] is None and row["gpu_timing"] == "none"
+        assert row["layer"] == "tiny-llama" and (row["K"], row["N"]) == (64, 128)
+        assert row["tokens"] == 2 * 32 * 2  # batch x seq x ranks
+        assert len(row["wall_samples_ms"]) == 4  # 5 steps, 1 warm-up step left out
+        assert row["wall_ms"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_loss_is_finite_and_training_moves_it(two_rank_rows):
+    for row in two_rank_rows.values():
+        losses = row["loss_per_step"]
+        assert all(math.isfinite(v) for v in losses)
+        assert row["loss_last"] != row["loss_first"], f"{row['method']}: loss never changed"
+    bf16 = two_rank_rows["bf16_lora"]["loss_per_step"]
+    assert min(bf16[1:]) < bf16[0], f"bf16_lora never went below its first loss: {bf16}"
+
+
+def test_falqon_fp8_weights_stay_bit_identical_across_ranks(two_rank_rows):
+    row = two_rank_rows["falqon"]
+    assert row["fp8_bytes_changed"] > 0, "the proxy update never changed the fp8 matrices: the sync check is vacuous"
+    assert row["weights_in_sync"] is True
+    assert two_rank_rows["bf16_lora"]["weights_in_sync"] is None  # no fp8 weights to compare
+
+
+def test_skipping_the_grad_allreduce_breaks_the_fp8_sync_and_is_detected(tmp_path):
+    """Each rank trains on its own batches; without DDP's all-reduce of dB the ranks merge different rows."""
+    (row,) = torchrun(tmp_path / "run", "--method", "falqon", "--steps", "3", "--warmup-steps", "1", "--skip-grad-allreduce")
+    assert row["status"] == "ok" and row["fp8_bytes_changed"] > 0
+    assert row["weights_in_sync"] is False
+
+
+def test_single_process_run_without_torchrun(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    (row,) = e2e.run(e2e.parse_args([*TINY_ARGS, "--method", "falqon", "--steps", "3", "--warmup-steps", "1", "--out", str(out)]))
+    assert row["status"] == "ok" and row["world_size"] == 1 and row["backend"] == "none"
+    assert row["weights_in_sync"] is None and row["fp8_bytes_changed"] > 0
+    assert row["tokens"] == 2 * 32 and len(row["wall_samples_ms"]) == 2
+    stored = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    assert stored[0]["point_id"] == row["point_id"]
+
+
+class _E2ENeedsGpu(Method):
+    name = "e2e_needs_gpu"
+    summary = "test only: a method that needs CUDA"
+    built_on = "nothing"
+    needs_cuda = True
+
+    def convert(self, model, config):
+        return model
+
+    def step_cost(self, K, N, rank, tokens):
+        return StepCost({"bf16": 0.0}, 0.0)
+
+
+def test_method_that_cannot_run_here_is_an_error_row_not_a_crash(tmp_path, monkeypatch):
+    if _E2ENeedsGpu.name not in method_names():
+        register_method(_E2ENeedsGpu)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    (row,) = e2e.run(e2e.parse_args([*TINY_ARGS, "--method", "e2e_needs_gpu", "--steps", "2", "--warmup-steps", "1", "--out", str(out)]))
+    assert row["status"] == "error" and "needs a CUDA GPU" in row["error"]
+    assert [k for k in REQUIRED_KEYS if k not in row] == []
+    assert json.loads((out / "points.jsonl").read_text())["status"] == "error"
+
+
+def test_unknown_model_and_too_few_steps_are_refused():
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--model", "gpt-9", "--out", "x"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--steps", "2", "--warmup-steps", "2", "--out", "x"])
+    with pytest.raises(ValueError, match="allowed"):
+        e2e.llama_config("gpt-9")
+
+
+def test_real_llama_configs_come_from_falqon_bench_layers():
+    from falqon_bench.layers import resolve_layer
+
+    config = e2e.llama_config("llama-3-8b", num_layers=1)
+    (up,) = [s for s in resolve_layer("llama-3-8b") if s.name.endswith(".up")]
+    assert (config.hidden_size, config.intermediate_size) == (up.K, up.N)
+    assert config.num_key_value_heads == 8 and config.num_hidden_layers == 1
+
+
+@pytest.mark.gpu
+def test_torchrun_on_gpus_uses_nccl_and_keeps_fp8_in_sync(tmp_path):
+    import torch
+
+    nproc = min(2, torch.cuda.device_count())
+    env_args = ["--method", "bf16_lora,falqon", "--steps", "5", "--warmup-steps", "1"]
+    rows = {r["method"]: r for r in torchrun(tmp_path / "run", *env_args, "--device", "cuda", nproc=nproc)}
+    for row in rows.values():
+        assert row["status"] == "ok", row["error"]
+        assert row["backend"] == "nccl" and row["world_size"] == nproc and row["peak_mem_bytes"] > 0
+    assert rows["falqon"]["fp8_bytes_changed"] > 0
+    assert rows["falqon"]["weights_in_sync"] is (True if nproc > 1 else None)
