@@ -185,3 +185,24 @@ def test_missing_or_corrupt_results_raise_results_error(tmp_path):
     (run_dir / "points.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     with pytest.raises(ResultsError, match="corrupt"):
         render_report([run_dir], tmp_path / "out")
+
+
+def test_fig5_compares_only_points_every_gpu_ran(tmp_path):
+    """A compiled variant measured on one GPU only must not make that GPU's group look faster."""
+    import pandas as pd
+
+    from falqon_bench.figures.gpus import points_on_every_device, speedups
+
+    rows = []
+    for device, extra in (("H100", False), ("H200", True)):
+        for method, ms in (("bf16_lora", 1.0), ("fp8_lora", 2.0)):
+            rows.append(dict(device=device, method=method, compile=False, layer="l", rank=64, tokens=4096,
+                             ok=True, metric_ms=ms, p10_ms=ms, p90_ms=ms, error=None, variant=method))
+        if extra:  # only H200 has a (much faster) compiled fp8_lora
+            rows.append(dict(device=device, method="fp8_lora", compile=True, layer="l", rank=64, tokens=4096,
+                             ok=True, metric_ms=0.5, p10_ms=0.5, p90_ms=0.5, error=None, variant="fp8_lora+compile"))
+    df = pd.DataFrame(rows)
+    assert len(points_on_every_device(df)) == 4
+    table = speedups(df).set_index(["device", "method"])
+    assert table.loc[("H100", "fp8_lora"), "speedup"] == pytest.approx(0.5)
+    assert table.loc[("H200", "fp8_lora"), "speedup"] == pytest.approx(0.5)

@@ -1,7 +1,8 @@
 """Fig. 5 of the paper: speed of each method relative to bf16_lora, grouped by GPU model (several runs).
 
 speedup = geometric mean over the shapes (layer, rank, tokens) where both ran of bf16_lora time /
-method time, on the same GPU. Each method (and the baseline) uses the faster of eager and compiled.
+method time, on the same GPU. Each method (and the baseline) uses the faster of eager and compiled,
+among the points every GPU ran (a variant or shape only one GPU measured would make the groups unequal).
 Whiskers: the geometric means of the p10/p90 ratios (baseline p10 / method p90 ... p90 / p10).
 """
 
@@ -15,11 +16,19 @@ from falqon_bench.figures.data import BASELINE_METHOD, RunLabel, best_of_compile
 from falqon_bench.figures.style import FAILED_GID, NA_GID, add_footer, empty_panel, error_bars, geomean, mark_unavailable, new_figure, variant_color
 
 SHAPE = ["layer", "rank", "tokens"]
+POINT = ["method", "compile", *SHAPE]
+
+
+def points_on_every_device(df: pd.DataFrame) -> pd.DataFrame:
+    """Only the (method, compile, layer, rank, tokens) points that every GPU in df has a row for."""
+    n_devices = df["device"].nunique()
+    per_point = df.groupby(POINT)["device"].transform("nunique")
+    return df[per_point == n_devices]
 
 
 def speedups(df: pd.DataFrame) -> pd.DataFrame:
     """Rows (device, method, speedup, low, high, shapes, status, why) of every method on every GPU."""
-    best = best_of_compile(df)
+    best = best_of_compile(points_on_every_device(df))
     rows = []
     for device in sorted(set(best["device"])):
         on = best[best["device"] == device]
