@@ -412,3 +412,16 @@ def test_gpu_torch_compile_matches_eager():
     compiled = _run(torch.compile(layer), x, dy)
     for got, want in zip(compiled, eager):
         assert ((got.float() - want.float()).abs() <= 2 * 2.0**-8 * want.float().abs().max()).all()
+
+
+def test_same_shaped_layers_start_with_different_lora_a():
+    """Like PEFT, every converted layer draws its own A (one seed per layer), even when shapes match."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from falqon_core.methods import AdapterConfig, get_method
+
+    model = nn.Sequential(OrderedDict(a=nn.Linear(64, 64, bias=False), b=nn.Linear(64, 64, bias=False)))
+    model = get_method("halo_lora").convert(model, AdapterConfig(rank=16, dtype=torch.float32))
+    assert not torch.equal(model.a.lora_A, model.b.lora_A)

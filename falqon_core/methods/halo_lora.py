@@ -26,6 +26,8 @@ Options (AdapterConfig.options):
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -225,7 +227,11 @@ class HaloLora(Method):
             return HaloLinear.from_config(model, config)
         names = select_target_linears(model, config.target_modules)
         modules = dict(model.named_modules())
-        new_layers = {name: HaloLinear.from_config(modules[name], config) for name in names}  # all checks first
+        # each layer its own seed (config.seed + its index) so same-shaped layers do not start with one lora_A
+        new_layers = {
+            name: HaloLinear.from_config(modules[name], dataclasses.replace(config, seed=config.seed + i))
+            for i, name in enumerate(names)
+        }  # all checks first
         freeze_all(model)
         for name, layer in new_layers.items():
             set_submodule(model, name, layer)
