@@ -62,6 +62,7 @@ class Method(abc.ABC):
       summary      one line for `falqon-bench list methods`
       built_on     the libraries it uses ("PEFT + torchao float8")
       needs_cuda   True when it cannot run on CPU at all (its CPU error says why)
+      needs_fp8_tensor_cores  True when its CUDA path runs fp8 GEMMs (sm_89+)
       supports_compile  whether `torch.compile` of the converted model is expected to work
     """
 
@@ -69,6 +70,7 @@ class Method(abc.ABC):
     summary: ClassVar[str] = ""
     built_on: ClassVar[str] = ""
     needs_cuda: ClassVar[bool] = False
+    needs_fp8_tensor_cores: ClassVar[bool] = False  # on CUDA, refuse GPUs older than sm_89 (Ada/Hopper)
     supports_compile: ClassVar[bool] = True
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
@@ -76,6 +78,10 @@ class Method(abc.ABC):
         device = torch.device(device)
         if self.needs_cuda and device.type != "cuda":
             return f"{self.name} needs a CUDA GPU (its kernels have no CPU path)"
+        if self.needs_fp8_tensor_cores and device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 9):
+                return f"{self.name} needs fp8 tensor cores (sm_89+, Ada or Hopper); this GPU is sm_{major}{minor}"
         return None
 
     @abc.abstractmethod

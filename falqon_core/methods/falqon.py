@@ -264,17 +264,10 @@ class Falqon(Method):
     built_on = "own fp8 GEMM (torch._scaled_mm) + Triton kernels"
     needs_cuda = False  # the torch references run on CPU
     supports_compile = True
+    needs_fp8_tensor_cores = True
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = {}  # from the last convert; step_cost reads topk and cache_weight_t
-
-    def unavailable_reason(self, device: torch.device | str) -> str | None:
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            if (major, minor) < (8, 9):
-                return f"falqon needs fp8 tensor cores (sm_89+, Ada or Hopper); this GPU is sm_{major}{minor}"
-        return super().unavailable_reason(device)
 
     def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         """Swap every target nn.Linear for a FalqonLinear and freeze everything but the B matrices."""
