@@ -55,6 +55,7 @@ from test_methods_baselines import (
     assert_bound_is_tight,
     assert_within,
     lora_reference,
+    lora_step,
     randomize_lora_b,
 )
 
@@ -211,25 +212,9 @@ def run_fp6_step(K: int, N: int, rank: int, fmt: str, device: str) -> tuple[Step
     assert layer.base_layer.fp6_backend == "floatx"
     x = torch.randn(TOKENS, K, dtype=BF16, device=device, requires_grad=True)
     dy = torch.randn(TOKENS, N, dtype=BF16, device=device)
-    lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
-    randomize_lora_b(model, rank)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep_oa(module, inputs, output):
-        seen["oa"] = output.detach()
-        output.register_hook(lambda g: seen.__setitem__("doa", g.detach()))
-
-    handle = lora_a.register_forward_hook(keep_oa)
-    out = model(x)
-    out.backward(dy)
-    handle.remove()
     weight = layer.base_layer.weight
+    step = lora_step(model, layer, x, dy, rank, weight.dequantize)
     assert weight.grad is None
-    step = Step(
-        x=x.detach(), dy=dy, W=weight.dequantize(), out=out.detach(), dx=x.grad,
-        A=lora_a.weight.detach(), B=lora_b.weight.detach(), dA=lora_a.weight.grad, dB=lora_b.weight.grad,
-        oa=seen["oa"], doa=seen["doa"],
-    )
     return step, w, weight.scale
 
 

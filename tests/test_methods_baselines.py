@@ -12,6 +12,7 @@ LoRA scaling alpha/r is 2 in these tests, an exact binary multiply.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -231,6 +232,12 @@ def run_step(method_name: str, K: int, N: int, rank: int, device: str = "cpu", d
         out.backward(dy)
         return Step(x.detach(), dy, base_weight(method_name, model.proj), out.detach(), x.grad)
     (_, layer), = layers
+    return lora_step(model, layer, x, dy, rank, lambda: base_weight(method_name, layer.base_layer))
+
+
+def lora_step(model, layer, x, dy, rank: int, weight_of: Callable[[], torch.Tensor]) -> Step:
+    """Give the PEFT LoRA layer a random B, run forward and backward(dY), and record O_A = x A^T and its
+    gradient with hooks. weight_of(): the base weight the layer multiplies with, read after the step."""
     lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
     randomize_lora_b(model, rank)
     seen: dict[str, torch.Tensor] = {}
@@ -244,7 +251,7 @@ def run_step(method_name: str, K: int, N: int, rank: int, device: str = "cpu", d
     out.backward(dy)
     handle.remove()
     return Step(
-        x=x.detach(), dy=dy, W=base_weight(method_name, layer.base_layer), out=out.detach(), dx=x.grad,
+        x=x.detach(), dy=dy, W=weight_of(), out=out.detach(), dx=x.grad,
         A=lora_a.weight.detach(), B=lora_b.weight.detach(), dA=lora_a.weight.grad, dB=lora_b.weight.grad,
         oa=seen["oa"], doa=seen["doa"],
     )
