@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from falqon_core.methods import register_method
 from falqon_core.methods._lora_common import (
     adapter_flops,
-    add_lora_adapters,
     frozen_base_flops,
-    linear_shapes,
     lora_elementwise_bytes,
     model_memory_bytes,
-    require_dims_multiple_of,
-    select_target_linears,
     sgd_update_bytes,
 )
-from falqon_core.methods.base import AdapterConfig, Method, StepCost
-from falqon_core.methods.fp8_lora import (
-    FP8_DIM_MULTIPLE,
-    base_fp8_cast_bytes,
-    float8_unavailable_reason,
-    import_float8_training,
-)
-
-
-def is_lora_base_layer(module: nn.Module, fqn: str) -> bool:
-    """torchao module_filter_fn: only the frozen base nn.Linear that PEFT wrapped (named '<target>.base_layer')."""
-    return fqn.endswith("base_layer")
+from falqon_core.methods.base import StepCost
+from falqon_core.methods.fp8_lora import Fp8Lora, base_fp8_cast_bytes
 
 
 @register_method
-class Fp8BaseLora(Method):
+class Fp8BaseLora(Fp8Lora):
     """PEFT LoRA, then torchao Float8Linear (tensorwise e4m3/e5m2) for each wrapped base layer; A, B stay bf16.
 
     Any rank works (the adapters run bf16); the base layers' K and N must be multiples of 16.
@@ -42,16 +27,7 @@ class Fp8BaseLora(Method):
     summary = "FP8 backbone (torchao float8 on base layers), BF16 LoRA adapters"
     built_on = "PEFT + torchao float8"
 
-    def unavailable_reason(self, device: torch.device | str) -> str | None:
-        return float8_unavailable_reason(self.name) or super().unavailable_reason(device)
-
-    def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
-        convert_to_float8_training, Float8LinearConfig = import_float8_training()
-        model = model.to(config.dtype)
-        targets = select_target_linears(model, config.target_modules)
-        require_dims_multiple_of(self.name, linear_shapes(model, targets), None, FP8_DIM_MULTIPLE, "torchao float8")
-        model = add_lora_adapters(model, config, targets)
-        return convert_to_float8_training(model, module_filter_fn=is_lora_base_layer, config=Float8LinearConfig())
+    adapters_in_fp8 = False
 
     def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
         """fp8: base forward + dX (4 M N K); bf16: the six adapter GEMMs (6 M r (K + N)).

@@ -48,6 +48,11 @@ def base_fp8_cast_bytes(K: int, N: int, tokens: int) -> float:
     return cast_bytes(tokens * K) + cast_bytes(N * K) + cast_bytes(tokens * N)
 
 
+def is_lora_base_layer(module: nn.Module, fqn: str) -> bool:
+    """torchao module_filter_fn: only the frozen base nn.Linear that PEFT wrapped (named '<target>.base_layer')."""
+    return fqn.endswith("base_layer")
+
+
 @register_method
 class Fp8Lora(Method):
     """Every linear, adapters included, is a torchao Float8Linear with the default (tensorwise) recipe.
@@ -60,6 +65,8 @@ class Fp8Lora(Method):
     summary = "LoRA with every linear in FP8 incl. A and B (torchao float8, tensorwise e4m3/e5m2)"
     built_on = "PEFT + torchao float8"
 
+    adapters_in_fp8 = True  # fp8_base_lora (a subclass) keeps the adapters in bf16
+
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         return float8_unavailable_reason(self.name) or super().unavailable_reason(device)
 
@@ -67,11 +74,13 @@ class Fp8Lora(Method):
         convert_to_float8_training, Float8LinearConfig = import_float8_training()
         model = model.to(config.dtype)
         targets = select_target_linears(model, config.target_modules)
-        require_dims_multiple_of(
-            self.name, linear_shapes(model, linear_module_names(model)), config.rank, FP8_DIM_MULTIPLE, "torchao float8"
-        )
+        # torchao converts every linear (or, base-only, just the targets): those dims must fit _scaled_mm
+        checked = linear_module_names(model) if self.adapters_in_fp8 else targets
+        rank = config.rank if self.adapters_in_fp8 else None
+        require_dims_multiple_of(self.name, linear_shapes(model, checked), rank, FP8_DIM_MULTIPLE, "torchao float8")
         model = add_lora_adapters(model, config, targets)
-        return convert_to_float8_training(model, config=Float8LinearConfig())
+        only_base = None if self.adapters_in_fp8 else is_lora_base_layer
+        return convert_to_float8_training(model, module_filter_fn=only_base, config=Float8LinearConfig())
 
     def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
         """All GEMMs fp8: base forward + dX (4 M N K) and the six adapter GEMMs (6 M r (K + N)).
