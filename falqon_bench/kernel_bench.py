@@ -250,16 +250,6 @@ def derived_metrics(case: KernelCase, ms: float | None, peaks: dict[str, Any] | 
     return out
 
 
-def _peak_memory(step: Step, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
-
-
 def measure_point(case: KernelCase, cache: str, timer: Timer, device: torch.device, device_name: str,
                   peaks: dict[str, Any] | None) -> dict[str, Any]:
     """Time one case at one cache state; a failure becomes a point with status 'error' (the run goes on)."""
@@ -286,7 +276,7 @@ def measure_point(case: KernelCase, cache: str, timer: Timer, device: torch.devi
             gpu_ms=ms, gpu_samples_ms=list(samples), gpu_timing=label, wall_ms=ms, wall_samples_ms=list(samples),
             gpu_p10_ms=stats["p10"], gpu_p90_ms=stats["p90"],
         )
-        point["peak_mem_bytes"] = _peak_memory(case.step, device)
+        point["peak_mem_bytes"] = timing.peak_memory_bytes(case.step, device)
     except Exception as e:  # one variant failing (compile, capture, OOM) must not end the run
         msg = str(e).strip().splitlines()
         point.update(status="error", error=f"{type(e).__name__}: {msg[0] if msg else ''}"[:500])
