@@ -393,6 +393,24 @@ def _is_device_event(evt: Any) -> bool:
     return str(getattr(evt, "device_type", "")).split(".")[-1] not in ("CPU", "")
 
 
+def _unique_device_kernels(events: list[Any]) -> list[Any]:
+    """Device kernel events of the profile, each (name, start, end) once."""
+    seen: dict[tuple, Any] = {}
+    for e in events:
+        if _is_device_event(e) and e.name != STEP_LABEL and not getattr(e, "is_user_annotation", False):
+            seen.setdefault((e.name, e.time_range.start, e.time_range.end), e)
+    return list(seen.values())
+
+
+def _launchers_by_correlation(cpu_events: list[Any]) -> dict[int, Any]:
+    """Correlation id -> the host op that launched kernels under it (CUPTI pseudo-ops excluded)."""
+    out: dict[int, Any] = {}
+    for e in sorted(cpu_events, key=lambda ev: ev.time_range.start):
+        if e.name != CUPTI_BUFFER_EVENT and getattr(e, "linked_correlation_id", 0) == 0:
+            out.setdefault(e.id, e)
+    return out
+
+
 def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[str, Any]], float]:
     """Classified (name, op, shapes, dtypes, category, us) rows over all profiled steps, and the total us."""
     events = list(prof.events())
@@ -422,24 +440,27 @@ def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[
 
     rows: list[dict[str, Any]] = []
     if on_gpu:
+        kernels = _unique_device_kernels(events)
+        launcher = _launchers_by_correlation(step_events)
         attributed = 0.0
-        seen: set[tuple] = set()
-        # CUPTI's "Activity Buffer Request" pseudo-op can carry a copy of a kernel an aten op already owns
-        # (seen on the H100: one bf16 GEMM in three steps counted twice): attribute real ops first and
-        # count each kernel (name, start, end) once
-        for e in sorted(step_events, key=lambda ev: ev.name == CUPTI_BUFFER_EVENT):
-            for k in e.kernels:
-                key = (k.name, k.time_range.start, k.time_range.end)
-                if k.name == STEP_LABEL or key in seen:
+        if all(hasattr(k, "linked_correlation_id") for k in kernels):
+            # each device kernel once, filed under the op whose correlation id it carries; an id that
+            # CUPTI's "Activity Buffer Request" pseudo-op shares with a real op must not count it twice
+            for k in kernels:
+                op = launcher.get(k.linked_correlation_id)
+                if op is not None:
+                    us = float(k.time_range.elapsed_us())
+                    rows.append(row(k.name, _launching_op(op), us))
+                    attributed += us
+        else:  # a torch without correlation ids on device events: the ops' kernel lists, pseudo-op skipped
+            for e in step_events:
+                if e.name == CUPTI_BUFFER_EVENT:
                     continue
-                seen.add(key)
-                rows.append(row(k.name, _launching_op(e), float(k.duration)))
-                attributed += float(k.duration)
-        device_total = sum(
-            e.time_range.elapsed_us()
-            for e in events
-            if _is_device_event(e) and e.name != STEP_LABEL and not getattr(e, "is_user_annotation", False)
-        )
+                for k in e.kernels:
+                    if k.name != STEP_LABEL:
+                        rows.append(row(k.name, _launching_op(e), float(k.duration)))
+                        attributed += float(k.duration)
+        device_total = sum(float(k.time_range.elapsed_us()) for k in kernels)
         if device_total > attributed:  # kernels the profiler could not link to a launching op
             rows.append({"name": "(unattributed device time)", "op": None, "input_shapes": [], "input_dtypes": [], "category": "other", "us": device_total - attributed})
         total_us = max(device_total, attributed)

@@ -66,6 +66,9 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+KERNEL_GROUPS = ("quantize", "proxy", "gemm", "transpose")  # the fields of kernel_bench.KernelShapes
+
+
 def _lazy(module: str, name: str):
     """Import `name` from a falqon_bench module written elsewhere; a missing module is a clear input error."""
     import importlib
@@ -363,24 +366,46 @@ def compare(
 
 @app.command()
 @user_errors
-def kernels(out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: results/<run-id>-kernels).")) -> None:
-    """Micro-benchmark the FP8 kernels (quantize, melded GEMM, proxy update) against their references on the GPU.
+def kernels(
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: results/<run-id>-kernels)."),
+    only: Optional[str] = typer.Option(
+        None, "--only", help=f"Only these kernel groups, comma-separated: {','.join(KERNEL_GROUPS)}."
+    ),
+) -> None:
+    """Micro-benchmark the FP8 kernels (quantize, melded GEMM, proxy update, transpose) against their references on the GPU.
 
     [bold]Examples[/bold]
       falqon-bench kernels
       falqon-bench kernels --out results/h100-kernels
+      falqon-bench kernels --only quantize,transpose
     """
+    import dataclasses
+
     import torch
 
     from falqon_bench.envinfo import device_name
     from falqon_bench.store import new_run_id
 
+    groups = _parse_kernel_groups(only)
     if not torch.cuda.is_available():
         raise BenchInputError("kernel micro-benchmarks need a CUDA GPU; torch sees none here")
     run_kernel_bench = _lazy("falqon_bench.kernel_bench", "run_kernel_bench")
     out = out or RESULTS_ROOT / new_run_id("kernels", device_name("cuda"))
-    path = run_kernel_bench(out)
+    shapes = _lazy("falqon_bench.kernel_bench", "LLAMA_7B")
+    shapes = dataclasses.replace(shapes, **{g: () for g in KERNEL_GROUPS if g not in groups})
+    path = run_kernel_bench(out, shapes)
     _out().print(f"kernel results written to {path}")
+
+
+def _parse_kernel_groups(only: str | None) -> tuple[str, ...]:
+    """--only's groups (all when not given); an unknown name is a BenchInputError naming the allowed ones."""
+    if only is None:
+        return KERNEL_GROUPS
+    groups = tuple(g.strip() for g in only.split(",") if g.strip())
+    unknown = [g for g in groups if g not in KERNEL_GROUPS]
+    if unknown or not groups:
+        raise BenchInputError(f"--only: unknown kernel group(s) {unknown or [only]}; allowed: {', '.join(KERNEL_GROUPS)}")
+    return groups
 
 
 def _quiet_library_import_noise() -> None:

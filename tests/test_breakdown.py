@@ -160,34 +160,53 @@ def test_profile_step_on_gpu_attributes_nvjet_kernels_by_parent_op():
     assert sum(cats.values()) == pytest.approx(out["total_ms"], rel=1e-6)
 
 
-def _fake_event(name, start, end, device="CPU", kernels=(), shapes=None, dtypes=None, parent=None):
-    """A stand-in for torch.profiler's FunctionEvent with just what _collect_rows reads."""
+def _fake_event(name, start, end, device="CPU", kernels=(), shapes=None, dtypes=None, parent=None, corr=0, linked=0):
+    """A stand-in for torch.profiler's FunctionEvent with just what _collect_rows reads.
+
+    Like torch's: an op's `kernels` are profiler_util.Kernel(name, device, duration) tuples (no times);
+    a device event carries the correlation id of the op that launched it in `linked_correlation_id`.
+    """
     from types import SimpleNamespace
 
-    ev = SimpleNamespace(
-        name=name, device_type=f"DeviceType.{device}", is_async=False, kernels=list(kernels),
-        cpu_parent=parent, cpu_children=[], input_shapes=shapes or [], input_dtypes=dtypes or [], id=id(name) + start,
+    from torch.autograd.profiler_util import Kernel
+
+    return SimpleNamespace(
+        name=name, device_type=f"DeviceType.{device}", is_async=False,
+        kernels=[Kernel(k.name, 0, k.time_range.end - k.time_range.start) for k in kernels],
+        cpu_parent=parent, cpu_children=[], input_shapes=shapes or [], input_dtypes=dtypes or [], id=corr,
+        linked_correlation_id=linked,
         time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start),
         duration=end - start, self_cpu_time_total=0,
     )
-    return ev
 
 
-def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once():
-    """On the H100 one bf16 GEMM per three steps also appeared under CUPTI's 'Activity Buffer Request'
-    pseudo-op; counting it twice made bf16 kernel sums exceed gpu_ms by ~11%."""
+def _profile_with_cupti_duplicate(with_correlation_ids: bool):
     from types import SimpleNamespace
 
-    from falqon_bench.breakdown import STEP_LABEL, _collect_rows
+    from falqon_bench.breakdown import STEP_LABEL
 
-    gemm = _fake_event("nvjet_sm90_tst_256x128", 10, 110, device="CUDA")
-    add = _fake_event("vectorized_elementwise_kernel", 120, 140, device="CUDA")
-    mm = _fake_event("aten::mm", 0, 5, kernels=[gemm], shapes=[[64, 64], [64, 64]], dtypes=["c10::BFloat16"] * 2)
-    addop = _fake_event("aten::add", 6, 8, kernels=[add], shapes=[[64, 64], [64, 64]], dtypes=["c10::BFloat16"] * 2)
-    buffer = _fake_event("Activity Buffer Request", 9, 9, kernels=[gemm])  # the duplicate
+    gemm = _fake_event("nvjet_sm90_tst_256x128", 10, 110, device="CUDA", linked=7)
+    add = _fake_event("vectorized_elementwise_kernel", 120, 140, device="CUDA", linked=8)
+    gemm_again = _fake_event("nvjet_sm90_tst_256x128", 10, 110, device="CUDA", linked=7)  # a second record
+    bf16 = ["c10::BFloat16"] * 2
+    mm = _fake_event("aten::mm", 0, 5, kernels=[gemm], shapes=[[64, 64], [64, 64]], dtypes=bf16, corr=7)
+    addop = _fake_event("aten::add", 6, 8, kernels=[add], shapes=[[64, 64], [64, 64]], dtypes=bf16, corr=8)
+    buffer = _fake_event("Activity Buffer Request", 9, 9, kernels=[gemm], corr=7)  # shares the mm's id
     label = _fake_event(STEP_LABEL, 0, 200)
-    prof = SimpleNamespace(events=lambda: [buffer, label, mm, addop, gemm, add])
-    rows, total_us = _collect_rows(prof, rank=8, on_gpu=True)
+    events = [buffer, label, mm, addop, gemm, add, gemm_again]
+    if not with_correlation_ids:
+        for e in events:
+            del e.linked_correlation_id
+    return SimpleNamespace(events=lambda: events)
+
+
+@pytest.mark.parametrize("with_correlation_ids", [True, False], ids=["correlation-ids", "kernel-lists"])
+def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once(with_correlation_ids):
+    """On the H100 one bf16 GEMM per three steps also appeared under CUPTI's 'Activity Buffer Request'
+    pseudo-op; counting it twice made bf16 kernel sums exceed gpu_ms by ~11%."""
+    from falqon_bench.breakdown import _collect_rows
+
+    rows, total_us = _collect_rows(_profile_with_cupti_duplicate(with_correlation_ids), rank=8, on_gpu=True)
     assert sorted(r["us"] for r in rows) == [20, 100], rows
     assert total_us == 120
     assert {r["op"] for r in rows} == {"aten::mm", "aten::add"}

@@ -179,6 +179,28 @@ def test_kernels_on_cpu_exits_2_saying_a_gpu_is_needed():
     assert result.exit_code == 2 and "need a CUDA GPU" in result.stderr
 
 
+def test_kernels_only_rejects_an_unknown_group_naming_the_allowed_ones():
+    result = invoke("kernels", "--only", "quantise")
+    assert result.exit_code == 2
+    assert "quantise" in result.stderr and "allowed: quantize, proxy, gemm, transpose" in result.stderr
+
+
+def test_kernels_only_keeps_the_named_groups_shapes(monkeypatch, tmp_path):
+    from falqon_bench import envinfo
+    from falqon_bench.kernel_bench import LLAMA_7B
+
+    seen = {}
+    fake_module(monkeypatch, "falqon_bench.kernel_bench", LLAMA_7B=LLAMA_7B,
+                run_kernel_bench=lambda out, shapes: seen.setdefault("shapes", shapes) and out)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(envinfo, "device_name", lambda device: "Fake GPU")
+    result = invoke("kernels", "--only", "quantize,transpose", "--out", str(tmp_path / "k"))
+    assert result.exit_code == 0, result.stderr
+    shapes = seen["shapes"]
+    assert shapes.quantize == LLAMA_7B.quantize and shapes.transpose == LLAMA_7B.transpose
+    assert shapes.proxy == () and shapes.gemm == ()
+
+
 def test_console_script_main_maps_input_errors_to_exit_2_without_traceback(tmp_path):
     res = subprocess.run(
         [sys.executable, "-c", "from falqon_bench.cli import main; import sys; sys.argv=['falqon-bench','run','no-such-suite']; main()"],

@@ -358,8 +358,11 @@ def test_floatx_step_is_cuda_graph_capturable():
     dy = torch.randn(64, 256, dtype=BF16, device="cuda")
 
     def step():
-        out = model(x)
-        return (out, *torch.autograd.grad(out, [x, *params], grad_outputs=dy))
+        # a fresh leaf per call: an input leaf first used on the default stream would tie the captured
+        # backward to that (legacy) stream, which CUDA forbids during capture
+        xi = x.detach().requires_grad_(True)
+        out = model(xi)
+        return (out, *torch.autograd.grad(out, [xi, *params], grad_outputs=dy))
 
     eager = [t.clone() for t in step()]
     holder: list = []

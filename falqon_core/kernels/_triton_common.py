@@ -11,9 +11,11 @@ same round-to-nearest-even arithmetic the GPU does) and, optionally, on the GPU 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
+from typing import Any, Callable, TypeVar
 
 import torch
 import triton
@@ -22,6 +24,27 @@ import triton.language as tl
 from falqon_core import fp8
 
 FP8_DTYPES = (fp8.E4M3, fp8.E5M2)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def opaque_to_compile(launcher: _F) -> _F:
+    """Run a Triton launcher as it is under torch.compile (a graph break) instead of letting Dynamo trace it.
+
+    Inductor works out which buffers a user Triton kernel writes by analysing the kernel; where that misses
+    a store, dead-code elimination drops the launch and the compiled step silently skips the kernel (seen
+    on the H100: compiled halo_lora returned zeros; pytorch/pytorch#170808). A benchmark of such a step
+    measures nothing. Eager calls pay only one `is_compiling()` check.
+    """
+    disabled = torch.compiler.disable(launcher)
+
+    @functools.wraps(launcher)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def is_interpreter() -> bool:

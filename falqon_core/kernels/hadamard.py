@@ -311,6 +311,7 @@ def _inv_sqrt(block: int) -> float:
     return _INV_SQRT_CACHE[block]
 
 
+@tc.opaque_to_compile
 def block_hadamard_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     """Triton twin of block_hadamard_reference for bf16/fp16/fp32 x: x H_K in fp32, x's shape."""
     rows = _as_rows(x, block, "block_hadamard_triton")
@@ -327,6 +328,7 @@ def block_hadamard_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     return out.view(x.shape)
 
 
+@tc.opaque_to_compile
 def _tensorwise(rows: torch.Tensor, block: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, k = rows.shape
     cfg = _tile_config(n_rows, block)
@@ -350,6 +352,7 @@ def _tensorwise(rows: torch.Tensor, block: int, dtype: torch.dtype) -> tuple[tor
     return out, scale
 
 
+@tc.opaque_to_compile
 def _rowwise(rows: torch.Tensor, block: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, k = rows.shape
     cfg = _tile_config(n_rows, block)

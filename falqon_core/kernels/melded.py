@@ -170,6 +170,7 @@ def _check_inputs(x8, x_scale, w8_melded, w_scale, n_out) -> None:
             )
 
 
+@tc.opaque_to_compile
 def _melded_triton(
     x8, x_scale, w8_melded, w_scale, n_out, oa_amax: bool, software_round: bool | None, fast_accum: bool
 ):

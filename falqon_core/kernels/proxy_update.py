@@ -95,6 +95,7 @@ def _check_inputs(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -
         raise ValueError("w8 and a8 need contiguous rows (stride 1 along K); the melded matrix's row slices have them")
 
 
+@tc.opaque_to_compile
 @torch.no_grad()
 def proxy_update_triton_(
     w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, *, software_round: bool | None = None

@@ -11,7 +11,7 @@ The Triton path is bit-exact with the torch reference on the device it runs on:
 Tensorwise needs the global amax before any element can be cast, hence two launches: a grid-stride pass
 writing one partial amax per program into an uninitialised buffer (no zeroing launch, no atomics,
 deterministic), then a grid-stride cast whose programs each reduce those few hundred partials (from L2)
-before casting. Neither syncs with the host, so both can be captured in a CUDA graph.
+before casting; it walks the blocks in reverse, so its first reads find what launch 1 left in L2. Neither syncs with the host, so both can be captured in a CUDA graph.
 Rowwise reads each row once: one program loads BLOCK_M whole rows, reduces, scales and stores.
 """
 
@@ -72,9 +72,10 @@ def _cast_tensorwise_kernel(
     scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
     if pid == 0:
         tl.store(scale_ptr, scale)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(pid.to(tl.int64) * BLOCK, n, step):
-        offs = start + tl.arange(0, BLOCK)
+    # blocks in the reverse of launch 1's order: the last blocks it read are the ones still in L2
+    n_blocks = tl.cdiv(n, BLOCK)
+    for i in range(pid, n_blocks, tl.num_programs(0)):
+        offs = (n_blocks - 1 - i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.math.div_rn(x, scale)
@@ -149,6 +150,7 @@ def tensorwise_grid(x: torch.Tensor, n: int) -> tuple[int, int]:
     return programs, block
 
 
+@tc.opaque_to_compile
 def partial_amax(x_flat: torch.Tensor) -> torch.Tensor:
     """Launch 1 of tensorwise quantization: per-program max |x| of a contiguous tensor (fp32, programs,)."""
     n = x_flat.numel()
@@ -158,6 +160,7 @@ def partial_amax(x_flat: torch.Tensor) -> torch.Tensor:
     return partials
 
 
+@tc.opaque_to_compile
 def cast_tensorwise_from_partials(
     x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, software_round: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +202,7 @@ def _rowwise_config(n_rows: int, n_cols: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=num_warps)
 
 
+@tc.opaque_to_compile
 def _quantize_rowwise_triton(x: torch.Tensor, dtype: torch.dtype, software_round: bool | None):
     x2 = x.contiguous().view(-1, x.shape[-1])
     n_rows, n_cols = x2.shape

@@ -58,6 +58,7 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"transpose_fp8 needs a 1-byte dtype (fp8 e4m3/e5m2, uint8, int8), got {x.dtype}")
 
 
+@tc.opaque_to_compile
 def transpose_fp8_triton(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel behind transpose_fp8; same contract as transpose_fp8_reference (any strides)."""
     _check_input(x)
