@@ -29,6 +29,7 @@ from falqon_bench.figures import (
 )
 from falqon_bench.figures.data import (
     BASELINE_METHOD,
+    KERNEL_SUM_MARK,
     RunLabel,
     at_config,
     label_for,
@@ -101,11 +102,17 @@ def perf_table(df: pd.DataFrame) -> str:
                     gpu = "- (CPU)"
                 pct = pct_of_floor(r["metric_ms"], r["floor_ms"]) if r["metric_kind"] == "gpu" else None
                 speedup = f"{base_ms / r['metric_ms']:.2f}x" if base_ms and r["metric_ms"] else "-"
+                if r.get("kernel_sum_timing", False) == True:  # noqa: E712 (a numpy bool; NaN where a frame lacks it)
+                    gpu = f"{_ms(r['gpu_ms'])} (kernel sum)"
                 out.append(f"{head} {gpu} | {_ms(r['wall_ms'])} | {_ms(r['floor_ms'])} | {'-' if pct is None else f'{pct:.0f}%'} | {speedup} |")
         out.append("")
     note = ("Times in ms per fwd+bwd+update step of one layer: gpu_ms is the median of CUDA-graph replays "
             "(p10-p90 in brackets), wall_ms the eager median; speedup compares the layer's main metric "
             "(gpu_ms, or wall_ms on CPU) with bf16_lora (eager) at the same shape; % of floor = 100 x floor / gpu_ms.")
+    if "kernel_sum_timing" in df and df["kernel_sum_timing"].any():
+        note += (f"\n\n{KERNEL_SUM_MARK} CUDA-graph capture failed for this point: its gpu_ms is the profiler's sum of "
+                 "kernel times, which leaves out idle gaps between kernels. It is a lower bound on the step time "
+                 "(its speedup an upper bound), not comparable with the replay times.")
     return "\n".join(out) + "\n" + note + "\n"
 
 
@@ -145,6 +152,33 @@ def _failed_points(df: pd.DataFrame) -> str:
     ) + "\n"
 
 
+RESIDUAL_LIMIT_PCT = 5.0
+
+
+def breakdown_check(df: pd.DataFrame) -> str:
+    """Markdown: per GPU and method, how far the profiled kernel categories are from the replayed gpu_ms
+    (residual = 100 x (gpu_ms - sum of categories) / gpu_ms) over every point, and which points exceed 5%."""
+    if "residual_pct" not in df:
+        return "No GPU breakdown in these runs.\n"
+    have = df[df["residual_pct"].notna()]
+    if have.empty:
+        return "No GPU breakdown in these runs.\n"
+    lines = ["| GPU | method | points | median residual | worst residual | beyond 5% (at a dropped clock) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (device, variant), g in have.groupby(["device", "variant"], sort=False):
+        res = g["residual_pct"].astype(float)
+        over = g[res.abs() > RESIDUAL_LIMIT_PCT]
+        worst = res.iloc[int(res.abs().to_numpy().argmax())]
+        lines.append(f"| {_cell(device)} | {_cell(variant)} | {len(g)} | {res.median():+.1f}% | {worst:+.1f}% | "
+                     f"{len(over)} ({int(over['clock_dropped'].sum())}) |")
+    lines.append("")
+    lines.append("Residual > 0: time the kernels do not explain (gaps); < 0: kernels sum to more than the replay "
+                 "(the profiled steps ran slower, e.g. at a lower SM clock than the replays). 'At a dropped clock': "
+                 "the SM clock fell during the point (NVML, e.g. the software power cap), so the profiled and the "
+                 "replayed steps need not have run at one clock.")
+    return "\n".join(lines) + "\n"
+
+
 def _reference_configs(df: pd.DataFrame) -> str:
     parts = []
     for layer in pd.unique(df["layer"]):
@@ -164,6 +198,8 @@ def _markdown(runs: list[RunData], df: pd.DataFrame, figures: list[tuple[str, st
         md.append(f"### {caption}\n\n![{caption}]({fname})\n")
     md.append("## Performance\n")
     md.append(table)
+    md.append("## Breakdown check: profiled categories vs replayed gpu_ms\n")
+    md.append(breakdown_check(df))
     md.append("## Failed points\n")
     md.append(_failed_points(df))
     return "\n".join(md)

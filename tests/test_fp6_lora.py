@@ -364,12 +364,14 @@ def test_floatx_step_is_cuda_graph_capturable():
         out = model(xi)
         return (out, *torch.autograd.grad(out, [xi, *params], grad_outputs=dy))
 
-    eager = [t.clone() for t in step()]
     holder: list = []
-    # the suite's own capture path: warm-up by time on a side stream, synchronize, capture
+    # the suite's own capture path, first thing as in the suite: warm-up by time on a side stream,
+    # synchronize, capture. (An eager step on the default stream before it would leave the parameters'
+    # AccumulateGrad nodes on the legacy stream, which the captured backward may not wait on.)
     graph = capture_graph(lambda: holder.__setitem__(slice(None), step()), "cuda", warmup_ms=50)
     captured = list(holder)
     graph.replay()
     torch.cuda.synchronize()
+    eager = [t.clone() for t in step()]
     for e, c in zip(eager, captured):
         assert float((c.float() - e.float()).norm()) <= 2.0**-7 * float(e.float().norm())

@@ -206,3 +206,41 @@ def test_fig5_compares_only_points_every_gpu_ran(tmp_path):
     table = speedups(df).set_index(["device", "method"])
     assert table.loc[("H100", "fp8_lora"), "speedup"] == pytest.approx(0.5)
     assert table.loc[("H200", "fp8_lora"), "speedup"] == pytest.approx(0.5)
+
+
+def test_a_profiler_kernel_sum_is_marked_and_never_beats_a_replay_time(tmp_path):
+    """A point whose CUDA-graph capture failed carries gpu_ms = profiler kernel sum (gaps left out): the
+    table marks it and best-of-eager/compile prefers a replayed time even when the kernel sum is lower."""
+    from fixtures.results import make_point, write_run
+
+    from falqon_bench.figures.data import KERNEL_SUM_MARK, best_of_compile, method_sort_key
+    from falqon_bench.report import perf_table
+
+    eager = make_point("falqon", "llama-7b.attn", 64, gpu_samples=[0.40] * 5, floor_ms=0.3)
+    compiled = make_point("falqon", "llama-7b.attn", 64, compile=True, gpu_samples=[0.39], floor_ms=0.3)
+    compiled["gpu_timing"] = "profiler"
+    base = make_point("bf16_lora", "llama-7b.attn", 64, gpu_samples=[0.58] * 5, floor_ms=0.5)
+    df = points_table([load_run(write_run(tmp_path, "run", H100, [eager, compiled, base]))])
+    table = perf_table(df)
+    assert re.search(rf"\| falqon\+compile {KERNEL_SUM_MARK} \| 0\.39 \(kernel sum\) \|.*\| 1\.49x \|", table), table
+    assert re.search(r"\| falqon \| 0\.4 \(", table) and "lower bound on the step time" in table
+    best = best_of_compile(df)
+    assert best[best["method"] == "falqon"]["variant"].tolist() == ["falqon"]
+    assert method_sort_key(f"falqon+compile {KERNEL_SUM_MARK}")[0] == method_sort_key("falqon")[0]
+
+
+def test_breakdown_check_shows_the_residual_per_method_and_counts_points_beyond_5_percent(tmp_path):
+    from fixtures.results import make_point, write_run
+
+    from falqon_bench.report import breakdown_check
+
+    def point(method, rank, gpu, kernel_sum, dropped=False):
+        p = make_point(method, "llama-7b.attn", rank, gpu_samples=[gpu] * 5, kernel_ms={"gemm_bf16": kernel_sum}, floor_ms=0.3)
+        p["clock_dropped"] = dropped
+        return p
+
+    points = [point("bf16_lora", 16, 1.0, 0.99), point("bf16_lora", 64, 1.0, 1.02),
+              point("bf16_linear", 16, 1.0, 1.10, dropped=True), point("bf16_linear", 64, 1.0, 0.98)]
+    text = breakdown_check(points_table([load_run(write_run(tmp_path, "run", H100, points))]))
+    assert re.search(rf"\| {H100} \| bf16_lora \| 2 \| \+?-?0\.5% \| -2\.0% \| 0 \(0\) \|", text), text
+    assert re.search(rf"\| {H100} \| bf16_linear \| 2 \| .* \| -10\.0% \| 1 \(1\) \|", text), text

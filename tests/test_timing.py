@@ -65,7 +65,7 @@ def test_cudagraph_timing_replays_a_captured_step_and_flushes_for_cold_cache():
     out = torch.empty((), device="cuda", dtype=torch.float32)
 
     def step():
-        torch.sum(a, dtype=torch.float32, out=out)
+        torch.sum(a, dim=0, dtype=torch.float32, out=out)
 
     # an idle GPU parks its clocks low: ramp them first so warm and cold are timed at the same clock
     time_cudagraph(step, device="cuda", warmup_ms=200, budget_ms=100, min_samples=10)

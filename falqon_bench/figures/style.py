@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from falqon_bench.figures.data import METHOD_ORDER, RunLabel, at_config, method_sort_key, reference_config
+from falqon_bench.figures.data import METHOD_ORDER, RunLabel, at_config, method_sort_key, reference_config, variant_parts
 
 CATEGORY_COLORS = {
     "gemm_fp8": "#1f77b4",
@@ -38,7 +38,7 @@ NA_GID = "n/a"
 
 
 def variant_color(variant: str) -> str:
-    method, _, _ = variant.partition("+")
+    method, _ = variant_parts(variant)
     idx = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + (sum(map(ord, method)) % 3)
     return _PALETTE[idx % len(_PALETTE)]
 
