@@ -120,7 +120,8 @@ def test_rank_throughput_plots_tokens_per_second_over_rank(h100):
     fig = render_rank_throughput_figure(df, label)
     ax = _panel(fig, "llama-7b.attn")
     assert ax.get_xlabel() == "adapter rank r" and ax.get_ylabel().startswith("throughput, tokens/s")
-    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["bf16_lora", "falqon", "fp8_lora"]
+    assert ax.get_legend() is None, "a legend inside a panel covers its lines"
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["bf16_lora", "falqon", "fp8_lora"]
     falqon = next(c for c in ax.containers if c.get_label() == "falqon").lines[0]
     assert list(falqon.get_xdata()) == [16, 64]
     # the fixture's falqon attn step at r=16 is ~0.66 ms for 4096 tokens: ~6.2e6 tokens/s
@@ -157,6 +158,7 @@ def test_fig5_groups_speedups_by_gpu_model(runs):
     heights = sorted(round(b.get_height(), 6) for b in _bars(ax))
     assert len(heights) == 6 and heights.count(1.0) == 2  # bf16_lora against itself on each GPU
     assert H100 in fig.get_supxlabel() and H200 in fig.get_supxlabel()
+    assert ax.get_legend() is None and {t.get_text() for t in fig.legends[0].get_texts()} == {"bf16_lora", "fp8_lora", "falqon"}
 
 
 def test_cpu_run_latest_by_default_uses_wall_time_skips_fig5_and_marks_the_floor_na(tmp_path, monkeypatch):

@@ -90,6 +90,6 @@ def render_gpu_speedup_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
     ax.set_xlim(-0.6, len(devices) - 0.4)
     ax.set_xlabel("GPU model")
     ax.set_ylabel(f"speedup over {BASELINE_METHOD}, x ({metric})")
-    ax.legend(fontsize=7, ncols=2)
+    fig.legend(loc="outside right upper", fontsize=7)  # outside the axes: never over a bar
     add_footer(fig, label, devices, f"{metric}; geometric mean over shared shapes; best of eager/compile")
     return fig

@@ -122,8 +122,15 @@ def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.set_xlabel("adapter rank r")
         ax.set_ylabel(f"throughput, tokens/s ({metric})")
         ax.set_title(f"{layer}  (M={int(tokens)} tokens)", fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    # one legend for all panels, outside them: inside, it covered the lines of the panel it sat in
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="outside right upper", fontsize=7)
     add_footer(fig, label, sorted(set(df["device"])), metric)
     return fig
 
