@@ -129,8 +129,39 @@ def capture_graph(step: Step, device: torch.device | str, warmup_ms: float) -> "
         torch.cuda.synchronize(device)
     except Exception as e:  # capture errors come as RuntimeError / AcceleratorError from many layers
         torch.cuda.synchronize(device)
-        raise CaptureError(f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CaptureError(describe_capture_failure(e)) from e
     return graph
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def describe_capture_failure(e: BaseException) -> str:
+    """One line naming the error that broke the capture and where it was raised.
+
+    CUDA reports a broken capture at capture_end ("operation failed due to a previous error during
+    capture"); the error that matters is the first one in the exception chain, raised inside the step.
+    """
+    chain = [e]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    first = chain[-1]
+    where = ""
+    tb = first.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    ours = [f for f in frames if "site-packages" not in f.co_filename and "/torch/" not in f.co_filename]
+    if ours:
+        code = ours[-1]
+        where = f" (raised under {code.co_name} in {code.co_filename.rsplit('/', 1)[-1]})"
+    message = f"CUDA graph capture failed: {_first_line(first)}{where}"
+    if first is not e:
+        message += f"; then {_first_line(e)}"
+    return message
 
 
 def time_cudagraph(

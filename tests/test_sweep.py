@@ -75,7 +75,7 @@ def test_shipped_suites_have_the_intended_sizes():
     assert len(expand_suite(load_suite("smoke"))) == 2 * 2 * 4
     assert len(expand_suite(load_suite("overhead"))) == 3 * 5 * 8 + 3 * 1 * 7
     assert len(expand_suite(load_suite("methods"))) == (3 + 4) * 8
-    assert len(expand_suite(load_suite("ranks"))) == 5 * 5 * 4
+    assert len(expand_suite(load_suite("ranks"))) == 5 * 5 * 5
     assert len(expand_suite(load_suite("e2e"))) == 3 * 8
 
 

@@ -99,3 +99,23 @@ def test_l2_flush_buffer_is_at_least_twice_the_l2():
     flush = l2_flusher("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     assert flush.__self__.numel() * 4 >= 2 * l2
+
+
+def test_a_capture_failure_names_the_first_error_in_the_chain_and_where_it_was_raised():
+    """CUDA reports a broken capture at capture_end; the message must carry the error raised in the step."""
+    from falqon_bench.timing import describe_capture_failure
+
+    def step_of_a_method():
+        raise RuntimeError("CUDA error: operation would make the legacy stream depend on a capturing blocking stream\nmore")
+
+    try:
+        try:
+            step_of_a_method()
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        message = describe_capture_failure(e)
+    assert message.startswith("CUDA graph capture failed: RuntimeError: CUDA error: operation would make the legacy stream")
+    assert "(raised under step_of_a_method in test_timing.py)" in message
+    assert message.endswith("; then RuntimeError: CUDA error: operation failed due to a previous error during capture")
+    assert "more" not in message
