@@ -36,8 +36,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+GIT_SHA_ENV = "FALQON_GIT_SHA"
+
+
 def git_info(repo: Path | None = None) -> dict[str, Any]:
-    """{'sha': commit or None, 'dirty': bool or None} of the repo holding this package (None without git)."""
+    """{'sha': commit or None, 'dirty': bool or None} of the repo holding this package (None without git).
+
+    $FALQON_GIT_SHA, when set, is the sha (dirty unknown): a copy of a working tree on a remote GPU machine
+    can carry a stale .git, so whoever sends the tree states the commit it holds.
+    """
+    if os.environ.get(GIT_SHA_ENV):
+        return {"sha": os.environ[GIT_SHA_ENV].strip(), "dirty": None, "source": GIT_SHA_ENV}
     repo = repo or Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:

@@ -3,6 +3,9 @@
 # then runs the stages named on the command line, writing everything under $OUT.
 #   bash scripts/gpu_session.sh tests kernels "run suites/overhead.toml --out $OUT/results/overhead"
 #   bash scripts/gpu_session.sh tests=tests/test_timing.py,tests/test_e2e.py "kernels --only quantize"
+# The copy of the tree on the GPU machine may carry a stale .git: put the commit you send in front,
+#   FALQON_GIT_SHA=<output of `git rev-parse HEAD` here> bash scripts/gpu_session.sh ...
+# and commit first, so that the sha names exactly the code that ran.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
