@@ -448,10 +448,13 @@ def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[
             # CUPTI's "Activity Buffer Request" pseudo-op shares with a real op must not count it twice
             for k in kernels:
                 op = launcher.get(k.linked_correlation_id)
+                us = float(k.time_range.elapsed_us())
                 if op is not None:
-                    us = float(k.time_range.elapsed_us())
                     rows.append(row(k.name, _launching_op(op), us))
-                    attributed += us
+                else:  # no host op recorded for it (e.g. launched from the autograd thread): by its name alone
+                    rows.append({"name": k.name, "op": None, "input_shapes": [], "input_dtypes": [],
+                                 "category": classify(k.name, None, [], [], rank), "us": us})
+                attributed += us
         else:  # a torch without correlation ids on device events: the ops' kernel lists, pseudo-op skipped
             for e in step_events:
                 if e.name == CUPTI_BUFFER_EVENT:

@@ -194,6 +194,8 @@ def _profile_with_cupti_duplicate(with_correlation_ids: bool):
     buffer = _fake_event("Activity Buffer Request", 9, 9, kernels=[gemm], corr=7)  # shares the mm's id
     label = _fake_event(STEP_LABEL, 0, 200)
     events = [buffer, label, mm, addop, gemm, add, gemm_again]
+    if with_correlation_ids:  # a kernel whose launching op the profile does not hold
+        events.append(_fake_event("_cast_tensorwise_kernel", 150, 160, device="CUDA", linked=99))
     if not with_correlation_ids:
         for e in events:
             del e.linked_correlation_id
@@ -207,6 +209,11 @@ def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once
     from falqon_bench.breakdown import _collect_rows
 
     rows, total_us = _collect_rows(_profile_with_cupti_duplicate(with_correlation_ids), rank=8, on_gpu=True)
-    assert sorted(r["us"] for r in rows) == [20, 100], rows
-    assert total_us == 120
-    assert {r["op"] for r in rows} == {"aten::mm", "aten::add"}
+    linked = [r for r in rows if r["op"] is not None]
+    assert sorted(r["us"] for r in linked) == [20, 100], rows
+    assert {r["op"] for r in linked} == {"aten::mm", "aten::add"}
+    if with_correlation_ids:  # the unlinked Triton kernel is still counted, and classified by its name
+        assert [(r["name"], r["category"], r["us"]) for r in rows if r["op"] is None] == [("_cast_tensorwise_kernel", "quantize", 10)]
+        assert total_us == 130
+    else:
+        assert total_us == 120
