@@ -428,6 +428,9 @@ def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[
     quant_ids = _quantization_event_ids(step_events, dtypes_of)
 
     def row(name: str, evt: Any, us: float) -> dict[str, Any]:
+        if evt is None:  # a kernel with no host op recorded (e.g. launched from the autograd thread): by name
+            return {"name": name, "op": None, "input_shapes": [], "input_dtypes": [],
+                    "category": classify(name, None, [], [], rank), "us": us}
         op_evt = _fp8_gemm_around(evt) or evt
         if _base_op(evt.name) in GEMM_OPS:
             op_evt = _fp8_gemm_inside(evt) or op_evt
@@ -449,11 +452,7 @@ def _collect_rows(prof: Any, rank: int | None, on_gpu: bool) -> tuple[list[dict[
             for k in kernels:
                 op = launcher.get(k.linked_correlation_id)
                 us = float(k.time_range.elapsed_us())
-                if op is not None:
-                    rows.append(row(k.name, _launching_op(op), us))
-                else:  # no host op recorded for it (e.g. launched from the autograd thread): by its name alone
-                    rows.append({"name": k.name, "op": None, "input_shapes": [], "input_dtypes": [],
-                                 "category": classify(k.name, None, [], [], rank), "us": us})
+                rows.append(row(k.name, None if op is None else _launching_op(op), us))
                 attributed += us
         else:  # a torch without correlation ids on device events: the ops' kernel lists, pseudo-op skipped
             for e in step_events:

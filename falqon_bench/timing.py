@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -149,15 +151,9 @@ def describe_capture_failure(e: BaseException) -> str:
         chain.append(nxt)
     first = chain[-1]
     where = ""
-    tb = first.__traceback__
-    frames = []
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code)
-        tb = tb.tb_next
-    ours = [f for f in frames if "site-packages" not in f.co_filename and "/torch/" not in f.co_filename]
+    ours = [f for f in traceback.extract_tb(first.__traceback__) if "site-packages" not in f.filename and "/torch/" not in f.filename]
     if ours:
-        code = ours[-1]
-        where = f" (raised under {code.co_name} in {code.co_filename.rsplit('/', 1)[-1]})"
+        where = f" (raised under {ours[-1].name} in {Path(ours[-1].filename).name})"
     message = f"CUDA graph capture failed: {_first_line(first)}{where}"
     if first is not e:
         message += f"; then {_first_line(e)}"
