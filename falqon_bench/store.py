@@ -136,24 +136,33 @@ def load_run(path: Path | str) -> RunData:
         points_path = run_dir / POINTS_GZ
     if not points_path.exists():
         raise ResultsError(f"{run_dir}: no {POINTS} (not a falqon-bench run directory)")
-    manifest: dict[str, Any] = {}
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{manifest_path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
-    points = _read_points(points_path)
+    return RunData(run_dir=run_dir, manifest=_read_manifest(manifest_path), points=_read_run_points(points_path))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest JSON at path ({} when absent); corrupt JSON is a ResultsError."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_run_points(path: Path) -> list[dict[str, Any]]:
+    """The points of a points file, checked, the last record of each point_id kept (a resumed run may
+    have retried an error row). Empty or foreign files are a ResultsError."""
+    points = _read_points(path)
     if not points:
-        raise ResultsError(f"{points_path}: holds no points")
+        raise ResultsError(f"{path}: holds no points")
     for i, p in enumerate(points, 1):
-        missing = [k for k in ("method", "layer", "status") if k not in p]
+        missing = [k for k in ("method", "layer", "status") if not isinstance(p, dict) or k not in p]
         if missing:
-            raise ResultsError(f"{points_path}: point {i} lacks keys {missing}; is this a falqon-bench results file?")
-    # keep the last record of each point (a resumed run may have retried an error row)
+            raise ResultsError(f"{path}: point {i} lacks keys {missing}; is this a falqon-bench results file?")
     by_id: dict[str, dict[str, Any]] = {}
     for p in points:
         by_id[p.get("point_id") or str(len(by_id))] = p
-    return RunData(run_dir=run_dir, manifest=manifest, points=list(by_id.values()))
+    return list(by_id.values())
 
 
 def find_runs(results_root: Path | str) -> list[Path]:
@@ -226,23 +235,8 @@ def load_points_file(path: Path | str) -> RunData:
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: no such points file")
-    manifest: dict[str, Any] = {}
-    sidecar = path.with_name(path.stem + ".manifest.json")
-    if sidecar.exists():
-        try:
-            manifest = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{sidecar}: corrupt JSON ({e.msg} at line {e.lineno})") from None
-    points = _read_points(path)
-    if not points:
-        raise ResultsError(f"{path}: holds no points")
-    for i, p in enumerate(points, 1):
-        if not isinstance(p, dict) or any(k not in p for k in ("method", "layer", "status")):
-            raise ResultsError(f"{path}: point {i} lacks keys method/layer/status; is this a falqon-bench points file?")
-    by_id: dict[str, dict[str, Any]] = {}
-    for p in points:
-        by_id[p.get("point_id") or str(len(by_id))] = p
-    return RunData(run_dir=path, manifest={"run_id": path.stem, **manifest}, points=list(by_id.values()))
+    manifest = _read_manifest(path.with_name(path.stem + ".manifest.json"))
+    return RunData(run_dir=path, manifest={"run_id": path.stem, **manifest}, points=_read_run_points(path))
 
 
 def load_results(path: Path | str) -> RunData:
