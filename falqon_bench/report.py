@@ -32,6 +32,7 @@ from falqon_bench.figures.data import (
     KERNEL_SUM_MARK,
     RunLabel,
     at_config,
+    find_nested,
     label_for,
     metric_label,
     points_table,
@@ -116,25 +117,12 @@ def perf_table(df: pd.DataFrame) -> str:
     return "\n".join(out) + "\n" + note + "\n"
 
 
-def _find_dict(obj: Any, key: str, depth: int = 0) -> dict[str, Any]:
-    """The first dict under `key` anywhere in a nested manifest (the runner nests env.git), else {}."""
-    if depth > 4 or not isinstance(obj, dict):
-        return {}
-    if isinstance(obj.get(key), dict):
-        return obj[key]
-    for value in obj.values():
-        found = _find_dict(value, key, depth + 1)
-        if found:
-            return found
-    return {}
-
-
 def _runs_table(runs: list[RunData]) -> str:
     lines = ["| run | GPU | torch | triton | git | points ok / failed |", "|---|---|---|---|---|---:|"]
     for run in runs:
         versions = run_versions(run)
         devices = sorted({str(p.get("device")) for p in run.points if p.get("device")})
-        git = _find_dict(run.manifest, "git")
+        git = find_nested(run.manifest, ("git",), dict) or {}
         sha = git.get("sha") or run.manifest.get("git_sha") or "?"
         dirty = " (dirty)" if git.get("dirty") or run.manifest.get("dirty") else ""
         ok = sum(p.get("status") == "ok" for p in run.points)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from falqon_core.methods import Method, method_names, register_method
-from falqon_core.methods.base import StepCost
+from falqon_core.methods import method_names
+from fixtures.methods import register_needs_gpu_method
 from falqon_bench.cli import app, parse_overrides
 from falqon_bench.errors import BenchInputError
 from falqon_bench.schema import REQUIRED_KEYS, point_id
@@ -19,21 +19,7 @@ from falqon_bench.store import RunWriter
 COMMANDS = ["run", "list", "env", "export", "merge", "report", "compare", "kernels"]
 
 
-class _CliNeedsGpu(Method):
-    name = "cli_needs_gpu"
-    summary = "test only: a method that needs CUDA"
-    built_on = "nothing"
-    needs_cuda = True
-
-    def convert(self, model, config):
-        return model
-
-    def step_cost(self, K, N, rank, tokens):
-        return StepCost({"bf16": 0.0}, 0.0)
-
-
-if _CliNeedsGpu.name not in method_names():
-    register_method(_CliNeedsGpu)
+register_needs_gpu_method("cli_needs_gpu")
 
 
 def invoke(*args):

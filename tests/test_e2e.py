@@ -19,8 +19,7 @@ import pytest
 
 from falqon_bench import e2e
 from falqon_bench.schema import REQUIRED_KEYS
-from falqon_core.methods import Method, method_names, register_method
-from falqon_core.methods.base import StepCost
+from fixtures.methods import register_needs_gpu_method
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--model", "tiny-llama", "--rank", "16", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu"]
@@ -103,22 +102,8 @@ def test_single_process_run_without_torchrun(tmp_path, monkeypatch):
     assert stored[0]["point_id"] == row["point_id"]
 
 
-class _E2ENeedsGpu(Method):
-    name = "e2e_needs_gpu"
-    summary = "test only: a method that needs CUDA"
-    built_on = "nothing"
-    needs_cuda = True
-
-    def convert(self, model, config):
-        return model
-
-    def step_cost(self, K, N, rank, tokens):
-        return StepCost({"bf16": 0.0}, 0.0)
-
-
 def test_method_that_cannot_run_here_is_an_error_row_not_a_crash(tmp_path, monkeypatch):
-    if _E2ENeedsGpu.name not in method_names():
-        register_method(_E2ENeedsGpu)
+    register_needs_gpu_method("e2e_needs_gpu")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"

@@ -38,18 +38,23 @@ class RunLabel:
     triton: str
 
 
-def find_key(obj: Any, name: str, depth: int = 0) -> str | None:
-    """The first string value under key `name` (or `name`_version) anywhere in a nested manifest dict."""
+def find_nested(obj: Any, keys: tuple[str, ...], kind: type, depth: int = 0) -> Any:
+    """The first value of type `kind` under one of `keys` anywhere in a nested manifest dict, else None."""
     if depth > 4 or not isinstance(obj, dict):
         return None
-    for key in (name, f"{name}_version"):
-        if isinstance(obj.get(key), str):
+    for key in keys:
+        if isinstance(obj.get(key), kind):
             return obj[key]
     for value in obj.values():
-        found = find_key(value, name, depth + 1)
+        found = find_nested(value, keys, kind, depth + 1)
         if found:
             return found
     return None
+
+
+def find_key(obj: Any, name: str) -> str | None:
+    """The first string value under key `name` (or `name`_version) anywhere in a nested manifest dict."""
+    return find_nested(obj, (name, f"{name}_version"), str)
 
 
 def run_versions(run: RunData) -> dict[str, str]:
