@@ -7,11 +7,12 @@ least `min_samples` are taken; keep every sample (ms per step); summarize as med
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -113,6 +114,31 @@ def time_wall(
         samples.append((t1 - t0) * 1e3)
         spent_ms += samples[-1]
     return samples
+
+
+@contextlib.contextmanager
+def point_stream(device: torch.device | str) -> Iterator[None]:
+    """Run a point's every call (build, warm-up, wall timing, capture, profile) on its own CUDA stream.
+
+    A torch.compile'd step whose first calls ran on the legacy default stream cannot be captured later: in
+    the capture its backward makes the default stream wait on the capturing stream and CUDA refuses
+    ("operation would make the legacy stream depend on a capturing blocking stream"; compiled falqon on
+    H100 and H200, torch 2.11). Keeping the default stream out of the point avoids it. No-op on CPU.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        try:  # after a CUDA error this raises too; the point's row already carries the error
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
 
 
 def capture_graph(step: Step, device: torch.device | str, warmup_ms: float) -> "torch.cuda.CUDAGraph":

@@ -159,7 +159,16 @@ def method_info(method, model) -> dict[str, Any] | None:
 
 
 def measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
-    """Build, time, profile and cost one point; any failure becomes an error row (never raises, except Ctrl-C)."""
+    """Build, time, profile and cost one point; any failure becomes an error row (never raises, except Ctrl-C).
+
+    All of it runs on the point's own CUDA stream (timing.point_stream: compiled steps first run on the
+    default stream fail CUDA-graph capture).
+    """
+    with timing.point_stream(ctx.device):
+        return _measure_point(point, ctx)
+
+
+def _measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
     from falqon_core.methods import MethodUnavailable
 
     from falqon_bench.workload import build_workload
