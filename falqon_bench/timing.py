@@ -20,6 +20,7 @@ import torch
 Step = Callable[[], object]
 
 MAX_SAMPLES = 10_000
+ESTIMATE_REPLAYS = 10  # back-to-back replays that size the samples
 MIN_REPLAY_US = 20.0  # a sample shorter than this measures event overhead, so replay n steps per sample
 CPU_FLUSH_BYTES = 64 << 20  # no portable way to read the CPU last-level cache size: 64 MiB exceeds it on common parts
 
@@ -209,13 +210,18 @@ def time_cudagraph(
     if cache != "cold":
         flush = None
 
+    # the first replay of a new graph is slow (upload); kept out of the estimate, it pushed the estimate of
+    # a ~6 us step over MIN_REPLAY_US in some points and not others, which then were timed one replay per
+    # sample (~16-27 us, launch latency included) instead of n: a tiny point's gpu_ms flipped between runs
+    graph.replay()
+    torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
+    for _ in range(ESTIMATE_REPLAYS):
         graph.replay()
     end.record()
     end.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / 5, 1e-4)
+    estimate_ms = max(start.elapsed_time(end) / ESTIMATE_REPLAYS, 1e-4)
     inner = 1 if flush is not None else max(1, math.ceil(MIN_REPLAY_US / 1e3 / estimate_ms))
     n_samples = min(MAX_SAMPLES, max(min_samples, math.ceil(budget_ms / (estimate_ms * inner))))
 

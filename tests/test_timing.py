@@ -78,6 +78,23 @@ def test_cudagraph_timing_replays_a_captured_step_and_flushes_for_cold_cache():
 
 
 @pytest.mark.gpu
+def test_a_tiny_step_times_the_same_in_every_new_capture():
+    """A ~5 us step is timed as n back-to-back replays per sample. Sized from an estimate that included the
+    graph's slow first replay, some captures were timed one replay per sample instead (launch latency
+    included, 2.5-4x the time): the smoke suite's tiny points flipped between runs and tripped the gate."""
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(32, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        torch.matmul(x, w, out=out)
+
+    time_cudagraph(step, device="cuda", warmup_ms=200, budget_ms=50, min_samples=10)  # ramp the clocks
+    medians = [summarize(time_cudagraph(step, device="cuda", warmup_ms=5, budget_ms=10, min_samples=10))["median"] for _ in range(8)]
+    assert max(medians) < 1.5 * min(medians), medians
+
+
+@pytest.mark.gpu
 def test_a_step_that_syncs_the_host_cannot_be_captured():
     """Run in a child process: a failed capture can leave the CUDA RNG in capture state for the rest of
     the process (the runner replaces such a worker), which would break later tests here."""
