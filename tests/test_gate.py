@@ -1,7 +1,9 @@
 """The regression gate: significance AND a factor, never across GPU models, missing points reported."""
 
 import random
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from fixtures.results import H100, H200, make_point, write_run
@@ -12,6 +14,7 @@ from falqon_bench.gate import compare_runs, median_ci, point_key
 from falqon_bench.store import ResultsError
 
 LAYER = "llama-7b.attn"
+REPO_BASELINES = Path(__file__).resolve().parents[1] / "results" / "baselines"
 
 
 def _samples(median, n=15, noise=0.01, seed=0):
@@ -168,3 +171,19 @@ def test_to_table_lists_every_point(tmp_path):
     table = res.to_table()
     assert isinstance(table, Table) and table.row_count == 2
     assert "no regression" in res.summary()
+
+
+@pytest.mark.parametrize("baseline", sorted(REPO_BASELINES.glob("*.jsonl")), ids=lambda p: p.stem)
+def test_each_committed_baseline_is_a_complete_run_of_the_gate_suite_on_its_gpu(baseline):
+    """GPU CI runs suites/gate.toml and compares with results/baselines/<gpu>.jsonl: a baseline made
+    from another suite (or an older gate.toml) would leave every CI point 'missing', gating nothing."""
+    from falqon_bench.store import load_points_file
+    from falqon_bench.suite import load_suite
+    from falqon_bench.sweep import expand_suite
+
+    run = load_points_file(baseline)
+    wanted = {p["point_id"] for p in expand_suite(load_suite("gate"))}
+    assert {p["point_id"] for p in run.points} == wanted
+    assert all(p["status"] == "ok" and p["gpu_timing"] == "cudagraph" for p in run.points)
+    slug = re.sub(r"[^a-z0-9]+", "-", run.points[0]["device"].lower()).strip("-")
+    assert baseline.stem == slug, "the workflow finds a baseline by the slug of the GPU's name"
