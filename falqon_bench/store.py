@@ -39,11 +39,15 @@ class RunData:
         return str(self.manifest.get("run_id", self.run_dir.name))
 
 
+def device_slug(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': run ids and the gate's baseline file names."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
+
+
 def new_run_id(suite_name: str, device_name: str, now: _dt.datetime | None = None) -> str:
     """'<UTC timestamp>-<suite>-<device slug>', sortable by time."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
-    return f"{now:%Y%m%d-%H%M%S}-{suite_name}-{slug}"
+    return f"{now:%Y%m%d-%H%M%S}-{suite_name}-{device_slug(device_name)}"
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:

@@ -1,7 +1,6 @@
 """The regression gate: significance AND a factor, never across GPU models, missing points reported."""
 
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def test_to_table_lists_every_point(tmp_path):
 def test_each_committed_baseline_is_a_complete_run_of_the_gate_suite_on_its_gpu(baseline):
     """GPU CI runs suites/gate.toml and compares with results/baselines/<gpu>.jsonl: a baseline made
     from another suite (or an older gate.toml) would leave every CI point 'missing', gating nothing."""
-    from falqon_bench.store import load_points_file
+    from falqon_bench.store import device_slug, load_points_file
     from falqon_bench.suite import load_suite
     from falqon_bench.sweep import expand_suite
 
@@ -185,5 +184,4 @@ def test_each_committed_baseline_is_a_complete_run_of_the_gate_suite_on_its_gpu(
     wanted = {p["point_id"] for p in expand_suite(load_suite("gate"))}
     assert {p["point_id"] for p in run.points} == wanted
     assert all(p["status"] == "ok" and p["gpu_timing"] == "cudagraph" for p in run.points)
-    slug = re.sub(r"[^a-z0-9]+", "-", run.points[0]["device"].lower()).strip("-")
-    assert baseline.stem == slug, "the workflow finds a baseline by the slug of the GPU's name"
+    assert baseline.stem == device_slug(run.points[0]["device"]), "the workflow finds a baseline by the GPU's slug"
