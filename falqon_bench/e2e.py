@@ -39,14 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from falqon_bench.models import MODEL_NAMES, TINY_LLAMA, build_model, llama_config
 from falqon_bench.schema import point_id
 from falqon_bench.store import RunWriter
 
-TINY_LLAMA = "tiny-llama"
 SUITE_NAME = "e2e-torchrun"
-# LLaMA-architecture sizes of falqon_bench.layers (Mistral has its own config class and is left out)
-LLAMA_MODELS = ("llama-7b", "llama-13b", "llama-3-8b")
-MODEL_NAMES = (TINY_LLAMA, *LLAMA_MODELS)
 
 
 @dataclass(frozen=True)
@@ -86,46 +83,6 @@ def init_distributed(device_kind: str) -> DistInfo:
             kwargs["device_id"] = device  # binds NCCL to this GPU (no guessing from the rank)
         dist.init_process_group(**kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def llama_config(model_name: str, num_layers: int | None = None):
-    """The transformers LlamaConfig of `model_name`; `num_layers` overrides the depth (e.g. to fit memory)."""
-    from transformers import LlamaConfig
-
-    if model_name == TINY_LLAMA:
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=256,
-            max_position_embeddings=2048,
-        )
-    elif model_name in LLAMA_MODELS:
-        from falqon_bench.layers import _llama_family_configs
-
-        config = LlamaConfig(**_llama_family_configs()[model_name].to_dict())
-    else:
-        raise ValueError(f"unknown model {model_name!r}; allowed: {', '.join(MODEL_NAMES)}")
-    if num_layers is not None:
-        config.num_hidden_layers = int(num_layers)
-    return config
-
-
-def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """LlamaForCausalLM with random init, made directly on `device` in `dtype`; same seed -> same weights on every rank."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype)
 
 
 def synthetic_batch(

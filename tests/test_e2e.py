@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from falqon_bench import e2e
+from falqon_bench.errors import BenchInputError
 from falqon_bench.schema import REQUIRED_KEYS
 from fixtures.methods import register_needs_gpu_method
 
@@ -118,7 +119,7 @@ def test_unknown_model_and_too_few_steps_are_refused():
         e2e.parse_args(["--model", "gpt-9", "--out", "x"])
     with pytest.raises(SystemExit):
         e2e.parse_args(["--steps", "2", "--warmup-steps", "2", "--out", "x"])
-    with pytest.raises(ValueError, match="allowed"):
+    with pytest.raises(BenchInputError, match="allowed"):
         e2e.llama_config("gpt-9")
 
 

@@ -1,0 +1,62 @@
+"""Model sources: named configs build offline; a local directory loads only safetensors and never remote code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from falqon_bench.errors import BenchInputError
+from falqon_bench.models import check_model_dir, llama_config, make_model
+
+
+def _save_tiny(tmp_path, safe: bool):
+    """A tiny model saved as safetensors, or as a pickled pytorch_model.bin (what older checkpoints ship)."""
+    model = make_model("tiny-llama", torch.device("cpu"), torch.float32, seed=3)
+    if safe:
+        model.save_pretrained(tmp_path)
+    else:
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    return model
+
+
+def test_safetensors_directory_loads_the_same_weights(tmp_path):
+    saved = _save_tiny(tmp_path, safe=True)
+    loaded = make_model(str(tmp_path), torch.device("cpu"), torch.float32)
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_pickled_only_directory_is_refused_unless_allowed(tmp_path):
+    saved = _save_tiny(tmp_path, safe=False)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(BenchInputError, match="pickled weights .*--allow-pickle"):
+        make_model(str(tmp_path), torch.device("cpu"), torch.float32)
+    loaded = make_model(str(tmp_path), torch.device("cpu"), torch.float32, allow_pickle=True)
+    assert torch.equal(saved.lm_head.weight, loaded.lm_head.weight)
+
+
+def test_remote_code_is_refused_even_with_allow_pickle(tmp_path):
+    _save_tiny(tmp_path, safe=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(BenchInputError, match="remote code"):
+        check_model_dir(tmp_path, allow_pickle=True)
+
+
+def test_directory_without_config_or_weights_is_refused(tmp_path):
+    with pytest.raises(BenchInputError, match="no config.json"):
+        check_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BenchInputError, match="no weights"):
+        check_model_dir(tmp_path)
+
+
+def test_unknown_name_lists_the_allowed_models():
+    with pytest.raises(BenchInputError, match="allowed: tiny-llama, small-llama"):
+        llama_config("gpt-9")
+    assert llama_config("llama-70b", num_layers=2).num_hidden_layers == 2
