@@ -6,17 +6,20 @@ the same files: fig1_overhead.png, fig1_rank_throughput.png, fig3_total_cost.png
 fig4_breakdown.png, fig5_gpus.png (only when the runs cover >= 2 GPU models), floor.png,
 report.md, report.html (images embedded as base64) and perf_table.md (README-ready).
 
+Every string taken from a results file or manifest is escaped (falqon_bench.safe_markup) and method and
+layer names are checked (falqon_bench.identity): a shared results file cannot put script into the page.
+
 Figures 1, 3, 4 and floor show the first run's GPU model; Fig. 5 compares all of them.
 """
 
 from __future__ import annotations
 
-import base64
-import html
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib
 import pandas as pd
 
 from falqon_bench.figures import (
@@ -40,7 +43,9 @@ from falqon_bench.figures.data import (
     run_versions,
 )
 from falqon_bench.figures.style import sorted_variants
+from falqon_bench.identity import WARNING_SIGN, layer_problem, method_problem, row_problems
 from falqon_bench.roofline import pct_of_floor
+from falqon_bench.safe_markup import markdown_to_html, md_code, md_text
 from falqon_bench.store import RunData, latest_run, load_run
 
 RESULTS_ROOT = Path("results")
@@ -58,9 +63,16 @@ FIGURES: list[tuple[str, str, Callable[[pd.DataFrame, RunLabel], Any]]] = [
 GPU_FIGURE = ("fig5_gpus.png", f"Fig. 5: speedup over {BASELINE_METHOD} per GPU model", render_gpu_speedup_figure)
 
 
+MAX_REPORT_NAME = 120
+
+
 def _report_name(runs: list[RunData]) -> str:
+    """The run ids as one safe directory name: no '/', never '.' or '..', at most MAX_REPORT_NAME characters."""
     name = "+".join(r.run_id for r in runs)
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name)
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).lstrip(".") or "run"
+    if len(safe) > MAX_REPORT_NAME:
+        safe = safe[: MAX_REPORT_NAME - 13] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return safe
 
 
 def _primary_device(runs: list[RunData]) -> str:
@@ -70,7 +82,13 @@ def _primary_device(runs: list[RunData]) -> str:
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Any value from a results file as one inert markdown table cell (see safe_markup.md_text)."""
+    return md_text(text)
+
+
+def _flagged(text: Any, problem: str | None) -> str:
+    """A cell with the name escaped and, when identity found a problem, a visible '⚠ <problem>' after it."""
+    return md_text(text) + (f" {WARNING_SIGN} {problem}" if problem else "")
 
 
 def _ms(v: Any, digits: int = 4) -> str:
@@ -83,7 +101,7 @@ def perf_table(df: pd.DataFrame) -> str:
     out = []
     for device in sorted(set(df["device"])):
         on = df[df["device"] == device]
-        out.append(f"#### {device}\n")
+        out.append(f"#### {_cell(device)}\n")
         out.append("| layer | rank | tokens | method | gpu_ms (p10-p90) | wall_ms | floor_ms | % of floor | speedup vs bf16_lora |")
         out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|")
         for layer in pd.unique(on["layer"]):
@@ -94,7 +112,8 @@ def perf_table(df: pd.DataFrame) -> str:
             base_ms = float(base["metric_ms"].iloc[0]) if not base.empty else None
             for variant in sorted_variants(pts["variant"]):
                 r = pts[pts["variant"] == variant].iloc[0]
-                head = f"| {_cell(layer)} | {r['rank']} | {r['tokens']} | {_cell(variant)} |"
+                head = (f"| {_flagged(layer, layer_problem(layer, r['K'], r['N']))} | {_cell(r['rank'])} | "
+                        f"{_cell(r['tokens'])} | {_flagged(variant, method_problem(r['method']))} |")
                 if not r["ok"]:
                     out.append(f"{head} failed | - | - | - | - |")
                     continue
@@ -126,7 +145,7 @@ def _runs_table(runs: list[RunData]) -> str:
         sha = git.get("sha") or run.manifest.get("git_sha") or "?"
         dirty = " (dirty)" if git.get("dirty") or run.manifest.get("dirty") else ""
         ok = sum(p.get("status") == "ok" for p in run.points)
-        lines.append(f"| {_cell(run.run_id)} | {_cell(', '.join(devices))} | {versions['torch']} | {versions['triton']} | "
+        lines.append(f"| {_cell(run.run_id)} | {_cell(', '.join(devices))} | {_cell(versions['torch'])} | {_cell(versions['triton'])} | "
                      f"{_cell(str(sha)[:12])}{dirty} | {ok} / {len(run.points) - ok} |")
     return "\n".join(lines) + "\n"
 
@@ -136,7 +155,9 @@ def _failed_points(df: pd.DataFrame) -> str:
     if bad.empty:
         return "None.\n"
     return "\n".join(
-        f"- `{r.variant}` on `{r.layer}` r={r.rank} M={r.tokens} ({r.device}): {_cell(r.error)}" for r in bad.itertuples()
+        f"- {md_code(r.variant)} on {md_code(r.layer)} r={_cell(r.rank)} M={_cell(r.tokens)} ({_cell(r.device)}): {_cell(r.error)}"
+        + "".join(f" {WARNING_SIGN} {p}" for p in row_problems(r.method, r.layer, r.K, r.N))
+        for r in bad.itertuples()
     ) + "\n"
 
 
@@ -157,7 +178,7 @@ def breakdown_check(df: pd.DataFrame) -> str:
         res = g["residual_pct"].astype(float)
         over = g[res.abs() > RESIDUAL_LIMIT_PCT]
         worst = res.iloc[int(res.abs().to_numpy().argmax())]
-        lines.append(f"| {_cell(device)} | {_cell(variant)} | {len(g)} | {res.median():+.1f}% | {worst:+.1f}% | "
+        lines.append(f"| {_cell(device)} | {_flagged(variant, method_problem(g['method'].iloc[0]))} | {len(g)} | {res.median():+.1f}% | {worst:+.1f}% | "
                      f"{len(over)} ({int(over['clock_dropped'].sum())}) |")
     lines.append("")
     lines.append("Residual > 0: time the kernels do not explain (gaps); < 0: kernels sum to more than the replay "
@@ -172,12 +193,12 @@ def _reference_configs(df: pd.DataFrame) -> str:
     for layer in pd.unique(df["layer"]):
         config = reference_config(df[df["layer"] == layer])
         if config:
-            parts.append(f"`{layer}`: r={config[0]}, M={config[1]}")
+            parts.append(f"{md_code(layer)}: r={config[0]}, M={config[1]}")
     return "; ".join(parts)
 
 
 def _markdown(runs: list[RunData], df: pd.DataFrame, figures: list[tuple[str, str]], notes: list[str], table: str) -> str:
-    md = [f"# falqon-bench report: {', '.join(r.run_id for r in runs)}\n", "## Runs\n", _runs_table(runs)]
+    md = [f"# falqon-bench report: {', '.join(_cell(r.run_id) for r in runs)}\n", "## Runs\n", _runs_table(runs)]
     md.append("## Notes\n")
     md += [f"- {n}" for n in notes]
     md.append("")
@@ -190,27 +211,23 @@ def _markdown(runs: list[RunData], df: pd.DataFrame, figures: list[tuple[str, st
     md.append(breakdown_check(df))
     md.append("## Failed points\n")
     md.append(_failed_points(df))
+    md.append("## Method and layer names\n")
+    md.append(identity_check(df))
     return "\n".join(md)
 
 
-_HTML_STYLE = """body{font-family:system-ui,-apple-system,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:0.85em;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 3px}"""
-
-
-def _html(md: str, out_dir: Path, title: str) -> str:
-    """The markdown rendered to HTML with every image inlined as a base64 data URI (no external files)."""
-    from markdown_it import MarkdownIt
-
-    body = MarkdownIt("commonmark").enable("table").render(md)
-
-    def inline(match: re.Match) -> str:
-        data = base64.b64encode((out_dir / html.unescape(match.group(1))).read_bytes()).decode("ascii")
-        return f'src="data:image/png;base64,{data}"'
-
-    body = re.sub(r'src="([^"]+\.png)"', inline, body)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_HTML_STYLE}</style></head><body>\n{body}</body></html>\n")
+def identity_check(df: pd.DataFrame) -> str:
+    """Markdown list of every (method, layer) whose names falqon_bench.identity does not accept, with how many
+    rows carry them; these rows are shown everywhere above, escaped and marked with the same warning."""
+    problems = []
+    for (method, layer, K, N), g in df.groupby(["method", "layer", "K", "N"], sort=False, dropna=False):
+        found = row_problems(method, layer, K, N)
+        if found:
+            problems.append(f"- {WARNING_SIGN} method {md_code(method)}, layer {md_code(layer)} ({len(g)} rows): {'; '.join(found)}")
+    if not problems:
+        return "Every method is a registered method and every layer name matches its shape.\n"
+    return ("These names are not a registered method or a layer of the shape given; the rows are shown as the "
+            "results file wrote them (escaped), not checked against any method's code:\n\n" + "\n".join(problems) + "\n")
 
 
 def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
@@ -228,7 +245,7 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     notes = [
-        f"Figures 1, 3, 4 and the floor figure show {device} ({metric_label(primary)}); "
+        f"Figures 1, 3, 4 and the floor figure show {_cell(device)} ({metric_label(primary)}); "
         f"each layer at the rank and token count most methods ran: {_reference_configs(primary)}.",
         "Bars carry p10-p90 whiskers; failed or missing points are hatched bars marked 'failed' or 'n/a' (errors below), never zero.",
     ]
@@ -241,16 +258,19 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         figures.insert(4, GPU_FIGURE)
     else:
         (out / GPU_FIGURE[0]).unlink(missing_ok=True)
-        notes.append(f"Fig. 5 skipped: it needs runs from at least two GPU models; these runs cover {', '.join(gpu_models)}.")
+        notes.append(f"Fig. 5 skipped: it needs runs from at least two GPU models; these runs cover {_cell(', '.join(gpu_models))}.")
     for fname, caption, render in figures:
         data = df if render is render_gpu_speedup_figure else primary
-        fig = render(data, label_for(runs, data) if data is df else label)
-        fig.savefig(out / fname, dpi=DPI, metadata={"Software": None})
+        # names from the results file are drawn as text: a '$' in one must not be parsed as mathtext
+        with matplotlib.rc_context({"text.parse_math": False}):
+            fig = render(data, label_for(runs, data) if data is df else label)
+            fig.savefig(out / fname, dpi=DPI, metadata={"Software": None})
         written.append((fname, caption))
 
     table = perf_table(df)
-    (out / "perf_table.md").write_text(table)
+    (out / "perf_table.md").write_text(table, encoding="utf-8")
     md = _markdown(runs, df, written, notes, table)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(md, out, f"falqon-bench report {_report_name(runs)}"))
+    (out / "report.md").write_text(md, encoding="utf-8")
+    page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", [f for f, _ in written], out)
+    (out / "report.html").write_text(page, encoding="utf-8")
     return out
