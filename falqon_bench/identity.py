@@ -21,6 +21,8 @@ METHOD_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 # '/' and '~' for an e2e run whose layer is the path of a local model directory
 LAYER_NAME_RE = re.compile(r"[A-Za-z0-9_.\-/~]+")
 CUSTOM_LAYER_RE = re.compile(r"custom\.(\d+)x(\d+)")
+# the kernel suite (falqon_bench.kernel_bench) names its cases 'kernel.<kernel>.<implementation>'
+KERNEL_CASE_RE = re.compile(r"kernel\.[a-z0-9_]+\.(triton|torch|torch_compile|cublas)")
 
 WARNING_SIGN = "⚠"
 
@@ -49,7 +51,7 @@ def method_problem(method: Any) -> str | None:
     """None for a registered method name, else what is wrong ('invalid method name' or 'unknown method')."""
     if not is_identifier(method, METHOD_NAME_RE):
         return "invalid method name"
-    if method not in KNOWN_METHODS:
+    if method not in KNOWN_METHODS and not KERNEL_CASE_RE.fullmatch(method):
         return "unknown method"
     return None
 
@@ -79,3 +81,29 @@ def layer_problem(layer: Any, K: Any = None, N: Any = None) -> str | None:
 def row_problems(method: Any, layer: Any, K: Any = None, N: Any = None) -> list[str]:
     """Every identity problem of one row, e.g. ['unknown method', 'invalid layer name']; empty when fine."""
     return [p for p in (method_problem(method), layer_problem(layer, K, N)) if p]
+
+
+INTEGER_KEYS = ("K", "N", "rank", "tokens")
+
+
+def check_point_types(points: list[dict[str, Any]], source: str) -> None:
+    """Raise ResultsError (exit 2) for a point whose shape keys are not JSON integers or whose `compile` is
+    not true/false: the report computes with these, so a string there is a damaged or forged file, not a name
+    to show. `source` names the file in the message; points are counted from 1."""
+    from falqon_bench.store import ResultsError
+
+    for i, point in enumerate(points, 1):
+        wrong = [(k, point.get(k), "an integer") for k in INTEGER_KEYS
+                 if not isinstance(point.get(k), int) or isinstance(point.get(k), bool)]
+        if not isinstance(point.get("compile"), bool):
+            wrong.append(("compile", point.get("compile"), "true or false"))
+        if wrong:
+            key, value, want = wrong[0]
+            raise ResultsError(f"{source}: point {i} has `{key}` = {_short(value)}; the results schema wants {want} "
+                               f"(keys {', '.join(INTEGER_KEYS)} are integers, `compile` is true/false). The file was "
+                               "damaged or not written by falqon-bench; nothing was rendered.")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -43,7 +43,7 @@ from falqon_bench.figures.data import (
     run_versions,
 )
 from falqon_bench.figures.style import sorted_variants
-from falqon_bench.identity import WARNING_SIGN, layer_problem, method_problem, row_problems
+from falqon_bench.identity import WARNING_SIGN, check_point_types, layer_problem, method_problem, row_problems
 from falqon_bench.roofline import pct_of_floor
 from falqon_bench.safe_markup import markdown_to_html, md_code, md_text
 from falqon_bench.store import RunData, latest_run, load_run
@@ -233,10 +233,13 @@ def identity_check(df: pd.DataFrame) -> str:
 def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     """Render the report of one or more runs; returns the directory written. No runs: the latest under results/.
 
-    Raises ResultsError (a BenchInputError) for a missing or corrupt results file.
+    Raises ResultsError (a BenchInputError) for a missing or corrupt results file, or one whose shape keys
+    are not integers (identity.check_point_types).
     """
     run_dirs = [Path(d) for d in run_dirs] or [latest_run(RESULTS_ROOT)]
     runs = [load_run(d) for d in run_dirs]
+    for run in runs:
+        check_point_types(run.points, str(run.run_dir / "points.jsonl"))
     df = points_table(runs)
     device = _primary_device(runs)
     primary = df[df["device"] == device].reset_index(drop=True)

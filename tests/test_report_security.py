@@ -229,6 +229,18 @@ def test_identity_marks_unknown_methods_bad_names_and_shapes_that_do_not_match_t
     assert layer_problem("llama-7b.attn", 64, 64) == "K×N 64×64 is not the shape of llama-7b.attn (4096×4096)"
     assert layer_problem("small-llama") is None and layer_problem("/data/models/llama") is None  # e2e points
     assert layer_problem("a b") == layer_problem("x|y") == layer_problem("") == "invalid layer name"
+    assert method_problem("kernel.melded_gemm.triton") is None and layer_problem("4096x4096", 4096, 4096) is None
+
+
+@pytest.mark.parametrize("key, value", [("rank", SCRIPT), ("K", "4096"), ("tokens", None), ("N", True), ("compile", "<b>")])
+def test_a_shape_key_that_is_not_an_integer_is_a_clear_input_error(tmp_path, key, value):
+    points = _points(H100, 0)[:3]
+    points[1][key] = value
+    run_dir = _write(tmp_path / "r", _manifest("r", H100), points)
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.exception is not None and "Traceback" not in result.output
+    assert f"points.jsonl: point 2 has `{key}` = " in " ".join(result.output.split())
+    assert not (tmp_path / "out" / "report.html").exists()
 
 
 def test_md_text_renders_back_to_the_same_text_in_one_table_cell():
