@@ -88,7 +88,7 @@ def _cell(text: Any) -> str:
 
 def _flagged(text: Any, problem: str | None) -> str:
     """A cell with the name escaped and, when identity found a problem, a visible '⚠ <problem>' after it."""
-    return md_text(text) + (f" {WARNING_SIGN} {problem}" if problem else "")
+    return md_text(text) + (f" {WARNING_SIGN} {md_text(problem)}" if problem else "")
 
 
 def _ms(v: Any, digits: int = 4) -> str:
@@ -156,7 +156,7 @@ def _failed_points(df: pd.DataFrame) -> str:
         return "None.\n"
     return "\n".join(
         f"- {md_code(r.variant)} on {md_code(r.layer)} r={_cell(r.rank)} M={_cell(r.tokens)} ({_cell(r.device)}): {_cell(r.error)}"
-        + "".join(f" {WARNING_SIGN} {p}" for p in row_problems(r.method, r.layer, r.K, r.N))
+        + "".join(f" {WARNING_SIGN} {md_text(p)}" for p in row_problems(r.method, r.layer, r.K, r.N))
         for r in bad.itertuples()
     ) + "\n"
 
@@ -223,7 +223,7 @@ def identity_check(df: pd.DataFrame) -> str:
     for (method, layer, K, N), g in df.groupby(["method", "layer", "K", "N"], sort=False, dropna=False):
         found = row_problems(method, layer, K, N)
         if found:
-            problems.append(f"- {WARNING_SIGN} method {md_code(method)}, layer {md_code(layer)} ({len(g)} rows): {'; '.join(found)}")
+            problems.append(f"- {WARNING_SIGN} method {md_code(method)}, layer {md_code(layer)} ({len(g)} rows): {md_text('; '.join(found))}")
     if not problems:
         return "Every method is a registered method and every layer name matches its shape.\n"
     return ("These names are not a registered method or a layer of the shape given; the rows are shown as the "

@@ -98,9 +98,9 @@ def _points(device: str, payload_at: int) -> list[dict]:
     """Ok points of known methods (so every figure has bars), plus rows whose every string is a payload."""
     points = []
     for method, ms in (("bf16_lora", 1.0), ("falqon", 0.7)):
-        for layer in ("llama-7b.attn", "llama-7b.up"):
+        for layer, (K, N) in (("llama-7b.attn", (4096, 4096)), ("llama-7b.up", (4096, 11008))):
             for rank in (16, 64):
-                points.append(make_point(method, layer, rank, device=device, gpu_samples=[ms * (1 + 0.01 * i) for i in range(6)],
+                points.append(make_point(method, layer, rank, device=device, K=K, N=N, gpu_samples=[ms * (1 + 0.01 * i) for i in range(6)],
                                          wall_samples=[3 * ms] * 6, kernel_ms={"gemm_bf16": 0.6 * ms, "quantize": 0.3 * ms},
                                          floor_ms=0.5 * ms))
     for j in range(len(PAYLOADS)):
@@ -218,6 +218,21 @@ def test_unknown_and_invalid_names_are_shown_escaped_and_marked(poisoned_report)
     assert re.search(rf"\| llama-7b\.attn \| \d+ \| 4096 \| falqon \| [\d.]+ \(", table), "known rows stay unmarked"
     check = md.split("## Method and layer names")[1]
     assert check.count(WARNING_SIGN) >= len(PAYLOADS) and "invalid layer name" in check
+    assert not [line for line in check.splitlines() if "`bf16_lora`" in line or "`falqon`, layer `llama" in line]
+
+
+def test_a_known_layer_name_with_another_shape_is_marked(tmp_path):
+    from falqon_bench.figures.data import points_table
+    from falqon_bench.report import identity_check, perf_table
+    from falqon_bench.store import load_run
+
+    points = [make_point("bf16_lora", "llama-7b.up", 16, gpu_samples=[1.0] * 5, K=4096, N=11008),
+              make_point("falqon", "llama-7b.up", 16, gpu_samples=[0.5] * 5, K=64, N=64)]
+    df = points_table([load_run(_write(tmp_path / "r", _manifest("r", H100), points))])
+    table = perf_table(df)
+    assert re.search(r"\| llama-7b\.up \| 16 \| 4096 \| bf16_lora \| 1 \(", table), table
+    assert f"| llama-7b.up {WARNING_SIGN} K×N 64×64 is not the shape of llama-7b.up (4096×11008) | 16 | 4096 | falqon |" in table
+    assert identity_check(df).count(WARNING_SIGN) == 1
 
 
 def test_identity_marks_unknown_methods_bad_names_and_shapes_that_do_not_match_their_name():
