@@ -296,6 +296,7 @@ def test_known_names_match_the_method_registry_and_the_layer_tables():
 
 
 def test_the_name_checks_and_the_escaping_import_no_torch():
-    code = "import sys, falqon_bench.identity, falqon_bench.safe_markup; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'falqon_core'))))"
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    code = ("import json, sys, falqon_bench.identity, falqon_bench.safe_markup; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'falqon_core'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
