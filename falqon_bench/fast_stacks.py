@@ -250,8 +250,8 @@ def unmet_pin(who: str, requirements: list[str], packages: tuple[str, ...]) -> s
 def save_model_dir(model: "nn.Module", directory: str | Path) -> Path:
     """Write `model` as a local Hugging Face directory: config.json, *.safetensors and a word-level tokenizer.
 
-    Loaders that insist on a tokenizer (Unsloth's FastLanguageModel) get one that needs no download: token i
-    is the string "t<i>", for i < vocab_size, so ids and the embedding agree.
+    Loaders that insist on a tokenizer (Unsloth's FastLanguageModel) get one that needs no download: ids 0, 1, 2
+    are <unk>, <s>, </s> and every other id i < vocab_size is the word "t<i>", so ids and the embedding agree.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -259,11 +259,12 @@ def save_model_dir(model: "nn.Module", directory: str | Path) -> Path:
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(int(model.config.vocab_size))}
-    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = {**specials, **{f"t{i}": i for i in range(len(specials), int(model.config.vocab_size))}}
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="t0", pad_token="t0",
-                                        bos_token="t1", eos_token="t2")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", pad_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(root)
     return root
 
