@@ -275,7 +275,7 @@ def build_unsloth_model(
     """(Unsloth's LoRA model, its trainable tensors) for `baseline` in UNSLOTH_BASELINES, from `model`'s weights.
 
     `model` (built by falqon_bench.models.make_model: a named config with random weights or a local directory)
-    is saved to `workdir` as safetensors and loaded back through FastLanguageModel.from_pretrained with hub
+    is saved to `workdir` as safetensors and freed (pass it without keeping a reference) and loaded back through FastLanguageModel.from_pretrained with hub
     access off; unsloth_qlora loads the frozen weights in 4 bit (bitsandbytes NF4), unsloth_lora in 16 bit.
     Adapters as in the suite's other LoRA methods: the decoder's 7 projections, alpha = r, no dropout, no
     bias, and gradient checkpointing off (Unsloth's default "unsloth" offloads activations, trading time for

@@ -84,6 +84,21 @@ def test_liger_refuses_a_model_already_converted():
         fast_stacks.patch_llama_with_liger(peft_model)
 
 
+@needs_liger
+def test_liger_refuses_a_converted_lm_head_its_fused_loss_would_skip():
+    model = tiny()
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # any module that is not a plain nn.Linear
+    with pytest.raises(BenchInputError, match="lm_head must be a plain nn.Linear"):
+        fast_stacks.patch_llama_with_liger(model)
+
+
+def test_an_old_liger_is_refused_with_the_version_to_install(monkeypatch):
+    monkeypatch.setattr(fast_stacks, "_installed_version", lambda name: "0.5.10")
+    reason = fast_stacks.liger_unavailable_reason("cuda")
+    assert reason.startswith(f"liger-kernel 0.5.10 is older than {fast_stacks.LIGER_MIN_VERSION}")
+    assert "pip install" in reason
+
+
 def test_attention_with_a_swapped_rope_global_runs_it_and_computes_the_same_output():
     """The per-model RoPE patch: a copy of LlamaAttention.forward (through transformers' deprecate_kwarg
     wrapper) that calls the given function; here transformers' own RoPE, counted, so the loss is identical."""

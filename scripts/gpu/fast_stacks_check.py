@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from falqon_bench import fast_stacks
-from falqon_bench.models import make_model
+from falqon_bench.models import llama_config, make_model
 from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
 from falqon_core.methods import AdapterConfig
 
@@ -128,9 +128,12 @@ def run_unsloth(baseline: str, cfg: dict, workdir: Path) -> dict:
     import importlib.metadata
 
     row["unsloth_version"] = importlib.metadata.version("unsloth")
-    model = make_model(cfg["model"], device, torch.bfloat16, num_layers=cfg["layers"], seed=0)
-    vocab = int(model.config.vocab_size)
-    unsloth_model, params = fast_stacks.build_unsloth_model(baseline, model, 16, cfg["seq"], workdir)
+    vocab = int(llama_config(cfg["model"], cfg["layers"]).vocab_size)
+    # passed without a name kept here, so the random-init copy is freed once it is saved for Unsloth
+    unsloth_model, params = fast_stacks.build_unsloth_model(
+        baseline, make_model(cfg["model"], device, torch.bfloat16, num_layers=cfg["layers"], seed=0), 16, cfg["seq"],
+        workdir,
+    )
     unsloth_model.train()
     row.update(time_steps(unsloth_model, params, lambda: None, tokens_for(cfg, vocab, device), cfg, device))
     return row
