@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import os
 import types
 from pathlib import Path
@@ -214,8 +215,6 @@ def unsloth_unavailable_reason(device: "torch.device | str | None" = None) -> st
     pin = unmet_pin(f"unsloth {version}", importlib.metadata.requires("unsloth") or [], UNSLOTH_PINNED)
     if pin is not None:
         return pin
-    import importlib.util
-
     missing = [name for name in UNSLOTH_IMPORTS if importlib.util.find_spec(name) is None]
     if missing:
         return f"unsloth {version} imports {', '.join(missing)}, not installed here (pip install {' '.join(missing)})"

@@ -4,6 +4,7 @@ are refused with a one-line reason where they cannot run."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import pytest
@@ -175,6 +176,26 @@ def test_unsloth_baselines_are_refused_with_a_precise_reason_here(tmp_path):
     for baseline in fast_stacks.UNSLOTH_BASELINES:
         with pytest.raises(BenchInputError, match=f"{baseline} is not possible here"):
             fast_stacks.build_unsloth_model(baseline, tiny(), rank=16, max_seq_length=64, workdir=tmp_path)
+
+
+def test_an_installed_unsloth_is_refused_for_its_pin_then_a_missing_module_then_the_cpu(monkeypatch):
+    import transformers
+
+    real_version, real_find_spec = fast_stacks._installed_version, importlib.util.find_spec
+    monkeypatch.setattr(fast_stacks, "_installed_version", lambda name: "2026.10.9" if name == "unsloth" else real_version(name))
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: [f"transformers<{transformers.__version__}"])
+    assert fast_stacks.unsloth_unavailable_reason("cpu").startswith("unsloth 2026.10.9 requires transformers<")
+
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ["transformers>=4", "torch>=2"])
+    unsloth_modules = set(fast_stacks.UNSLOTH_IMPORTS)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in unsloth_modules else real_find_spec(name, *a))
+    missing = fast_stacks.unsloth_unavailable_reason("cpu")
+    assert missing.startswith("unsloth 2026.10.9 imports unsloth_zoo, trl, datasets")
+    assert "pip install unsloth_zoo trl" in missing
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in unsloth_modules else real_find_spec(name, *a))
+    assert "unsloth needs a CUDA GPU" in fast_stacks.unsloth_unavailable_reason("cpu")
 
 
 def test_unknown_unsloth_baseline_lists_the_allowed_names(tmp_path):
