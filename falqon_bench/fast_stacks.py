@@ -197,8 +197,9 @@ def _cell_holds(cell: types.CellType, obj: object) -> bool:
 # the libraries whose versions Unsloth pins and this suite also uses: a pin they miss is the reason shown
 UNSLOTH_PINNED = ("torch", "transformers", "peft", "bitsandbytes", "triton")
 # modules unsloth 2026.10.9 imports on its GPU path (found by importing it with --no-deps, one missing module
-# at a time): its other Requires-Dist (xformers, torchvision, diffusers, ...) are optional at run time
-UNSLOTH_IMPORTS = ("unsloth_zoo", "trl", "datasets", "multiprocess", "dill", "xxhash")
+# at a time, with trl 1.15.0 and datasets 4.3.0, which imports httpx): its other Requires-Dist (xformers,
+# torchvision, diffusers, ...) are optional at run time
+UNSLOTH_IMPORTS = ("unsloth_zoo", "trl", "datasets", "multiprocess", "dill", "xxhash", "httpx")
 # set before Unsloth is imported: no hub access, no usage statistics (it downloads a README to count users)
 UNSLOTH_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
 

@@ -8,7 +8,8 @@
 #
 # Wheels: liger-kernel (.whl/liger_kernel-0.8.5-py3-none-any.whl) is installed from .whl/ when it is not
 # importable. Unsloth is optional: when .whl/ holds unsloth-*.whl, it is installed with --no-deps together with
-# the wheels it imports on its GPU path (unsloth_zoo, trl, datasets, multiprocess, dill, xxhash), all from .whl/.
+# the wheels it imports on its GPU path (unsloth_zoo, trl, datasets, multiprocess, dill, xxhash, httpx),
+# all from .whl/.
 # Output: $OUT/fast_stacks.tar.gz (points.jsonl, env.json, log.txt) and the summary table on stdout.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,7 +40,7 @@ if ! python -c "import liger_kernel" 2>/dev/null; then
 fi
 if ! python -c "import unsloth" 2>/dev/null && compgen -G ".whl/unsloth-*.whl" >/dev/null; then
     install_wheels 'unsloth-*.whl' 'unsloth_zoo-*.whl' 'trl-*.whl' 'datasets-*.whl' 'multiprocess-*.whl' \
-        'dill-*.whl' 'xxhash-*.whl'
+        'dill-*.whl' 'xxhash-*.whl' 'httpx-*.whl'
 fi
 
 status=0
