@@ -106,7 +106,9 @@ def patch_llama_with_liger(model: "nn.Module") -> None:
 
     The fused loss reads `model.lm_head.weight` directly (skipping lm_head's forward), so lm_head must be a
     plain nn.Linear; the methods never convert it (they target the decoder's projections). A frozen lm_head
-    is fine: liger computes no weight gradient for a weight that does not require one.
+    is fine: liger computes no weight gradient for a weight that does not require one. Liger makes the inputs of
+    its SwiGLU, RMSNorm and RoPE kernels contiguous first, so FALQON's outputs (with its cuBLAS GEMM, a view
+    of the first N columns of an M x (N+r) buffer) are read correctly.
     """
     from torch import nn
     from liger_kernel.transformers import apply_liger_kernel_to_llama, liger_rotary_pos_emb
