@@ -36,11 +36,11 @@ def assert_within(actual, expected, bound, what):
     assert worst <= 0, f"{what}: exceeds its bound by {worst:.3g} (max |err| {err.max().item():.3g})"
 
 
-def run_step(r: int, M: int, **options):
+def run_step(r: int, M: int, device: str = "cpu", **options):
     """One fwd + bwd of a K -> N layer at rank r on M tokens; returns (layer, x, dY)."""
-    layer = FalqonLinear(nn.Linear(K, N, bias=False), r, **options)
-    x = torch.randn(M, K, requires_grad=True)
-    g = torch.randn(M, N)
+    layer = FalqonLinear(nn.Linear(K, N, bias=False).to(device), r, **options)
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    g = torch.randn(M, N, device=device)
     layer(x).backward(g)
     return layer, x, g
 
@@ -93,12 +93,13 @@ class ScaledMmSpy:
         monkeypatch.setattr(torch, "_scaled_mm", spy)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("r,M", [(8, 77), (24, 1000), (100, 1), (16, 64)])
-def test_every_gemm_of_a_step_fits_the_cuda_fp8_gemm_at_odd_rank_and_tokens(monkeypatch, r, M):
+def test_every_gemm_of_a_step_fits_the_cuda_fp8_gemm_at_odd_rank_and_tokens(monkeypatch, r, M, device):
     """Forward, dX and dB each reach torch._scaled_mm (no upcast fallback) with K and N multiples of 16."""
     spy = ScaledMmSpy(monkeypatch)
     monkeypatch.setattr(fp8, "upcast_scaled_mm", lambda *a, **k: pytest.fail("bf16 fallback GEMM used"))
-    run_step(r, M)
+    run_step(r, M, device)
     assert len(spy.calls) == 3
     for k, n, _ in spy.calls:
         assert fp8.scaled_mm_fits(k, n), f"GEMM reduction {k}, width {n} would leave fp8 on CUDA"
