@@ -109,11 +109,14 @@ def render_winners_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         for (i, j), p in np.ndenumerate(pct):
             if not np.isnan(p):
                 ax.text(j, i, f"{p:.0f}%", ha="center", va="center", fontsize=7, color="white" if p < 60 else "black")
+        if np.isnan(pct).all():
+            ax.text(0.5, 0.5, "n/a (no floor: CPU run or no falqon point)", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8, color="#666666")
         _axes_ticks(ax, ranks, tokens)
         ax.set_title(f"{layer}: falqon % of floor", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.05, label="% of floor")
     if methods:
-        fig.legend(handles=[Patch(color=variant_color(m), label=m) for m in methods], loc="outside lower center",
-                   ncol=len(methods), fontsize=8)
+        fig.legend(handles=[Patch(color=variant_color(m), label=m) for m in methods], loc="outside right center",
+                   fontsize=8, title="fastest", title_fontsize=8)
     add_footer(fig, label, sorted(set(df["device"])) if not df.empty else [], f"{metric}; floor from measured peaks")
     return fig
