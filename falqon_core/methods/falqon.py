@@ -38,7 +38,6 @@ transposed operands (dY8^T, O_A8^T) are written with zero columns up to M_pad in
 Aligned ranks and token counts take exactly the unpadded path (no extra rows, no copies).
 """
 
-
 from __future__ import annotations
 
 from typing import Any
@@ -114,9 +113,9 @@ class MeldedLinearFunction(torch.autograd.Function):
             w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T N x M M-contiguous; e5m2 x
-            # e4m3 (CUDA has no e5m2 x e5m2). M padded to a multiple of 16 by zero columns (M x N
-            # bytes read + written, zero columns up to M_pad in the same pass); N x r_pad, sliced back to r
+            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, made
+            # by one transpose (M x N bytes read + written) that also writes the zero columns up to M_pad;
+            # e5m2 x e4m3 (CUDA has no e5m2 x e5m2). The product is N x r_pad, sliced back to r
             dy8_t = transpose_fp8(dy8, FP8_GEMM_MULTIPLE)
             grad_b = fp8_matmul_nt(dy8_t, dy_scale, oa8_t, oa_scale, ctx.b_dtype)[:, : ctx.rank]
         return grad_x, grad_b, None, None, None, None, None
@@ -125,9 +124,8 @@ class MeldedLinearFunction(torch.autograd.Function):
 class FalqonLinear(nn.Module):
     """A frozen nn.Linear(K -> N) as FALQON's melded fp8 layer with adapter rank r.
 
-    Buffers: `melded` ((N+r_pad) x K, float8_e4m3fn; rows [:N] are W8, rows [N:N+r] are A8, the rest zero up
-    to a multiple of 16 rows), `scale` (0-dim
-    fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
+    Buffers: `melded` ((N+r_pad) x K, float8_e4m3fn; rows [:N] are W8, rows [N:N+r] are A8, zero rows up to a
+    multiple of 16), `scale` (0-dim fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
     cache_weight_t: costs N x K more bytes, i.e. doubles the weight memory, and saves the N x K
     transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update).
     Parameters: `lora_B` (N x r, trainable, zero after every proxy update), `bias` (frozen, if present).
