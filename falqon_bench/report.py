@@ -3,7 +3,7 @@
 Reads only result files (falqon_bench.store.load_run), never runs anything. Writes into
 reports/<run id> (or the run ids joined with '+'), with fixed file names so a re-render replaces
 the same files: fig1_overhead.png, fig1_rank_throughput.png, fig3_total_cost.png,
-fig4_breakdown.png, fig5_gpus.png (only when the runs cover >= 2 GPU models), floor.png,
+fig4_breakdown.png, fig5_gpus.png (only when the runs cover >= 2 GPU models), floor.png, winners.png,
 report.md, report.html (images embedded as base64) and perf_table.md (README-ready).
 
 Every string taken from a results file or manifest is escaped (falqon_bench.safe_markup) and method and
@@ -29,6 +29,7 @@ from falqon_bench.figures import (
     render_overhead_figure,
     render_rank_throughput_figure,
     render_total_cost_figure,
+    render_winners_figure,
 )
 from falqon_bench.figures.data import (
     BASELINE_METHOD,
@@ -59,6 +60,7 @@ FIGURES: list[tuple[str, str, Callable[[pd.DataFrame, RunLabel], Any]]] = [
     ("fig3_total_cost.png", "Fig. 3: total cost of a block's linear layers per method", render_total_cost_figure),
     ("fig4_breakdown.png", "Fig. 4: step time by kernel category", render_breakdown_figure),
     ("floor.png", "% of roofline floor per method and layer", render_floor_figure),
+    ("winners.png", "fastest LoRA method per (rank, tokens) and falqon's % of floor, per layer", render_winners_figure),
 ]
 GPU_FIGURE = ("fig5_gpus.png", f"Fig. 5: speedup over {BASELINE_METHOD} per GPU model", render_gpu_speedup_figure)
 

@@ -148,17 +148,21 @@ def scaled_mm(
     b_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     fallback: bool | None = None,
+    use_fast_accum: bool = False,
 ) -> torch.Tensor:
     """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
 
     Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
     GPU; works on CPU too). cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to
     upcast_scaled_mm (fp32 accumulation). fallback: True forces upcast_scaled_mm, False forces
-    torch._scaled_mm, None decides as just said.
+    torch._scaled_mm, None decides as just said. use_fast_accum: torch._scaled_mm's flag (on Hopper the fp8
+    MMA keeps the whole K reduction in its reduced-precision accumulator; ignored by the upcast GEMM and on CPU).
     """
     if fallback is None:
         fallback = a_data.is_cuda and not scaled_mm_fits(a_data.shape[1], b_data.shape[0])
     if fallback:
         return upcast_scaled_mm(a_data, a_scale, b_data, b_scale, out_dtype)
     sa, sb = _row_col_scales(a_scale, b_scale, a_data.shape[0], b_data.shape[0])
-    return torch._scaled_mm(a_data, b_data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a_data, b_data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=use_fast_accum
+    )

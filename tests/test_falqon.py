@@ -33,14 +33,15 @@ BF16 = 2.0**-8
 ACCUM = 2.0**-16
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# (K, N, rank, tokens): on CUDA, fp8 GEMMs everywhere at the first; N+r = 60 and K = 40 send the melded GEMM,
-# rank 12 the dB GEMM, N = 56 the dX GEMM to fp8.scaled_mm's upcast GEMM
+# (K, N, rank, tokens): on CUDA, fp8 GEMMs everywhere at the first; ranks 12 and 8 and tokens 24 and 20 are
+# padded by the layer (melded rows to N + 16, dB's reduction to 32); K = 40 sends the melded GEMM and N = 56
+# the dX GEMM to fp8.scaled_mm's upcast GEMM (the layer does not pad K or N)
 SHAPES = [(64, 96, 16, 32), (96, 48, 12, 24), (40, 56, 8, 20)]
 
 
 def accum(K: int, N: int, device: str) -> float:
     """Accumulation bound per unit of sum|a||b| for a GEMM reducing over K into N columns (module docstring)."""
-    fp8_gemm = device == "cuda" and fp8.scaled_mm_fits(K, N)
+    fp8_gemm = device == "cuda" and fp8.scaled_mm_fits(K, -(-N // 16) * 16)
     return max(ACCUM, K * gemm_accum_unit(device, fp8_gemm) * (1 + BF16))
 
 
@@ -141,8 +142,10 @@ def test_melded_gemm_o_a_equals_x8_a8(K, N, r, M):
     out, o_a = melded_matmul(x8, sx, layer.melded, layer.scale, N)
     xq, aq = dequant64(x8, sx), dequant64(layer.adapter_fp8, layer.scale)
     ref = xq @ aq.t()
-    assert out.shape == (M, N) and o_a.shape == (M, r)
-    assert_within(o_a, ref, BF16 * ref.abs() + ACCUM * xq.abs() @ aq.abs().t(), "O_A")
+    r_pad = -(-r // 16) * 16  # the layer's zero rows of the melded matrix give zero columns of O_A
+    assert out.shape == (M, N) and o_a.shape == (M, r_pad)
+    assert int(o_a[:, r:].count_nonzero()) == 0
+    assert_within(o_a[:, :r], ref, BF16 * ref.abs() + ACCUM * xq.abs() @ aq.abs().t(), "O_A")
 
 
 # ---------------------------------------------------------------- backward
@@ -179,8 +182,8 @@ def test_falqon_grads_match_fp64_within_format_bounds(K, N, r, M, device):
     # the O_A the forward saved: the melded GEMM's last r columns, cast to e4m3 by the layer's quantizer
     x8, sx = quantize_fp8(x.detach(), fp8.E4M3, "tensorwise")
     _, o_a_gemm = melded_matmul(x8, sx, layer.melded, layer.scale, N)
-    oa8, soa = quantize_fp8(o_a_gemm.contiguous(), fp8.E4M3, "tensorwise")
-    oq = dequant64(oa8, soa)
+    oa8, soa = quantize_fp8(o_a_gemm.contiguous(), fp8.E4M3, "tensorwise")  # r_pad columns: amax unchanged
+    oq = dequant64(oa8, soa)[:, :r]
     same_db = gq.t() @ oq
     db = layer.lora_B.grad
     assert db.shape == (N, r) and db.dtype == layer.lora_B.dtype
@@ -310,12 +313,12 @@ def test_memory_bytes_counts_melded_fp8_scale_bias_b_and_adamw_state():
     assert mem == {"weights": (N + r) * K + 4 + 2 * N, "adapters": 2 * N * r, "optimizer_state": 8 * N * r}
 
 
-def test_step_cost_counts_melded_forward_dx_db_and_moves_odd_rank_db_to_bf16():
+def test_step_cost_counts_melded_forward_dx_db_and_keeps_padded_odd_rank_and_tokens_in_fp8():
     K, N, M = 64, 96, 32
     cost = get_method("falqon").step_cost(K, N, 16, M)
     assert cost.gemm_flops == {"fp8": 2.0 * M * (N + 16) * K + 2.0 * M * K * N + 2.0 * N * 16 * M, "bf16": 0.0}
-    odd = get_method("falqon").step_cost(K, N, 12, M)
-    assert odd.gemm_flops["bf16"] == 2.0 * N * 12 * M + 2.0 * M * (N + 12) * K  # dB and the melded forward
+    odd = get_method("falqon").step_cost(K, N, 12, 77)  # the layer pads both: every GEMM stays fp8
+    assert odd.gemm_flops == {"fp8": 2.0 * 77 * (N + 12) * K + 2.0 * 77 * K * N + 2.0 * N * 12 * 77, "bf16": 0.0}
     r = k = 16
     casts = 3 * M * K + 3 * M * N + 3 * M * r  # x, dY, O_A: bf16 read + fp8 write
     transposes = 2 * M * N + 2 * N * K  # dY8 for the dB GEMM, W8 for the dX GEMM
@@ -329,14 +332,17 @@ def test_step_cost_counts_melded_forward_dx_db_and_moves_odd_rank_db_to_bf16():
 
 
 def test_step_cost_follows_the_gemms_and_transposes_the_layer_really_runs():
-    """fp8.scaled_mm sends any GEMM off the multiple-of-16 grid to its bf16 upcast GEMM on CUDA, the melded
-    forward included (N + r = 104 at rank 8); the backward makes its transposes on every path; and the
-    proxy update's k in steady state is `topk_after` (with warmup_steps = 0 every update uses it)."""
+    """fp8.scaled_mm sends any GEMM off the multiple-of-16 grid to its bf16 upcast GEMM on CUDA: the layer pads
+    r and M, not K or N (K = 40: the melded forward and dX are bf16, dB fp8); the backward makes its
+    transposes on every path; and the proxy update's k in steady state is `topk_after` (with warmup_steps = 0
+    every update uses it)."""
     K, N, M, r = 64, 96, 32, 8
     method = get_method("falqon")
     cost = method.step_cost(K, N, r, M)
-    assert fp8.scaled_mm_fits(K, N + r) is False
-    assert cost.gemm_flops == {"fp8": 2.0 * M * K * N, "bf16": 2.0 * M * (N + r) * K + 2.0 * N * r * M}
+    assert fp8.scaled_mm_fits(K, N + r) is False  # unpadded it would not fit; the layer pads r to 16
+    assert cost.gemm_flops == {"fp8": 2.0 * M * (N + r) * K + 2.0 * M * K * N + 2.0 * N * r * M, "bf16": 0.0}
+    off_grid = method.step_cost(40, N, r, M)
+    assert off_grid.gemm_flops == {"fp8": 2.0 * N * r * M, "bf16": 2.0 * M * (N + r) * 40 + 2.0 * M * 40 * N}
     casts = 3 * M * K + 3 * M * N + 3 * M * r
     transposes = 2 * M * N + 2 * N * K  # made although dB runs the upcast GEMM (backward always transposes)
     sgd_and_update = 3 * 2 * N * r + 2 * 2 * N * r + r * K + 2 * r * K + 2 * r * r

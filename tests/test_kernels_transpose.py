@@ -46,6 +46,18 @@ def test_triton_transpose_reads_strided_views():
         assert_same_bytes(transpose_fp8_triton(view), transpose_fp8_reference(view))
 
 
+@pytest.mark.parametrize("shape,pad_to", [((77, 24), 16), ((3, 130), 16), ((257, 65), 64), ((64, 48), 16)])
+def test_padded_transpose_appends_zero_columns_in_the_same_pass(shape, pad_to):
+    """pad_to: C x R_pad with R_pad the next multiple of pad_to; columns R.. are zero bytes, the rest x^T."""
+    x = random_bytes(*shape, fp8.E4M3)
+    got, want = transpose_fp8_triton(x, pad_to), transpose_fp8_reference(x, pad_to)
+    assert_same_bytes(got, want)
+    rows_out = -(-shape[0] // pad_to) * pad_to
+    assert got.shape == (shape[1], rows_out)
+    assert torch.equal(got[:, : shape[0]].view(torch.uint8), x.t().contiguous().view(torch.uint8))
+    assert int(got[:, shape[0] :].view(torch.uint8).count_nonzero()) == 0
+
+
 def test_dispatcher_uses_the_reference_off_cuda_and_rejects_wrong_inputs():
     x = random_bytes(5, 9, fp8.E5M2)
     assert_same_bytes(transpose_fp8(x), x.t().contiguous())

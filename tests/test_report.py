@@ -20,7 +20,7 @@ from falqon_bench.report import render_report
 from falqon_bench.store import ResultsError, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ALL_FIGURES = ["fig1_overhead.png", "fig1_rank_throughput.png", "fig3_total_cost.png", "fig4_breakdown.png", "fig5_gpus.png", "floor.png"]
+ALL_FIGURES = ["fig1_overhead.png", "fig1_rank_throughput.png", "fig3_total_cost.png", "fig4_breakdown.png", "fig5_gpus.png", "floor.png", "winners.png"]
 
 
 @pytest.fixture(scope="module")

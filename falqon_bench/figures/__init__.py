@@ -6,6 +6,7 @@ from falqon_bench.figures.gpus import render_gpu_speedup_figure
 from falqon_bench.figures.kernel_breakdown import render_breakdown_figure
 from falqon_bench.figures.overhead import render_overhead_figure, render_rank_throughput_figure
 from falqon_bench.figures.total_cost import render_total_cost_figure
+from falqon_bench.figures.winners import render_winners_figure
 
 __all__ = [
     "render_breakdown_figure",
@@ -14,4 +15,5 @@ __all__ = [
     "render_overhead_figure",
     "render_rank_throughput_figure",
     "render_total_cost_figure",
+    "render_winners_figure",
 ]

@@ -45,10 +45,14 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2
 
 
 def melded_matmul_reference(
-    x8: torch.Tensor, x_scale: torch.Tensor, w8_melded: torch.Tensor, w_scale: torch.Tensor, n_out: int
+    x8: torch.Tensor, x_scale: torch.Tensor, w8_melded: torch.Tensor, w_scale: torch.Tensor, n_out: int,
+    fast_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp8 GEMM giving M x (N+r); returns (out = first N columns, o_a = last r columns), bf16."""
-    full = fp8.scaled_mm(x8, x_scale, w8_melded, w_scale, out_dtype=torch.bfloat16)
+    """One fp8 GEMM giving M x (N+r); returns (out = first N columns, o_a = last r columns), bf16.
+
+    fast_accum: cuBLASLt's use_fast_accum (the FALQON reference's forward GEMM runs with it).
+    """
+    full = fp8.scaled_mm(x8, x_scale, w8_melded, w_scale, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return full[:, :n_out], full[:, n_out:]
 
 
@@ -246,15 +250,16 @@ def _resolve_backend(backend: Backend, x8: torch.Tensor) -> str:
 
 def melded_matmul(
     x8: torch.Tensor, x_scale: torch.Tensor, w8_melded: torch.Tensor, w_scale: torch.Tensor, n_out: int,
-    backend: Backend = "cublas",
+    backend: Backend = "cublas", fast_accum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out M x N, o_a M x r) bf16. "cublas": views of one buffer (o_a non-contiguous); "triton": two buffers.
 
-    Off CUDA the reference runs whatever the backend.
+    Off CUDA the reference runs whatever the backend (the CPU has no fast-accumulation mode: fast_accum is
+    then only passed through).
     """
     if _resolve_backend(backend, x8) == "triton":
-        return melded_matmul_triton(x8, x_scale, w8_melded, w_scale, n_out)
-    return melded_matmul_reference(x8, x_scale, w8_melded, w_scale, n_out)
+        return melded_matmul_triton(x8, x_scale, w8_melded, w_scale, n_out, fast_accum=fast_accum)
+    return melded_matmul_reference(x8, x_scale, w8_melded, w_scale, n_out, fast_accum)
 
 
 def melded_matmul_quantized_oa(

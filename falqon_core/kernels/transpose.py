@@ -7,6 +7,10 @@ The Triton kernel loads a BLOCK_R x BLOCK_C tile with coalesced rows, transposes
 memory (tl.trans) and stores it with coalesced rows of the output. It only moves bytes (the host views fp8
 as uint8), so the result is bit-identical to the reference for every fp8 value, NaN encodings included.
 No host sync: capturable in a CUDA graph. Bytes moved: R x C read + R x C written.
+
+`pad_to` (rows of the input, i.e. columns of the output) writes a C x R_pad result whose last R_pad - R
+columns are zero, in the same pass: the fp8 GEMMs that reduce over the token dimension (FALQON's dB) need
+that reduction length to be a multiple of 16, and zero columns add nothing to the dot products.
 """
 
 from __future__ import annotations
@@ -23,17 +27,31 @@ _BLOCK_C = 64
 _NUM_WARPS = 4
 
 
-def transpose_fp8_reference(x: torch.Tensor) -> torch.Tensor:
-    """Torch reference: x.t().contiguous() (C x R, same dtype)."""
-    return x.t().contiguous()
+def padded_length(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (>= 1)."""
+    if multiple < 1:
+        raise ValueError(f"pad multiple must be >= 1, got {multiple}")
+    return -(-n // multiple) * multiple
+
+
+def transpose_fp8_reference(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
+    """Torch reference: x.t().contiguous() (C x R, same dtype), zero columns appended up to a multiple of pad_to."""
+    n_rows = x.shape[0]
+    rows_out = padded_length(n_rows, pad_to)
+    if rows_out == n_rows:
+        return x.t().contiguous()
+    out = torch.zeros((x.shape[1], rows_out), device=x.device, dtype=torch.uint8)
+    out[:, :n_rows] = x.view(torch.uint8).t()
+    return out.view(x.dtype)
 
 
 @triton.jit
 def _transpose_bytes_kernel(
-    x_ptr, out_ptr, n_rows, n_cols, stride_r, stride_c,
+    x_ptr, out_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[c, r] = x[r, c] for one BLOCK_R x BLOCK_C tile of x; out is n_cols x n_rows, row-major.
+    """out[c, r] = x[r, c] for one BLOCK_R x BLOCK_C tile of x; out is n_cols x n_rows_out, row-major, and its
+    columns n_rows .. n_rows_out - 1 (the padding) are written as zeros.
 
     The 1-D grid walks tiles row-block-major: consecutive programs read neighbouring column blocks of the
     same input rows and write neighbouring row blocks of the output.
@@ -47,8 +65,8 @@ def _transpose_bytes_kernel(
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tile = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0)
     tile_t = tl.trans(tile)  # BLOCK_C x BLOCK_R
-    mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows)
-    tl.store(out_ptr + cols[:, None] * n_rows + rows[None, :], tile_t, mask=mask_t)
+    mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
+    tl.store(out_ptr + cols[:, None] * n_rows_out + rows[None, :], tile_t, mask=mask_t)
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -59,24 +77,26 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 @tc.opaque_to_compile
-def transpose_fp8_triton(x: torch.Tensor) -> torch.Tensor:
+def transpose_fp8_triton(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
     """The Triton kernel behind transpose_fp8; same contract as transpose_fp8_reference (any strides)."""
     _check_input(x)
     n_rows, n_cols = x.shape
-    out = torch.empty((n_cols, n_rows), device=x.device, dtype=torch.uint8)
+    rows_out = padded_length(n_rows, pad_to)
+    out = torch.empty((n_cols, rows_out), device=x.device, dtype=torch.uint8)
     if x.numel() > 0:
         xb = x.view(torch.uint8)
-        grid = (triton.cdiv(n_rows, _BLOCK_R) * triton.cdiv(n_cols, _BLOCK_C),)
+        grid = (triton.cdiv(rows_out, _BLOCK_R) * triton.cdiv(n_cols, _BLOCK_C),)
         _transpose_bytes_kernel[grid](
-            xb, out, n_rows, n_cols, xb.stride(0), xb.stride(1),
+            xb, out, n_rows, rows_out, n_cols, xb.stride(0), xb.stride(1),
             BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
         )
     return out.view(x.dtype)
 
 
-def transpose_fp8(x: torch.Tensor) -> torch.Tensor:
-    """x (R x C, 1-byte dtype) -> contiguous C x R copy; the Triton kernel on CUDA, the reference elsewhere."""
+def transpose_fp8(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
+    """x (R x C, 1-byte dtype) -> contiguous C x R_pad copy (R_pad = R rounded up to pad_to, zero columns);
+    the Triton kernel on CUDA, the reference elsewhere."""
     if x.is_cuda and not tc.is_interpreter():
-        return transpose_fp8_triton(x)
+        return transpose_fp8_triton(x, pad_to)
     _check_input(x)
-    return transpose_fp8_reference(x)
+    return transpose_fp8_reference(x, pad_to)

@@ -27,6 +27,15 @@ Options (AdapterConfig.options):
   warmup_steps    number of updates that use `topk` before `topk_after` applies (default 0)
   svd_dtype       "float32" (default, as the reference) or "float64"
   cache_weight_t  keep a K x N fp8 copy of W8 for the dX GEMM (default False; see FalqonLinear)
+  fast_accum      forward (melded) GEMM with cuBLASLt's use_fast_accum (default True, as the reference; the
+                  fp8 tensor-core accumulation bound of tests/bounds.py holds either way)
+
+Padding (inside the layer, so a benchmark times what a user runs): the fp8 GEMM (torch._scaled_mm) wants
+its reduction length and output width to be multiples of 16, else fp8.scaled_mm falls back to a bf16
+GEMM. The melded matrix gets zero rows up to N + r_pad (r_pad = r rounded up to 16): the forward GEMM
+then always fits, and the padded O_A columns are exactly zero. The dB GEMM reduces over the tokens M: its
+transposed operands (dY8^T, O_A8^T) are written with zero columns up to M_pad in the transpose pass itself.
+Aligned ranks and token counts take exactly the unpadded path (no extra rows, no copies).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, tran
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
 
-OPTION_NAMES = ("topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t")
+OPTION_NAMES = ("topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
@@ -66,19 +75,30 @@ def fp8_matmul_nt(
     return fp8.scaled_mm(a8.contiguous(), a_scale, b8.contiguous(), b_scale, out_dtype=out_dtype)
 
 
+def pad_rows(x: torch.Tensor, multiple: int = FP8_GEMM_MULTIPLE) -> torch.Tensor:
+    """x with zero rows appended up to a multiple of `multiple` rows; x itself (no copy) when already aligned."""
+    extra = (-x.shape[0]) % multiple
+    if extra == 0:
+        return x
+    zeros = torch.zeros((extra, *x.shape[1:]), device=x.device, dtype=torch.uint8).view(x.dtype)
+    return torch.cat([x.view(torch.uint8), zeros.view(torch.uint8)]).view(x.dtype)
+
+
 class MeldedLinearFunction(torch.autograd.Function):
     """FALQON's fwd/bwd on a flattened M x K input; B is an input only so that autograd returns dB."""
 
     @staticmethod
-    def forward(ctx, x2d, lora_b, melded, scale, n_out, weight_t):
+    def forward(ctx, x2d, lora_b, melded, scale, n_out, weight_t, fast_accum=False):
         x8, x_scale = quantize_fp8(x2d.contiguous(), fp8.E4M3, "tensorwise")
-        out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out)
+        # melded has N + r_pad rows: o_a is M x r_pad, its columns past r exactly zero (zero rows of A8)
+        out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out, fast_accum=fast_accum)
         oa8, oa_scale = quantize_fp8(o_a.contiguous(), fp8.E4M3, "tensorwise")
-        # the dB GEMM reduces over M, so it wants O_A M-contiguous: r x M bytes, cheap next to M x K
-        ctx.save_for_backward(melded, scale, transpose_fp8(oa8), oa_scale, weight_t)
+        # the dB GEMM reduces over M, so it wants O_A M-contiguous (r_pad x M_pad, zero columns past M)
+        ctx.save_for_backward(melded, scale, transpose_fp8(oa8, FP8_GEMM_MULTIPLE), oa_scale, weight_t)
         ctx.n_out = n_out
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
+        ctx.rank = lora_b.shape[1]
         return out.to(x2d.dtype)
 
     @staticmethod
@@ -93,17 +113,19 @@ class MeldedLinearFunction(torch.autograd.Function):
             w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T N x M M-contiguous (M x N
-            # bytes read + written); e5m2 x e4m3 (CUDA has no e5m2 x e5m2)
-            grad_b = fp8_matmul_nt(transpose_fp8(dy8), dy_scale, oa8_t, oa_scale, ctx.b_dtype)
-        return grad_x, grad_b, None, None, None, None
+            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, made
+            # by one transpose (M x N bytes read + written) that also writes the zero columns up to M_pad;
+            # e5m2 x e4m3 (CUDA has no e5m2 x e5m2). The product is N x r_pad, sliced back to r
+            dy8_t = transpose_fp8(dy8, FP8_GEMM_MULTIPLE)
+            grad_b = fp8_matmul_nt(dy8_t, dy_scale, oa8_t, oa_scale, ctx.b_dtype)[:, : ctx.rank]
+        return grad_x, grad_b, None, None, None, None, None
 
 
 class FalqonLinear(nn.Module):
     """A frozen nn.Linear(K -> N) as FALQON's melded fp8 layer with adapter rank r.
 
-    Buffers: `melded` ((N+r) x K, float8_e4m3fn; rows [:N] are W8, rows [N:] are A8), `scale` (0-dim
-    fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
+    Buffers: `melded` ((N+r_pad) x K, float8_e4m3fn; rows [:N] are W8, rows [N:N+r] are A8, zero rows up to a
+    multiple of 16), `scale` (0-dim fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
     cache_weight_t: costs N x K more bytes, i.e. doubles the weight memory, and saves the N x K
     transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update).
     Parameters: `lora_B` (N x r, trainable, zero after every proxy update), `bias` (frozen, if present).
@@ -120,6 +142,7 @@ class FalqonLinear(nn.Module):
         warmup_steps: int = 0,
         svd_dtype: torch.dtype = torch.float32,
         cache_weight_t: bool = False,
+        fast_accum: bool = True,
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -134,9 +157,10 @@ class FalqonLinear(nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.updates_done = 0  # proxy updates run so far (host counter: drives the k schedule)
         self.last_k: int | None = None  # k of the most recent proxy update
+        self.fast_accum = bool(fast_accum)
 
         melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype)
-        self.register_buffer("melded", melded)
+        self.register_buffer("melded", pad_rows(melded))  # N + r_pad rows (module docstring: Padding)
         self.register_buffer("scale", scale)
         self.register_buffer("weight_t", transpose_fp8(melded[:n_out]) if cache_weight_t else None)
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=melded.device))
@@ -157,8 +181,8 @@ class FalqonLinear(nn.Module):
 
     @property
     def adapter_fp8(self) -> torch.Tensor:
-        """A8: the r x K e4m3 adapter rows of the melded matrix (a view, shares storage)."""
-        return self.melded[self.out_features :]
+        """A8: the r x K e4m3 adapter rows of the melded matrix (a view, shares storage; padding rows excluded)."""
+        return self.melded[self.out_features : self.out_features + self.rank]
 
     def next_k(self) -> int:
         """The k the next proxy update uses: `topk` for the first `warmup_steps` updates, then `topk_after`."""
@@ -167,7 +191,8 @@ class FalqonLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         out = MeldedLinearFunction.apply(
-            x.reshape(-1, self.in_features), self.lora_B, self.melded, self.scale, self.out_features, self.weight_t
+            x.reshape(-1, self.in_features), self.lora_B, self.melded, self.scale, self.out_features, self.weight_t,
+            self.fast_accum,
         )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -192,7 +217,7 @@ class FalqonLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
-            f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}"
+            f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
         )
 
 
@@ -225,6 +250,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         kwargs["svd_dtype"] = _svd_dtype(options["svd_dtype"])
     if "cache_weight_t" in options:
         kwargs["cache_weight_t"] = bool(options["cache_weight_t"])
+    if "fast_accum" in options:
+        if not isinstance(options["fast_accum"], bool):
+            raise ValueError(f"falqon option fast_accum must be true or false, got {options['fast_accum']!r}")
+        kwargs["fast_accum"] = options["fast_accum"]
     return kwargs
 
 
@@ -304,9 +333,10 @@ class Falqon(Method):
     def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
         """Minimum work of one FALQON step (fwd + bwd + SGD on B + proxy update) at M = tokens.
 
-        GEMMs: forward M x (N+r) x K, dX M x K x N and dB N x r x M, each fp8 when its dims meet
-        torch._scaled_mm's multiple-of-16 rule, else bf16 (fp8.scaled_mm's upcast fallback, which runs on
-        CUDA for the forward too, e.g. N+r = 4104 at rank 8). The proxy update's k x r x K fp32 product is
+        GEMMs: forward M x (N+r) x K, dX M x K x N and dB N x r x M, counted at the unpadded r and M (the
+        zero padding is the layer's overhead, not work the floor should grant). The layer pads r and M, so
+        the forward is fp8 when K and N are multiples of 16, dX when N and K are, dB always; a GEMM off that
+        grid is bf16 (fp8.scaled_mm's upcast fallback). The proxy update's k x r x K fp32 product is
         negligible and not counted.
         Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
         layout transposes (transpose_fp8, read + write) the backward makes on every path (dY8 M x N for dB;
@@ -321,7 +351,7 @@ class Falqon(Method):
         cached = bool(self.options.get("cache_weight_t", False))
         bf16, e = 2, 1  # bytes per element
         flops = {"fp8": 0.0, "bf16": 0.0}
-        fwd_fp8, dx_fp8, db_fp8 = fp8_gemm_fits(K, N + r), fp8_gemm_fits(N, K), fp8_gemm_fits(M, r)
+        fwd_fp8, dx_fp8, db_fp8 = fp8_gemm_fits(K, N), fp8_gemm_fits(N, K), True
         flops["fp8" if fwd_fp8 else "bf16"] += 2.0 * M * (N + r) * K
         flops["fp8" if dx_fp8 else "bf16"] += 2.0 * M * K * N
         flops["fp8" if db_fp8 else "bf16"] += 2.0 * N * r * M

@@ -3,6 +3,8 @@ nn.Linear including lora_A and lora_B (dynamic tensorwise e4m3 for X and W, e5m2
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -23,6 +25,9 @@ from falqon_core.methods._lora_common import (
 from falqon_core.methods.base import AdapterConfig, Method, MethodUnavailable, StepCost
 
 FP8_DIM_MULTIPLE = 16  # torch._scaled_mm (cuBLASLt) needs K and N divisible by 16
+# torchao's backward runs the weight-gradient GEMM dY^T (N x M) . X (M x K), which reduces over the tokens M:
+# torch._scaled_mm refuses it on CUDA unless M % 16 == 0 ("trailing dimension of mat1 ... divisible by 16")
+TOKEN_MULTIPLE = 16
 
 
 def import_float8_training():
@@ -53,12 +58,47 @@ def is_lora_base_layer(module: nn.Module, fqn: str) -> bool:
     return fqn.endswith("base_layer")
 
 
+def pad_tokens_of_float8_linears(model: nn.Module) -> nn.Module:
+    """Make every torchao Float8Linear of `model` pad its tokens to a multiple of TOKEN_MULTIPLE (in place).
+
+    What a user does at an odd token count (e.g. 3000 = batch x sequence): zero rows appended to the flattened
+    M x K input and sliced off the output. Zero rows change no tensorwise amax and add zeros to the dW
+    reduction, so the results are those of the unpadded layer; the cost is one M x K copy of x (and of its
+    gradient). Aligned inputs take torchao's own forward, untouched.
+    """
+    for module in model.modules():
+        base = type(module)
+        if base.__name__ == "Float8Linear" and base.__module__.startswith("torchao."):
+            module.__class__ = _token_padded(base)
+    return model
+
+
+@functools.cache
+def _token_padded(base: type) -> type:
+    """A subclass of torchao's Float8Linear whose forward pads the token dim M (flattened leading dims)."""
+
+    class TokenPaddedFloat8Linear(base):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            k = input.shape[-1]
+            rows = input.numel() // k
+            extra = (-rows) % TOKEN_MULTIPLE
+            if extra == 0:
+                return super().forward(input)
+            padded = torch.nn.functional.pad(input.reshape(rows, k), (0, 0, 0, extra))
+            out = super().forward(padded)[:rows]
+            return out.reshape(*input.shape[:-1], out.shape[-1])
+
+    TokenPaddedFloat8Linear.__qualname__ = TokenPaddedFloat8Linear.__name__
+    return TokenPaddedFloat8Linear
+
+
 @register_method
 class Fp8Lora(Method):
     """Every linear, adapters included, is a torchao Float8Linear with the default (tensorwise) recipe.
 
     torchao runs each GEMM through torch._scaled_mm, so every dim (K, N, rank, and tokens for the dW GEMM)
-    must be a multiple of 16 on the GPU; convert checks K, N and rank.
+    must be a multiple of 16 on the GPU; convert checks K, N and rank, and the converted linears pad the
+    tokens (pad_tokens_of_float8_linears).
     """
 
     name = "fp8_lora"
@@ -80,7 +120,8 @@ class Fp8Lora(Method):
         require_dims_multiple_of(self.name, linear_shapes(model, checked), rank, FP8_DIM_MULTIPLE, "torchao float8")
         model = add_lora_adapters(model, config, targets)
         only_base = None if self.adapters_in_fp8 else is_lora_base_layer
-        return convert_to_float8_training(model, module_filter_fn=only_base, config=Float8LinearConfig())
+        model = convert_to_float8_training(model, module_filter_fn=only_base, config=Float8LinearConfig())
+        return pad_tokens_of_float8_linears(model)
 
     def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
         """All GEMMs fp8: base forward + dX (4 M N K) and the six adapter GEMMs (6 M r (K + N)).
