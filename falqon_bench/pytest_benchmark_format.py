@@ -262,3 +262,36 @@ def _benchmark_point(path: Path, i: int, bench: Any) -> dict[str, Any]:
         data = (bench.get("stats") or {}).get("data") or []
         point[info.get("timed_by") or "gpu_samples_ms"] = [float(v) * MS_PER_S for v in data]
     return point
+
+
+# ---------------------------------------------------------------- pytest-benchmark's timer, fed measured samples
+
+
+class SampleReplay:
+    """Hands samples that were already measured to pytest-benchmark, so that its stats are exactly those samples.
+
+    Give it as the timer (`@pytest.mark.benchmark(timer=replay)`) and give `replay.next_sample` as the target of
+    `benchmark.pedantic(..., rounds=len(samples))`: pytest-benchmark reads the timer before and after each call
+    of the target; the target arms the next sample and the reading after it returns that sample, the one
+    before returns 0, so each round's duration (end - start) is one sample in seconds, bit for bit.
+    """
+
+    __name__ = "replayed_samples"  # how pytest-benchmark names the timer in a benchmark's options
+
+    def __init__(self) -> None:
+        self._samples: list[float] = []
+        self._armed: float | None = None
+
+    def load(self, samples_s: list[float]) -> int:
+        """Queue one point's samples (seconds); returns how many rounds to ask pytest-benchmark for."""
+        self._samples, self._armed = [float(s) for s in samples_s], None
+        return len(self._samples)
+
+    def next_sample(self) -> None:
+        if not self._samples:
+            raise RuntimeError("SampleReplay: more rounds than loaded samples")
+        self._armed = self._samples.pop(0)
+
+    def __call__(self) -> float:
+        value, self._armed = (self._armed if self._armed is not None else 0.0), None
+        return value
