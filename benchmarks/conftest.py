@@ -73,6 +73,11 @@ def bench_context() -> MeasureContext:
                           min_samples=t.min_samples, profile=False, peaks=None)
 
 
+def pytest_generate_tests(metafunc) -> None:
+    if "point" in metafunc.fixturenames:
+        metafunc.parametrize("point", suite_params())
+
+
 @pytest.fixture(scope="session")
 def measure_context() -> MeasureContext:
     return bench_context()

@@ -4,7 +4,8 @@ Each point is measured once by the suite's own code, falqon_bench.worker.measure
 replay, wall_ms eager, the suite's [timing]); its gpu_samples_ms (wall_samples_ms on a CPU suite) are then
 replayed into the `benchmark` fixture as its timer, one round per sample, so pytest-benchmark's stats are
 those samples in seconds and its median is the suite's median. extra_info holds the point's identity,
-device and both sample lists (ms), which `falqon-bench compare` maps back to the point.
+device and both sample lists (ms), which `falqon-bench compare` maps back to the point. The `point`
+parameters come from benchmarks/conftest.py (pytest_generate_tests).
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import torch
 
 from falqon_bench.pytest_benchmark_format import SampleReplay, benchmark_group, point_extra_info, timed_samples_ms
 
-from conftest import suite_params  # benchmarks/conftest.py (pytest puts its folder on sys.path)
-
 REPLAY = SampleReplay()
 
 
 @pytest.mark.benchmark(timer=REPLAY)
-@pytest.mark.parametrize("point", suite_params())
 def test_point(point, benchmark, measure_context, unmeasured_rows):
     from falqon_bench.runner import precheck  # here, not at import: a run where every point skips stays light
     from falqon_bench.worker import error_row, measure_point
