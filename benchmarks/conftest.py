@@ -100,6 +100,16 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict[str, Any]) -
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_commit_info(config, commit_info: dict[str, Any]) -> None:
+    """$FALQON_GIT_SHA names the commit when set (a copied tree on a GPU machine may carry a stale .git), as in run manifests."""
+    from falqon_bench.envinfo import GIT_SHA_ENV
+
+    if os.environ.get(GIT_SHA_ENV):
+        commit_info["id"] = os.environ[GIT_SHA_ENV].strip()
+        commit_info["source"] = GIT_SHA_ENV
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json: dict[str, Any]) -> None:
     suite = bench_suite()
     ctx = bench_context()

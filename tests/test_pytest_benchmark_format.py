@@ -195,14 +195,14 @@ def test_benchmarks_report_exactly_the_samples_measure_point_took_on_a_cpu_suite
         '[[grid]]\nlayers = [{ name = "tiny.16x24", K = 16, N = 24 }]\nranks = [4]\ntokens = [8]\nmethods = ["bf16_lora"]\n'
     )
     out = tmp_path / "out.json"
-    res = _pytest_benchmarks(tmp_path, "--benchmark-json", str(out), env={"FALQON_BENCH_SUITE": str(suite)})
+    res = _pytest_benchmarks(tmp_path, "--benchmark-json", str(out), env={"FALQON_BENCH_SUITE": str(suite), "FALQON_GIT_SHA": "0123abc"})
     assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads(out.read_text())
     (bench,) = doc["benchmarks"]
     wall = bench["extra_info"]["wall_samples_ms"]
     assert len(wall) >= 4 and bench["stats"]["data"] == [v / 1e3 for v in wall]
     assert bench["fullname"] == "benchmarks/test_suite_points.py::test_point[bf16_lora-tiny.16x24-r4-t8-eager]"
-    assert doc["machine_info"]["gpu"] == "CPU"
+    assert doc["machine_info"]["gpu"] == "CPU" and doc["commit_info"]["id"] == "0123abc"
     run = load_results(out)
     assert run.points[0]["wall_ms"] == pytest.approx(bench["stats"]["median"] * 1e3, rel=1e-9)
     assert verdicts(compare_runs(out, out))["bf16_lora/tiny.16x24/4/8/eager"][0] == "same"

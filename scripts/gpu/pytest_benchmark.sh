@@ -7,7 +7,8 @@
 # Run from the repository root with the project importable. Writes under $OUT (at most 8 files):
 #   gate-run.tar.gz (the suite run directory), out.json (pytest-benchmark), gate-export.json (the suite run
 #   exported to pytest-benchmark JSON), pytest_benchmark_compare.txt, falqon_compare.txt, medians.md, log.txt
-# A failing stage is logged and the next one still runs.
+# A failing stage is logged and the next one still runs. Set FALQON_GIT_SHA=<commit> when the tree's .git
+# may be stale: the run manifest and out.json's commit_info then name that commit.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the folder for the results}"
@@ -40,10 +41,10 @@ t0=$(date +%s)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee -a "$LOG"
 
 stage "falqon-bench run $suite"
-timeout 300 $PY -m falqon_bench.cli run "$suite" --out "$OUT/gate" >>"$LOG" 2>&1 || echo "suite run failed (rc=$?), see log.txt" | tee -a "$LOG"
+timeout 240 $PY -m falqon_bench.cli run "$suite" --out "$OUT/gate" >>"$LOG" 2>&1 || echo "suite run failed (rc=$?), see log.txt" | tee -a "$LOG"
 
 stage "pytest benchmarks ${select[*]} --benchmark-json"
-FALQON_BENCH_SUITE="$suite" timeout 300 $PY -m pytest -p pytest_benchmark -p no:cacheprovider benchmarks "${select[@]}" \
+FALQON_BENCH_SUITE="$suite" timeout 200 $PY -m pytest -p pytest_benchmark -p no:cacheprovider benchmarks "${select[@]}" \
   -q -rs --benchmark-json "$OUT/out.json" --benchmark-columns=min,median,max,rounds >>"$LOG" 2>&1 \
   || echo "pytest benchmarks failed (rc=$?), see log.txt" | tee -a "$LOG"
 
