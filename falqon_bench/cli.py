@@ -280,7 +280,7 @@ class ExportFormat(str, Enum):
 def export(
     runs: List[Path] = typer.Argument(..., help="Run directories (or their points.jsonl)."),
     to: Path = typer.Option(..., "--to", help="Output file: .parquet or .csv (list/dict columns become JSON text), or .json with --format pytest-benchmark."),
-    format: ExportFormat = typer.Option(ExportFormat.table, "--format", help="table (Parquet/CSV by --to's suffix) or pytest-benchmark (one run as a --benchmark-json file)."),
+    output_format: ExportFormat = typer.Option(ExportFormat.table, "--format", help="table (Parquet/CSV by --to's suffix) or pytest-benchmark (one run as a --benchmark-json file)."),
 ) -> None:
     """Export the points of one or more runs to one Parquet or CSV table (with a run_id column), or one run as pytest-benchmark JSON.
 
@@ -291,7 +291,7 @@ def export(
     """
     from falqon_bench.store import export_points
 
-    if format == ExportFormat.pytest_benchmark:
+    if output_format == ExportFormat.pytest_benchmark:
         if len(runs) != 1:
             raise BenchInputError(f"--format pytest-benchmark writes one run per file (one machine_info); got {len(runs)} runs")
         export_pytest_benchmark = _lazy("falqon_bench.pytest_benchmark_format", "export_pytest_benchmark")
