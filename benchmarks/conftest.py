@@ -45,6 +45,16 @@ def bench_suite() -> Suite:
     return load_suite(os.environ.get(SUITE_ENV) or str(DEFAULT_SUITE))
 
 
+def pytest_configure(config) -> None:
+    """A bad $FALQON_BENCH_SUITE is a usage error (one message, no traceback), found before collection."""
+    from falqon_bench.errors import BenchInputError
+
+    try:
+        bench_suite()
+    except BenchInputError as e:
+        raise pytest.UsageError(f"${SUITE_ENV}={os.environ.get(SUITE_ENV)!r}: {e}") from None
+
+
 def bench_device(suite: Suite) -> str:
     """'cuda' or 'cpu' as the runner resolves a suite's device ('auto' follows torch)."""
     if suite.device == "auto":
