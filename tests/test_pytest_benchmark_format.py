@@ -206,3 +206,13 @@ def test_benchmarks_report_exactly_the_samples_measure_point_took_on_a_cpu_suite
     run = load_results(out)
     assert run.points[0]["wall_ms"] == pytest.approx(bench["stats"]["median"] * 1e3, rel=1e-9)
     assert verdicts(compare_runs(out, out))["bf16_lora/tiny.16x24/4/8/eager"][0] == "same"
+
+
+def test_files_saved_without_stats_data_compare_by_their_extra_info_samples(tmp_path):
+    """`--benchmark-autosave` stores no stats.data: the samples in extra_info still give the runs' verdicts."""
+    doc = json.loads(export_pytest_benchmark(H100_REPEAT, tmp_path / "new.json").read_text())
+    for bench in doc["benchmarks"]:
+        del bench["stats"]["data"]
+    stripped = tmp_path / "0001_autosaved.json"
+    stripped.write_text(json.dumps(doc))
+    assert verdicts(compare_runs(H100_BASELINE, stripped, 1.0)) == verdicts(compare_runs(H100_BASELINE, H100_REPEAT, 1.0))
