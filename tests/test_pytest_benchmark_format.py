@@ -180,6 +180,7 @@ def _pytest_benchmarks(tmp_path, *args, env=None):
                            "-q", "-rs", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a fresh interpreter: mostly the import of torch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip on a machine without a GPU")
 def test_benchmarks_skip_every_gate_point_with_a_reason_without_a_gpu(tmp_path):
     res = _pytest_benchmarks(tmp_path, "-m", "gpu", env={"FALQON_BENCH_SUITE": ""})
@@ -188,6 +189,7 @@ def test_benchmarks_skip_every_gate_point_with_a_reason_without_a_gpu(tmp_path):
     assert "needs a CUDA GPU" in res.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter: mostly the import of torch
 def test_benchmarks_report_exactly_the_samples_measure_point_took_on_a_cpu_suite(tmp_path):
     suite = tmp_path / "tiny.toml"
     suite.write_text(
