@@ -270,20 +270,33 @@ def _flatten(d: dict, prefix: str = ""):
 # ---------------------------------------------------------------- results files
 
 
+class ExportFormat(str, Enum):
+    table = "table"
+    pytest_benchmark = "pytest-benchmark"
+
+
 @app.command()
 @user_errors
 def export(
     runs: List[Path] = typer.Argument(..., help="Run directories (or their points.jsonl)."),
-    to: Path = typer.Option(..., "--to", help="Output file: .parquet or .csv (list/dict columns become JSON text)."),
+    to: Path = typer.Option(..., "--to", help="Output file: .parquet or .csv (list/dict columns become JSON text), or .json with --format pytest-benchmark."),
+    output_format: ExportFormat = typer.Option(ExportFormat.table, "--format", help="table (Parquet/CSV by --to's suffix) or pytest-benchmark (one run as a --benchmark-json file)."),
 ) -> None:
-    """Export the points of one or more runs to one Parquet or CSV table (with a run_id column).
+    """Export the points of one or more runs to one Parquet or CSV table (with a run_id column), or one run as pytest-benchmark JSON.
 
     [bold]Examples[/bold]
       falqon-bench export results/20250101-120000-overhead-h100 --to overhead.parquet
       falqon-bench export results/a results/b --to both.csv
+      falqon-bench export results/gate-h100-repeat --to gate.json --format pytest-benchmark
     """
     from falqon_bench.store import export_points
 
+    if output_format == ExportFormat.pytest_benchmark:
+        if len(runs) != 1:
+            raise BenchInputError(f"--format pytest-benchmark writes one run per file (one machine_info); got {len(runs)} runs")
+        export_pytest_benchmark = _lazy("falqon_bench.pytest_benchmark_format", "export_pytest_benchmark")
+        _out().print(f"wrote {export_pytest_benchmark(runs[0], to)}")
+        return
     path = export_points(list(runs), to)
     _out().print(f"wrote {path}")
 
@@ -343,8 +356,8 @@ def parse_overrides(items: List[str]) -> dict:
 @app.command()
 @user_errors
 def compare(
-    base: Path = typer.Argument(..., help="Baseline run directory or points .jsonl (e.g. results/baselines/h100.jsonl)."),
-    new: Path = typer.Argument(..., help="New run directory."),
+    base: Path = typer.Argument(..., help="Baseline run directory, points .jsonl (e.g. results/baselines/h100.jsonl) or pytest-benchmark JSON."),
+    new: Path = typer.Argument(..., help="New run directory, or a pytest-benchmark JSON file (`pytest benchmarks --benchmark-json`)."),
     factor: float = typer.Option(1.10, "--factor", help="A point regresses only when new/base median exceeds this ratio."),
     override: Optional[List[str]] = typer.Option(None, "--override", help="PATTERN=FACTOR per point (fnmatch on method/layer/rank/tokens/compile); repeatable."),
 ) -> None:
@@ -353,6 +366,7 @@ def compare(
     [bold]Examples[/bold]
       falqon-bench compare results/baselines/nvidia-h100-80gb-hbm3.jsonl results/ci
       falqon-bench compare results/base results/new --factor 1.05 --override 'falqon/*=1.2'
+      falqon-bench compare results/baselines/nvidia-h200.jsonl out.json
     """
     compare_runs = _lazy("falqon_bench.gate", "compare_runs")
     if factor <= 0:

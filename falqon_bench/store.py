@@ -244,8 +244,13 @@ def load_points_file(path: Path | str) -> RunData:
 
 
 def load_results(path: Path | str) -> RunData:
-    """A run directory, its points.jsonl, or a bare points .jsonl file (gate baselines)."""
+    """A run directory, its points.jsonl, or a bare points .jsonl file (gate baselines), or a pytest-benchmark JSON file."""
     path = Path(path)
+    if path.is_file() and path.name not in (POINTS, POINTS_GZ):
+        from falqon_bench.pytest_benchmark_format import is_pytest_benchmark_json, load_pytest_benchmark
+
+        if is_pytest_benchmark_json(path):
+            return load_pytest_benchmark(path)
     if path.is_file() and path.suffix == ".jsonl" and path.name != POINTS:
         return load_points_file(path)
     return load_run(path)
