@@ -262,11 +262,11 @@ def e2e_base_row(point: dict[str, Any], device: torch.device, world_size: int, b
 
     row = base_row(point, envinfo.device_name(device))
     row.update({k: None for k in E2E_KEYS})
-    row.update(mode=point["options"]["mode"], world_size=world_size, backend=backend)
+    row.update(kind=point.get("kind", "e2e"), mode=point["options"]["mode"], world_size=world_size, backend=backend)
     return row
 
 
-def measure_point: dict[str, Any], ctx) -> dict[str, Any]:
+def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     """Train one e2e point in this process; any failure is an error row (never raises, except Ctrl-C)."""
     from falqon_core.methods import MethodUnavailable
 
