@@ -217,15 +217,28 @@ def capture_step(training: Training, tokens: torch.Tensor, device: torch.device)
     return replay
 
 
+def covered_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, stop) intervals (us in, us out): time at least one kernel ran."""
+    covered, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            covered += stop - max(start, end)
+            end = stop
+    return covered
+
+
 def profile_steps(step: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], n: int,
                   device: torch.device) -> dict[str, Any]:
-    """GPU kernel ms per step and gpu_busy (kernel time / wall time) from torch.profiler over n more steps.
+    """GPU kernel ms per step, gpu_busy and kernel launches per step, from torch.profiler over n more steps.
 
-    Kernels on overlapping streams would count twice; a training step runs on one stream. CPU: nothing.
+    gpu_busy = time the GPU runs at least one kernel (the union of kernel intervals) / wall time, so kernels
+    overlapping on two streams are not counted twice. CPU: nothing to measure.
     """
     if n <= 0 or device.type != "cuda":
         return {"gpu_ms": None, "gpu_busy": None, "kernel_launches": None}
     from torch.profiler import ProfilerActivity, profile
+
+    from falqon_bench.breakdown import _unique_device_kernels
 
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -234,10 +247,11 @@ def profile_steps(step: Callable[[torch.Tensor], torch.Tensor], batches: list[to
             step(batches[i % len(batches)])
         _sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
-    kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
-    kernel_ms = sum(float(getattr(e, "device_time", 0.0) or 0.0) for e in kernels) / 1e3
-    return {"gpu_ms": kernel_ms / n, "gpu_busy": kernel_ms / wall_ms if wall_ms > 0 else None,
-            "kernel_launches": len(kernels) / n}
+    intervals = [(k.time_range.start, k.time_range.end) for k in _unique_device_kernels(list(prof.events()))]
+    busy_us = covered_time(intervals)
+    kernel_ms = sum(stop - start for start, stop in intervals) / 1e3
+    return {"gpu_ms": kernel_ms / n, "gpu_busy": busy_us / 1e3 / wall_ms if wall_ms > 0 else None,
+            "kernel_launches": len(intervals) / n}
 
 
 def measurements_to_row(row: dict[str, Any], measured: dict[str, Any], point: dict[str, Any], split: dict | None) -> None:

@@ -39,3 +39,10 @@ def test_section_writes_the_figure_and_is_empty_without_e2e_rows(tmp_path):
     md = render_e2e_section(ROWS, tmp_path, 60, str)
     assert (tmp_path / "e2e.png").stat().st_size > 0 and "## End to end" in md and "falqon" in md
     assert render_e2e_section(ROWS[-1:], tmp_path, 60, str) == "" and not (tmp_path / "e2e.png").exists()
+
+
+def test_gpu_busy_counts_overlapping_kernels_once():
+    from falqon_bench.e2e_step import covered_time
+
+    assert covered_time([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25  # [0,15) + [20,30)
+    assert covered_time([]) == 0
