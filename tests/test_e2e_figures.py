@@ -46,3 +46,20 @@ def test_gpu_busy_counts_overlapping_kernels_once():
 
     assert covered_time([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25  # [0,15) + [20,30)
     assert covered_time([]) == 0
+
+
+def test_prepare_model_applies_liger_only_when_asked(monkeypatch):
+    import sys
+    import types
+
+    from falqon_bench.e2e_step import prepare_model
+
+    calls = []
+    fake = types.ModuleType("falqon_bench.fast_stacks")
+    fake.apply_liger = calls.append
+    monkeypatch.setitem(sys.modules, "falqon_bench.fast_stacks", fake)
+    model = object()
+    prepare_model(model, {"liger": False})
+    assert calls == []
+    prepare_model(model, {"liger": True})
+    assert calls == [model]
