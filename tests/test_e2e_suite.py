@@ -186,3 +186,24 @@ def test_shipped_e2e_suite_is_llama_7b_every_method_and_mode():
     assert {p["layer"] for p in points} == {"llama-7b"} and {p["tokens"] for p in points} == {4096}
     assert {p["options"]["mode"] for p in points} == {"eager", "compile", "cuda_graph"}
     assert len({p["point_id"] for p in points}) == len(points)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_every_mode_trains_and_cuda_graph_replays_the_whole_step(tmp_path):
+    """bf16_lora and falqon in eager, compile and cuda_graph: ok rows, GPU split and busy fraction recorded,
+    and the captured step learns as the eager one does (the same first loss; the loss moves)."""
+    path = tmp_path / "gpu.toml"
+    path.write_text(TINY_SUITE.replace('device = "cpu"', 'device = "cuda"').replace("steps = 3", "steps = 8")
+                    .replace("profile_steps = 0", "profile_steps = 2").replace('"eager", "cuda_graph"', '"eager", "compile", "cuda_graph"')
+                    .replace(', "e2e_raises"', ""))
+    result = _run(str(path), "--out", str(tmp_path / "run"), "--no-isolate")
+    assert result.exit_code == 0, result.output
+    rows = {(r["method"], r["mode"]): r for r in _rows(tmp_path / "run")}
+    for (method, mode), row in rows.items():
+        assert row["status"] == "ok", f"{method} {mode}: {row['error']}"
+        assert 0 < row["gpu_busy"] <= 1.0 and row["gpu_ms"] > 0 and row["peak_mem_bytes"] > 0
+        assert row["loss_per_step"][-1] != row["loss_per_step"][0]
+        if mode != "cuda_graph":
+            assert set(row["split_ms"]) == {"forward", "backward", "optimizer", "post_step"}
+    for method in ("bf16_lora", "falqon"):
+        assert rows[(method, "cuda_graph")]["loss_per_step"][0] == pytest.approx(rows[(method, "eager")]["loss_per_step"][0], rel=1e-3)
