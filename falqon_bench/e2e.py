@@ -1,23 +1,20 @@
-"""End-to-end fine-tuning benchmark of a whole LLaMA-architecture model, one process per GPU (DESIGN.md section 7).
+"""An e2e suite (`kind = "e2e"`) under torchrun: DDP fine-tuning of a whole model, one process per GPU.
 
-    torchrun --nproc-per-node 8 -m falqon_bench.e2e --model llama-7b --method falqon --rank 16 \\
-        --steps 20 --seq-len 128 --batch-size 2 --out results/e2e-falqon
-    python -m falqon_bench.e2e --model tiny-llama --method bf16_lora,falqon --out /tmp/e2e   # one process, no torchrun
+    torchrun --nproc-per-node 8 -m falqon_bench.e2e suites/e2e.toml --out results/e2e-8gpu
+    python -m falqon_bench.e2e suites/e2e.toml --out /tmp/e2e      # one process; `falqon-bench run` does the same
+                                                                    # with a worker subprocess per method
 
-The model is built from a transformers LlamaConfig with random weights (never downloaded), its linears are
-converted by a falqon_core method, and it trains under torch.distributed DDP (nccl on CUDA, gloo on CPU;
-rank/world size from torchrun's env vars) on synthetic token batches seeded per rank, with AdamW over the
-method's trainable tensors and `method.after_optimizer_step` after every step.
+Every point (method x mode x liger) runs in turn in these processes; a point that raises is one error row and
+the next point still runs (ranks agree on failure, so none waits in a collective another rank skipped). Rank 0
+writes the rows with the runner's RunWriter (points.jsonl + manifest.json), so report, compare, merge and
+--resume read them as any run; `tokens` and `tokens_per_s` count every rank's tokens.
 
 DDP and FALQON: the proxy update rewrites the melded fp8 matrix (a buffer) on every rank. DDP all-reduces
 the gradient of B before the optimizer step, so every rank applies the same update and the fp8 bytes stay
-identical without broadcasting buffers before each forward (DDP's buffer sync is off: a 7B model's
-fp8 matrices are ~6.5 GB).
-The run checks that claim at the end (rank 0's bytes against every rank's) and records `weights_in_sync`.
-
-Rank 0 writes one line per method to <out>/points.jsonl in the suite's results format (falqon_bench.store):
-`wall_ms` is the median step time in ms (CUDA-synchronized on GPU, warm-up steps excluded), `tokens` the
-global tokens per step, `tokens_per_s` the sum over ranks of each rank's tokens per second.
+identical without broadcasting buffers before each forward. Frozen weights (fp8 buffers, tensor-subclass
+weights such as fp6_lora's) are kept out of DDP: every rank builds them from the same seed, and fp8 buffers
+are synced once by bytes. The run checks the claim at the end of each point (rank 0's bytes against every
+rank's) and records `weights_in_sync`.
 """
 
 from __future__ import annotations
@@ -25,12 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import inspect
-import json
-import math
 import os
-import statistics
+import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from falqon_bench.models import MODEL_NAMES, TINY_LLAMA, build_model, llama_config
-from falqon_bench.schema import point_id
-from falqon_bench.store import RunWriter
-
-SUITE_NAME = "e2e-torchrun"
+from falqon_bench.errors import BenchInputError
 
 
 @dataclass(frozen=True)
@@ -83,23 +73,6 @@ def init_distributed(device_kind: str) -> DistInfo:
             kwargs["device_id"] = device  # binds NCCL to this GPU (no guessing from the rank)
         dist.init_process_group(**kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def synthetic_batch(
-    generator: torch.Generator, batch_size: int, seq_len: int, vocab: int, device: torch.device
-) -> torch.Tensor:
-    """batch_size x seq_len token ids: arithmetic sequences (random start and stride 1..3) mod vocab.
-
-    Learnable (the next token follows from the last two), so the loss of a working run goes down.
-    """
-    start = torch.randint(0, vocab, (batch_size, 1), generator=generator)
-    stride = torch.randint(1, 4, (batch_size, 1), generator=generator)
-    return ((start + stride * torch.arange(seq_len)) % vocab).to(device)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fp8_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -145,8 +118,9 @@ def wrap_in_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    fp8_names = [name for name, _ in fp8_buffers(model)]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fp8_names)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in model.named_buffers()]  # same seed on every rank: nothing to broadcast
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     broadcast_fp8_buffers(model, info)
     kwargs: dict[str, Any] = {_no_forward_buffer_sync_kwarg(): False}
     if info.device.type == "cuda":
@@ -180,252 +154,156 @@ def _sum_over_ranks(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
-def _mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    values = values.detach().to(torch.float64)
+def _mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     if info.backend is not None:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= info.world_size
-    return values
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return [float(v) for v in t.cpu()]
 
 
-@dataclass(frozen=True)
-class E2EOptions:
-    """One run's settings (the CLI's options); times in ms, lengths in tokens."""
-
-    model: str
-    methods: tuple[str, ...]
-    rank: int
-    steps: int
-    warmup_steps: int
-    seq_len: int
-    batch_size: int
-    lr: float
-    out: Path
-    num_layers: int | None = None
-    device: str = "auto"
-    skip_grad_allreduce: bool = False
 
 
-def _base_row(opts: E2EOptions, method: str, config, info: DistInfo) -> dict[str, Any]:
-    """The identity keys and REQUIRED_KEYS of a point, with the measurements still empty."""
-    from falqon_bench.envinfo import device_name
+def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_allreduce: bool = False) -> dict[str, Any]:
+    """One e2e point on every rank; returns its row (the same on every rank; rank 0 writes it).
 
-    identity = {
-        "suite": SUITE_NAME,
-        "method": method,
-        "layer": opts.model,
-        "K": int(config.hidden_size),
-        "N": int(config.intermediate_size),
-        "rank": opts.rank,
-        "tokens": opts.batch_size * opts.seq_len * info.world_size,
-        "compile": False,
-        "cache": "warm",
-        "dtype": "bfloat16",
-        "options": {"world_size": info.world_size, "seq_len": opts.seq_len, "batch_size": opts.batch_size,
-                    "num_layers": int(config.num_hidden_layers), "steps": opts.steps},
-    }
-    return {
-        **identity,
-        "point_id": point_id(identity),
-        "device": device_name(info.device),
-        "status": "ok",
-        "error": None,
-        "gpu_ms": None,
-        "gpu_samples_ms": [],
-        "gpu_timing": "none",
-        "wall_ms": None,
-        "wall_samples_ms": [],
-        "kernel_ms": {},
-        "floor_ms": None,
-        "peak_mem_bytes": None,
-        "world_size": info.world_size,
-        "backend": info.backend or "none",
-        "seq_len": opts.seq_len,
-        "batch_size": opts.batch_size,
-        "num_layers": int(config.num_hidden_layers),
-        "steps": opts.steps,
-        "warmup_steps": opts.warmup_steps,
-        "lr": opts.lr,
-        "loss_first": None,
-        "loss_last": None,
-        "tokens_per_s": None,
-        "weights_in_sync": None,
-    }
+    Failure at any stage on any rank makes every rank return an error row at the same stage.
+    """
+    import gc
 
+    from falqon_bench.e2e_step import build_training, e2e_base_row, make_batches, measurements_to_row, run_steps
+    from falqon_bench.worker import one_line
 
-def _error_row(row: dict[str, Any], message: str) -> dict[str, Any]:
-    return {**row, "status": "error", "error": message.strip().splitlines()[0][:500] if message.strip() else "error"}
-
-
-def train_method(opts: E2EOptions, method_name: str, config, info: DistInfo) -> dict[str, Any]:
-    """Build, convert, wrap in DDP and train one method; returns its results row (the same on every rank)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
-    from falqon_core.methods import AdapterConfig
-
-    row = _base_row(opts, method_name, config, info)
-    adapter = AdapterConfig(rank=opts.rank, target_modules=LLAMA_TARGET_MODULES)
-    error = None
+    row = e2e_base_row(point, info.device, info.world_size, info.backend or "none")
+    t0 = time.perf_counter()
+    training = fp8_init = None
+    error: str | None = None
     try:
-        model, method = convert_model(build_model(config, info.device, adapter.dtype), method_name, adapter)
-    except Exception as exc:  # MethodUnavailable, a shape a kernel refuses, a missing library, OOM: one error row
-        error = f"{type(exc).__name__}: {exc}"
-        model = method = None
+        if info.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(info.device)
+        wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
+        training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
+        training.skip_grad_allreduce = skip_grad_allreduce
+        row.update(convert_s=convert_s, trainable_params=n_trainable)
+        fp8_init = [b.view(torch.uint8).cpu().clone() for _, b in fp8_buffers(training.base)] if info.is_main else []
+    except Exception as e:  # MethodUnavailable, a library missing, DDP refusing a tensor subclass, OOM
+        error = one_line(e)
     if not _all_ranks_ok(error is None, info):
-        return _error_row(row, error or "conversion failed on another rank")
-
-    params = method.trainable_parameters(model)
-    if not params:
-        return _error_row(row, f"{method_name} has no trainable parameters to fine-tune")
-    train_model = wrap_in_ddp(model, info) if info.backend is not None else model
-    optimizer = torch.optim.AdamW(params, lr=opts.lr)
-    fp8_init = [b.view(torch.uint8).cpu().clone() for _, b in fp8_buffers(model)] if info.is_main else []
-
-    generator = torch.Generator().manual_seed(1000 + info.rank)  # different data on every rank
-    losses: list[torch.Tensor] = []
-    samples_ms: list[float] = []
-    if info.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(info.device)
-    for step in range(opts.steps):
-        tokens = synthetic_batch(generator, opts.batch_size, opts.seq_len, int(config.vocab_size), info.device)
-        _synchronize(info.device)
-        t0 = time.perf_counter()
-        if opts.skip_grad_allreduce and isinstance(train_model, DistributedDataParallel):
-            with train_model.no_sync():  # ranks diverge: only for testing the sync check
-                loss = train_model(input_ids=tokens, labels=tokens).loss
-                loss.backward()
-        else:
-            loss = train_model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step(model)
-        _synchronize(info.device)
-        if step >= opts.warmup_steps:
-            samples_ms.append((time.perf_counter() - t0) * 1e3)
-        losses.append(loss.detach())
-
-    mean_losses = _mean_over_ranks(torch.stack(losses), info)
-    wall_ms = statistics.median(samples_ms)
-    local_tokens_per_s = opts.batch_size * opts.seq_len / (wall_ms / 1e3)
-    # null with one rank or without fp8 weights: nothing to compare
-    in_sync = fp8_weights_in_sync(model, info) if fp8_buffers(model) and info.world_size > 1 else None  # one rank: nothing to compare
-    row.update(
-        wall_ms=wall_ms,
-        wall_samples_ms=samples_ms,
-        loss_first=float(mean_losses[0]),
-        loss_last=float(mean_losses[-1]),
-        loss_per_step=[float(v) for v in mean_losses],
-        tokens_per_s=_sum_over_ranks(local_tokens_per_s, info),
-        weights_in_sync=in_sync,
-        peak_mem_bytes=int(torch.cuda.max_memory_allocated(info.device)) if info.device.type == "cuda" else None,
-        trainable_params=sum(p.numel() for p in params),
-    )
+        return _finish_error(row, error or "failed on another rank", t0)
+    try:
+        measured = run_steps(training, make_batches(point, int(training.base.config.vocab_size), info.device, info.rank),
+                             point, info.device)
+    except Exception as e:
+        error = one_line(e)
+    if not _all_ranks_ok(error is None, info):
+        return _finish_error(row, error or "training failed on another rank", t0)
+    measured["losses"] = _mean_over_ranks(measured["losses"], info)
+    measurements_to_row(row, measured, point, training.clock.split())
+    row["tokens_per_s"] = _sum_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
+    row["weights_in_sync"] = fp8_weights_in_sync(training.base, info) if fp8_buffers(training.base) and info.world_size > 1 else None
     if fp8_init:
-        now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(model)]
+        now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(training.base)]
         row["fp8_bytes_changed"] = int(sum((a != b).sum() for a, b in zip(fp8_init, now)))
-    if not all(math.isfinite(v) for v in (row["loss_first"], row["loss_last"])):
-        row = _error_row(row, f"loss is not finite ({row['loss_first']} -> {row['loss_last']})")
+    row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(info.device)) if info.device.type == "cuda" else None
+    finite = all(v == v and abs(v) != float("inf") for v in row["loss_per_step"])
+    row.update(status="ok" if finite else "error", error=None if finite else f"loss is not finite: {row['loss_per_step'][:4]}")
+    row["duration_s"] = round(time.perf_counter() - t0, 4)
+    del training
+    gc.collect()
     return row
 
 
-def run(opts: E2EOptions) -> list[dict[str, Any]]:
-    """Train every method of `opts` in turn; rank 0 appends each row to <out>/points.jsonl. Returns the rows."""
-    from falqon_bench.envinfo import collect_env
+def _finish_error(row: dict[str, Any], error: str, t0: float) -> dict[str, Any]:
+    row.update(error=error, error_type=error.split(":")[0], duration_s=round(time.perf_counter() - t0, 4))
+    if row["device"] != "CPU":
+        torch.cuda.empty_cache()
+    return row
 
-    info = init_distributed(opts.device)
-    config = llama_config(opts.model, opts.num_layers)
+
+def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: bool = False, allow_pickle: bool = False,
+        device: str | None = None, skip_grad_allreduce: bool = False) -> list[dict[str, Any]]:
+    """Run an e2e suite's points in this process group; rank 0 appends each row to <out>/points.jsonl. Returns the rows."""
+    from falqon_bench import envinfo
+    from falqon_bench.e2e_suite import KIND, expand_e2e_suite
+    from falqon_bench.store import RunWriter
+    from falqon_bench.suite import load_suite
+    from falqon_bench.sweep import filter_methods
+
+    suite = load_suite(suite_ref)
+    if suite.kind != KIND:
+        raise BenchInputError(f"{suite_ref}: a suite of kind {suite.kind!r}; python -m falqon_bench.e2e runs kind = \"e2e\" "
+                              "suites (use `falqon-bench run` for the others)")
+    suite.allow_pickle = suite.allow_pickle or allow_pickle
+    info = init_distributed(device or suite.device)
+    points = expand_e2e_suite(suite, world_size=info.world_size)
+    if methods:
+        points = filter_methods(points, methods)
     writer = None
+    done: list[str] = []
     if info.is_main:
         manifest = {
-            "suite": SUITE_NAME,
-            "run_id": opts.out.name,
-            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            "env": collect_env(info.device),
-            "world_size": info.world_size,
-            "backend": info.backend or "none",
-            "model": opts.model,
+            "run_id": out.name, "suite": suite.name, "suite_description": suite.description, "kind": KIND,
+            "suite_file": str(suite.path) if suite.path else None, "suite_spec": suite.spec,
+            "device": envinfo.device_name(info.device), "env": envinfo.collect_env(info.device),
+            "world_size": info.world_size, "backend": info.backend or "none", "n_points": len(points),
+            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "status": "running",
         }
-        writer = RunWriter(opts.out, manifest, resume=opts.out.joinpath("points.jsonl").exists())
+        writer = RunWriter(out, manifest, resume=resume)
+        done = sorted(writer.finished_ids)
+    if info.backend is not None:
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
     rows = []
     try:
-        for method_name in opts.methods:
-            row = train_method(opts, method_name, config, info)
+        for point in [p for p in points if p["point_id"] not in set(done)]:
+            row = train_point_distributed(point, info, skip_grad_allreduce)
             rows.append(row)
             if writer is not None:
                 writer.append(row)
                 print(_summary_line(row), flush=True)
-    finally:
         if writer is not None:
-            writer.manifest["status"] = "finished"
-            writer.manifest_path.write_text(json.dumps(writer.manifest, indent=2, sort_keys=True, default=str) + "\n")
+            writer.update_manifest(status="complete", finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    finally:
         if info.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
     return rows
 
 
 def _summary_line(row: dict[str, Any]) -> str:
+    head = f"{row['method']} {row['mode']}"
     if row["status"] != "ok":
-        return f"{row['method']}: error: {row['error']}"
+        return f"{head}: error: {row['error']}"
     return (
-        f"{row['method']}: {row['wall_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s over {row['world_size']} "
-        f"rank(s), loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}, weights_in_sync={row['weights_in_sync']}"
+        f"{head}: {row['wall_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s over {row['world_size']} rank(s), "
+        f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}, weights_in_sync={row['weights_in_sync']}"
     )
 
 
-def parse_args(argv: list[str] | None = None) -> E2EOptions:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m falqon_bench.e2e",
-        description="Full-model fine-tuning steps under torchrun (DDP): ms/step, global tokens/s, loss, fp8 sync check.",
-        epilog="example: torchrun --nproc-per-node 8 -m falqon_bench.e2e --model llama-7b --method falqon "
-        "--rank 16 --steps 20 --seq-len 128 --batch-size 2 --out results/e2e-falqon",
+        description="Run an e2e suite (kind = \"e2e\") in this process group: under torchrun, DDP over its ranks.",
+        epilog="example: torchrun --nproc-per-node 8 -m falqon_bench.e2e suites/e2e.toml --out results/e2e-8gpu",
     )
-    parser.add_argument("--model", default=TINY_LLAMA, choices=MODEL_NAMES)
-    parser.add_argument("--method", default="falqon", help="method name, or several separated by commas")
-    parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
-    parser.add_argument("--steps", type=int, default=20, help="training steps, warm-up included")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--num-layers", type=int, default=None, help="override the model's decoder layer count")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available")
-    parser.add_argument(
-        "--out", type=Path, required=True, help="results directory (points.jsonl + manifest.json); an existing one is appended to"
-    )
+    parser.add_argument("suite", help="e2e suite name or .toml path")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (points.jsonl + manifest.json)")
+    parser.add_argument("--methods", default=None, help="only these methods, comma-separated")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out: skip points already ok")
+    parser.add_argument("--allow-pickle", action="store_true", help="let a local model directory load pickled weights")
+    parser.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"), help="override the suite's device")
     parser.add_argument("--skip-grad-allreduce", action="store_true", help=argparse.SUPPRESS)  # tests the sync check
-    args = parser.parse_args(argv)
-    if args.steps <= args.warmup_steps:
-        parser.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps}): no step would be timed")
-    from falqon_core.methods import method_names
-
-    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
-    unknown = [m for m in methods if m not in method_names()]
-    if not methods or unknown:
-        parser.error(f"unknown method(s) {unknown or [args.method]}; allowed: {', '.join(method_names())}")
-    return E2EOptions(
-        model=args.model,
-        methods=methods,
-        rank=args.rank,
-        steps=args.steps,
-        warmup_steps=args.warmup_steps,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        out=args.out,
-        num_layers=args.num_layers,
-        device=args.device,
-        skip_grad_allreduce=args.skip_grad_allreduce,
-    )
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        run(parse_args(argv))
-    except Exception:
-        traceback.print_exc()
-        return 1
+        run(args.suite, args.out, methods, args.resume, args.allow_pickle, args.device, args.skip_grad_allreduce)
+    except BenchInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

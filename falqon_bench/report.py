@@ -275,6 +275,9 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     table = perf_table(df)
     (out / "perf_table.md").write_text(table, encoding="utf-8")
     md = _markdown(runs, df, written, notes, table)
+    from falqon_bench.figures.e2e import render_e2e_section  # whole-model runs (suite kind "e2e")
+
+    md += render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)
     (out / "report.md").write_text(md, encoding="utf-8")
     page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", [f for f, _ in written], out)
     (out / "report.html").write_text(page, encoding="utf-8")

@@ -463,7 +463,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(m, justify="right")
     keyed: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        variant = ("compile" if r.get("compile") else "eager") + ("/cold" if r.get("cache") == "cold" else "")
+        variant = (r.get("mode") or ("compile" if r.get("compile") else "eager")) + ("/cold" if r.get("cache") == "cold" else "")
         key = (r["layer"], f"{r['K']}x{r['N']}", r["rank"], r["tokens"], variant)
         keyed.setdefault(key, {})[r["method"]] = r
     for key, by_method in keyed.items():

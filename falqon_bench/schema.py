@@ -36,6 +36,26 @@ REQUIRED_KEYS: dict[str, str] = {
     "peak_mem_bytes": "peak device memory allocated during the timed step",
 }
 
+# e2e points (suite kind "e2e": a whole model's fine-tuning step; falqon_bench.e2e_step) give the required keys
+# these meanings: layer = the model's name, K / N = its hidden / intermediate size, tokens = tokens per optimizer
+# step (all ranks), compile = mode "compile", wall_ms = median wall time of one whole step (synchronized),
+# gpu_ms = profiler GPU kernel time per step ('profiler' gpu_timing; null on CPU), peak_mem_bytes = peak device
+# memory of the whole run (model, optimizer, activations). They add these keys (null when not measured):
+E2E_KEYS: dict[str, str] = {
+    "mode": "'eager', 'compile' (torch.compile of the model) or 'cuda_graph' (the whole step in one CUDA graph)",
+    "tokens_per_s": "tokens per second over all ranks, from the median step wall time",
+    "host_ms": "median host time to issue one step (until the Python call returns, before synchronizing), ms",
+    "split_ms": "median GPU ms per phase {forward, backward, optimizer, post_step} from CUDA events (eager, compile)",
+    "gpu_busy": "profiler kernel time / wall time over profile_steps steps (1 = the GPU never idles)",
+    "kernel_launches": "GPU kernels per step seen by the profiler",
+    "convert_s": "seconds to convert the model to the method (FALQON: its SVD init)",
+    "loss_per_step": "training loss of every step, warm-up included (mean over ranks)",
+    "loss_first": "loss of the first step",
+    "loss_last": "loss of the last step",
+    "world_size": "processes (GPUs) of the run",
+    "backend": "torch.distributed backend, or 'none'",
+}
+
 IDENTITY_KEYS = ("suite", "method", "layer", "K", "N", "rank", "tokens", "compile", "cache", "dtype", "options")
 
 BREAKDOWN_CATEGORIES = ("quantize", "gemm_fp8", "gemm_bf16", "lora_gemm", "elementwise", "other")

@@ -121,6 +121,7 @@ class Timing(_Strict):
 class SuiteFile(_Strict):
     """The top level of a suite file, exactly as written."""
 
+    kind: Literal["layers"] = "layers"
     name: str = Field(min_length=1)
     description: str = ""
     device: Literal["cuda", "cpu", "auto"] = "auto"
@@ -155,6 +156,22 @@ class Suite:
     path: Path | None = None
     raw_text: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
+    kind: str = "layers"  # a key of KINDS
+    kind_spec: Any = None  # the validated settings of a non-layer kind (e.g. e2e_suite.E2ESuiteFile)
+    allow_pickle: bool = False  # a local model directory may hold pickled weights (suite key / --allow-pickle)
+
+
+# kind -> module with validate_<kind>_suite(data, file, text) -> Suite, expand_<kind>_suite(suite) -> points,
+# measure_<kind>_point(point, ctx) -> row; "layers" is this module, sweep.py and worker.py themselves.
+KINDS: dict[str, str] = {"layers": __name__, "e2e": "falqon_bench.e2e_suite"}
+
+
+def kind_function(kind: str, verb: str):
+    """The `<verb>_<kind>_...` function of a suite kind's module, e.g. kind_function("e2e", "expand")."""
+    import importlib
+
+    module = importlib.import_module(KINDS[kind])
+    return getattr(module, f"{verb}_{kind}_{'point' if verb == 'measure' else 'suite'}")
 
 
 # ---------------------------------------------------------------- locating keys in the raw text
@@ -203,14 +220,14 @@ class _Where:
     allowed_keys: tuple[str, ...]
 
 
-def _where(loc: tuple) -> tuple[_Where, tuple]:
+def _where(loc: tuple, top_keys: tuple[str, ...] | None = None) -> tuple[_Where, tuple]:
     """Split a pydantic loc into the table it points into and the rest (key, item index...)."""
     if loc and loc[0] == "grid" and len(loc) > 1 and isinstance(loc[1], int):
         return _Where(f"[[grid]] #{loc[1] + 1}", "grid", loc[1], AXES), loc[2:]
     if loc and loc[0] in ("timing", "defaults") and len(loc) > 1:
         allowed = tuple(Timing.model_fields) if loc[0] == "timing" else AXES
         return _Where(f"[{loc[0]}]", loc[0], None, allowed), loc[1:]
-    return _Where("the top level", None, None, tuple(SuiteFile.model_fields)), loc
+    return _Where("the top level", None, None, top_keys or tuple(SuiteFile.model_fields)), loc
 
 
 def _at(file: Path | str, text: str, where: _Where, key: str | None) -> str:
@@ -218,11 +235,11 @@ def _at(file: Path | str, text: str, where: _Where, key: str | None) -> str:
     return f"{where.label} of {file}" + (f" line {line}" if line else "")
 
 
-def _explain_validation_error(e: ValidationError, file: Path | str, text: str) -> str:
+def _explain_validation_error(e: ValidationError, file: Path | str, text: str, top_keys: tuple[str, ...] | None = None) -> str:
     """The first pydantic error as one paragraph: what, where (table, key, line), what is allowed."""
     errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # a typo explains a later 'missing'
     err = errors[0]
-    where, rest = _where(tuple(err["loc"]))
+    where, rest = _where(tuple(err["loc"]), top_keys)
     key = str(rest[0]) if rest else None
     item = f" item {rest[1] + 1}" if len(rest) > 1 and isinstance(rest[1], int) else ""
     more = f" ({len(errors) - 1} more problem(s) in this file after fixing this one)" if len(errors) > 1 else ""
@@ -239,6 +256,11 @@ def _explain_validation_error(e: ValidationError, file: Path | str, text: str) -
     if key is None:
         return f"{where.label} of {file}: {msg}{got}{more}"
     return f"bad value for `{key}`{item} in {_at(file, text, where, key)}: {msg}{got}{more}"
+
+
+def explain_top_level_error(e: ValidationError, file: Path | str, text: str, allowed_keys: tuple[str, ...]) -> str:
+    """One paragraph for a suite kind whose keys are all top level (file, line, key, allowed keys)."""
+    return _explain_validation_error(e, file, text, top_keys=allowed_keys)
 
 
 # ---------------------------------------------------------------- loading
@@ -284,7 +306,13 @@ def load_suite(name_or_path: str | Path) -> Suite:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BenchInputError(f"{path} is not valid TOML: {e}") from None
-    return validate_suite(data, file=path, text=text)
+    kind = data.get("kind", "layers")
+    if not isinstance(kind, str) or kind not in KINDS:
+        line = find_key_line(text, None, None, "kind")
+        raise BenchInputError(f"unknown suite kind {kind!r} in {path}" + (f" line {line}" if line else "")
+                              + f"; allowed: {', '.join(KINDS)}")
+    validate = validate_suite if kind == "layers" else kind_function(kind, "validate")
+    return validate(data, file=path, text=text)
 
 
 def validate_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = "") -> Suite:

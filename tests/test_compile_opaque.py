@@ -1,10 +1,11 @@
-"""Every Triton launcher is opaque to torch.compile: Dynamo breaks the graph and runs it as it is.
+"""Every Triton launcher is opaque to torch.compile: a `falqon::` custom op in the graph, or a graph break.
 
 Why: inductor infers which buffers a user Triton kernel writes; where the inference misses a store, the
 launch is dead code to it and is dropped, so a compiled step returns garbage and times too fast (a compiled
 halo_lora returned zeros on the H100). Here each launcher runs under torch.compile (Dynamo with the eager
-backend, on CPU through the Triton interpreter): no graph may hold a Triton launch, and the
-results must equal the uncompiled call's, bit for bit.
+backend, on CPU through the Triton interpreter): no graph may hold a raw Triton launch, FALQON's launchers
+must be one custom-op node each with no graph break, and the results must equal the uncompiled call's, bit
+for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def _inputs() -> dict[str, tuple]:
     }
 
 
+# FALQON's launchers are torch.library custom ops under compile (falqon_core.kernels.compile_ops)
+AS_CUSTOM_OPS = ("quantize tensorwise", "quantize rowwise", "melded gemm", "transpose", "proxy update")
+
+
 def _flat(out) -> list[torch.Tensor]:
     return [t for t in (out if isinstance(out, tuple) else (out,))]
 
@@ -51,8 +56,12 @@ def test_launcher_runs_outside_compiled_graphs_and_matches_eager(name):
     fn, args = _inputs()[name]
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(fn)(*_clone(args))
-    traced = [n.target for g in explanation.graphs for n in g.graph.nodes if "triton_kernel" in str(n.target)]
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
+    traced = [t for t in targets if "triton_kernel" in t]
     assert not traced, f"{name}: Dynamo put a Triton launch into a graph: {traced}"
+    if name in AS_CUSTOM_OPS:
+        assert explanation.graph_break_count == 0, f"{name}: {explanation.break_reasons}"
+        assert any("falqon." in t for t in targets), f"{name}: no falqon:: op in the graph: {targets}"
     eager = _flat(fn(*_clone(args)))
     compiled = _flat(torch.compile(fn, backend="eager")(*_clone(args)))
     assert len(eager) == len(compiled)

@@ -45,7 +45,7 @@ def run_cli_error(path: Path) -> str:
     return message
 
 
-@pytest.mark.parametrize("name", ["smoke", "overhead", "methods", "ranks", "e2e"])
+@pytest.mark.parametrize("name", ["smoke", "overhead", "methods", "ranks", "e2e_layers"])
 def test_every_shipped_suite_loads(name):
     suite = load_suite(name)
     assert suite.name == name and suite.description and suite.grids

@@ -76,7 +76,7 @@ def test_shipped_suites_have_the_intended_sizes():
     assert len(expand_suite(load_suite("overhead"))) == 3 * 5 * 8 + 3 * 1 * 7
     assert len(expand_suite(load_suite("methods"))) == (3 + 4) * 8
     assert len(expand_suite(load_suite("ranks"))) == 5 * 5 * 5
-    assert len(expand_suite(load_suite("e2e"))) == 3 * 8
+    assert len(expand_suite(load_suite("e2e_layers"))) == 3 * 8
 
 
 def test_point_ids_are_stable_and_change_with_any_identity_key():

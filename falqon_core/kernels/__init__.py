@@ -21,6 +21,7 @@ from falqon_core.kernels.melded import (
 from falqon_core.kernels.proxy_update import proxy_update_, proxy_update_reference_, proxy_update_triton_
 from falqon_core.kernels.quantize import quantize_fp8, quantize_fp8_reference, quantize_fp8_triton
 from falqon_core.kernels.transpose import transpose_fp8, transpose_fp8_reference, transpose_fp8_triton
+from falqon_core.kernels import compile_ops  # noqa: E402,F401  registers the falqon:: custom ops for torch.compile
 
 __all__ = [
     "melded_matmul",

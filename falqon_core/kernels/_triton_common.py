@@ -29,22 +29,39 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def opaque_to_compile(launcher: _F) -> _F:
-    """Run a Triton launcher as it is under torch.compile (a graph break) instead of letting Dynamo trace it.
+    """Keep Dynamo from tracing into a Triton launcher: under torch.compile, call its `falqon::` custom op
+    (registered by falqon_core.kernels.compile_ops: one graph node with a fake implementation), or, for a
+    launcher without one, run it as it is (a graph break).
 
-    Inductor works out which buffers a user Triton kernel writes by analysing the kernel; where that misses
-    a store, dead-code elimination drops the launch and the compiled step silently skips the kernel (seen
-    on the H100: compiled halo_lora returned zeros; pytorch/pytorch#170808). A benchmark of such a step
-    measures nothing. Eager calls pay only one `is_compiling()` check.
+    Why not let Dynamo trace the launch: inductor works out which buffers a user Triton kernel writes by
+    analysing the kernel; where that misses a store, dead-code elimination drops the launch and the compiled
+    step silently skips the kernel (seen on the H100: compiled halo_lora returned zeros; pytorch/pytorch#170808).
+    A custom op declares what it writes. Eager calls pay only one `is_compiling()` check.
     """
     disabled = torch.compiler.disable(launcher)
+    slot: dict[str, Any] = {}  # {"op": custom op, "unpack": op result -> launcher result}, see register_compile_op
 
     @functools.wraps(launcher)
     def call(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            return disabled(*args, **kwargs)
+            op = slot.get("op")
+            if op is None:
+                return disabled(*args, **kwargs)
+            result = op(*args, **kwargs)
+            unpack = slot.get("unpack")
+            return unpack(result) if unpack is not None else result
         return launcher(*args, **kwargs)
 
+    call.compile_op_slot = slot  # type: ignore[attr-defined]
     return call  # type: ignore[return-value]
+
+
+def register_compile_op(wrapped: Callable[..., Any], op: Callable[..., Any], unpack: Callable[[Any], Any] | None = None) -> None:
+    """Make torch.compile call `op` (same arguments) for the opaque_to_compile launcher `wrapped`."""
+    slot = getattr(wrapped, "compile_op_slot", None)
+    if slot is None:
+        raise TypeError(f"{getattr(wrapped, '__qualname__', wrapped)} is not an opaque_to_compile launcher")
+    slot.update(op=op, unpack=unpack)
 
 
 def is_interpreter() -> bool:

@@ -1,0 +1,124 @@
+"""FALQON's Triton launchers as torch.library custom ops (`falqon::*`), so torch.compile keeps them in its graph.
+
+Under torch.compile a launcher decorated with `_triton_common.opaque_to_compile` calls its op here instead of
+breaking the graph: Dynamo and inductor see one node per launch, with a fake implementation (shapes and dtypes
+only) and the tensors it writes declared (`mutates_args`). Inductor never looks inside the op, so it cannot
+drop a launch whose stores it failed to see (pytorch#170808, where compiled halo_lora returned zeros), and a
+whole FALQON step compiles with fullgraph=True and can be captured in one CUDA graph. Eager calls do not go
+through the ops (no dispatcher cost). The real implementation is the launcher itself.
+
+Launchers without an op here (the Hadamard kernels) stay graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from falqon_core.kernels import _triton_common as tc
+from falqon_core.kernels import melded, proxy_update, quantize, transpose
+
+
+def _launcher(fn):
+    """The undecorated launcher behind an opaque_to_compile wrapper."""
+    return getattr(fn, "__wrapped__", fn)
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@torch.library.custom_op("falqon::partial_amax", mutates_args=())
+def partial_amax(x_flat: torch.Tensor) -> torch.Tensor:
+    return _launcher(quantize.partial_amax)(x_flat)
+
+
+@partial_amax.register_fake
+def _(x_flat):
+    programs, _ = quantize.tensorwise_grid(x_flat, x_flat.numel())
+    return x_flat.new_empty(programs, dtype=torch.float32)
+
+
+@torch.library.custom_op("falqon::cast_tensorwise_from_partials", mutates_args=())
+def cast_tensorwise_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, software_round: Optional[bool] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launcher(quantize.cast_tensorwise_from_partials)(x, partials, dtype, software_round)
+
+
+@cast_tensorwise_from_partials.register_fake
+def _(x, partials, dtype, software_round=None):
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("falqon::quantize_rowwise", mutates_args=())
+def quantize_rowwise(x: torch.Tensor, dtype: torch.dtype, software_round: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launcher(quantize._quantize_rowwise_triton)(x, dtype, software_round)
+
+
+@quantize_rowwise.register_fake
+def _(x, dtype, software_round=None):
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- melded GEMM
+
+
+@torch.library.custom_op("falqon::melded_gemm", mutates_args=())
+def melded_gemm(
+    x8: torch.Tensor, x_scale: torch.Tensor, w8_melded: torch.Tensor, w_scale: torch.Tensor, n_out: int,
+    oa_amax: bool, software_round: Optional[bool], fast_accum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out M x n_out, o_a M x r, o_a's partial amaxes, or an empty tensor without oa_amax): ops return no None."""
+    out, o_a, partials = _launcher(melded._melded_triton)(x8, x_scale, w8_melded, w_scale, n_out, oa_amax, software_round, fast_accum)
+    return out, o_a, partials if partials is not None else x8.new_empty(0, dtype=torch.float32)
+
+
+@melded_gemm.register_fake
+def _(x8, x_scale, w8_melded, w_scale, n_out, oa_amax, software_round, fast_accum):
+    m, r = x8.shape[0], w8_melded.shape[0] - n_out
+    programs = tc.num_sms(x8) if oa_amax else 0
+    return (x8.new_empty((m, n_out), dtype=torch.bfloat16), x8.new_empty((m, r), dtype=torch.bfloat16),
+            x8.new_empty(programs, dtype=torch.float32))
+
+
+def _melded_unpack(result):
+    out, o_a, partials = result
+    return out, o_a, (partials if partials.numel() > 0 else None)
+
+
+# ---------------------------------------------------------------- transpose, proxy update
+
+
+@torch.library.custom_op("falqon::transpose_fp8", mutates_args=())
+def transpose_fp8(x: torch.Tensor) -> torch.Tensor:
+    return _launcher(transpose.transpose_fp8_triton)(x)
+
+
+@transpose_fp8.register_fake
+def _(x):
+    return x.new_empty((x.shape[1], x.shape[0]), dtype=x.dtype)
+
+
+@torch.library.custom_op("falqon::proxy_update_", mutates_args=("w8", "b"))
+def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, software_round: Optional[bool] = None) -> torch.Tensor:
+    """In place on w8 (merged rows) and b (zeroed); returns the merged rows (k,) int64."""
+    return _launcher(proxy_update.proxy_update_triton_)(w8, a8, b, k, software_round=software_round)
+
+
+@proxy_update_.register_fake
+def _(w8, a8, b, k, software_round=None):
+    return w8.new_empty(k, dtype=torch.int64)
+
+
+def _proxy_update_call(w8, a8, b, k, *, software_round=None):
+    return proxy_update_(w8, a8, b, k, software_round)
+
+
+# launcher -> the op torch.compile calls instead (and how to map its result back to the launcher's)
+tc.register_compile_op(quantize.partial_amax, partial_amax)
+tc.register_compile_op(quantize.cast_tensorwise_from_partials, cast_tensorwise_from_partials)
+tc.register_compile_op(quantize._quantize_rowwise_triton, quantize_rowwise)
+tc.register_compile_op(melded._melded_triton, melded_gemm, unpack=_melded_unpack)
+tc.register_compile_op(transpose.transpose_fp8_triton, transpose_fp8)
+tc.register_compile_op(proxy_update.proxy_update_triton_, _proxy_update_call)

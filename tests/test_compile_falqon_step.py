@@ -1,0 +1,65 @@
+"""A FALQON layer step compiles whole (fullgraph=True) with its Triton kernels as `falqon::` custom ops, and
+computes what the eager step computes, bit for bit.
+
+On CPU the Triton kernels run in the interpreter; FALQON's dispatchers take their Triton path when
+`triton_fp8_ok` says so, which this test forces. The backend is aot_eager: AOTAutograd traces forward and
+backward through the ops' fake implementations and functionalizes the proxy update's in-place writes (the
+part where a wrong fake or an undeclared mutation shows); inductor's code generation is left to the GPU run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from falqon_core.kernels import _triton_common as tc
+from falqon_core.methods.falqon import FalqonLinear
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
+
+
+def _layer() -> FalqonLinear:
+    torch.manual_seed(0)
+    layer = FalqonLinear(nn.Linear(64, 96, bias=False), 16, init_svd="exact")
+    return layer
+
+
+def _step(layer: FalqonLinear, forward, update, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = forward(x)
+    out.float().square().mean().backward()
+    grad = layer.lora_B.grad.clone()
+    with torch.no_grad():
+        layer.lora_B -= 50.0 * grad  # large enough that merged rows change W8
+    rows = update()
+    return out.detach(), grad, rows
+
+
+def test_compiled_falqon_step_has_no_graph_break_and_matches_eager(triton_path):
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    eager_layer = _layer()
+    compiled_layer = copy.deepcopy(eager_layer)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(compiled_layer.forward)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # the autograd.Function's forward is a subgraph of the graph: look into every submodule
+    ops = {str(n.target) for g in explanation.graphs for m in g.modules() if hasattr(m, "graph") for n in m.graph.nodes}
+    assert any("falqon.partial_amax" in t for t in ops), ops  # the quantize kernels are ops in the graph
+    torch._dynamo.reset()
+
+    before = eager_layer.melded.view(torch.uint8).clone()
+    e_out, e_grad, e_rows = _step(eager_layer, eager_layer, eager_layer.proxy_update, x)
+    forward = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    update = torch.compile(compiled_layer.proxy_update, fullgraph=True, backend="aot_eager")
+    c_out, c_grad, c_rows = _step(compiled_layer, forward, update, x)
+
+    assert torch.equal(e_out, c_out) and torch.equal(e_grad, c_grad)
+    assert torch.equal(torch.sort(e_rows).values, torch.sort(c_rows).values)
+    assert not torch.equal(eager_layer.melded.view(torch.uint8), before), "the update changed nothing: vacuous"
+    assert torch.equal(eager_layer.melded.view(torch.uint8), compiled_layer.melded.view(torch.uint8))
+    assert torch.count_nonzero(compiled_layer.lora_B) == 0  # the op's declared write to B happened
