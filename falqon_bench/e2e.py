@@ -374,6 +374,34 @@ def _summary_line(row: dict[str, Any]) -> str:
     )
 
 
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= minimum (a rank, step or size of 0 would only produce an error row)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> E2EOptions:
     parser = argparse.ArgumentParser(
         prog="python -m falqon_bench.e2e",
@@ -383,13 +411,13 @@ def parse_args(argv: list[str] | None = None) -> E2EOptions:
     )
     parser.add_argument("--model", default=TINY_LLAMA, choices=MODEL_NAMES)
     parser.add_argument("--method", default="falqon", help="method name, or several separated by commas")
-    parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
-    parser.add_argument("--steps", type=int, default=20, help="training steps, warm-up included")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--num-layers", type=int, default=None, help="override the model's decoder layer count")
+    parser.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="training steps, warm-up included")
+    parser.add_argument("--warmup-steps", type=_non_negative_int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=_positive_int, default=2, help="sequences per rank per step")
+    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--num-layers", type=_positive_int, default=None, help="override the model's decoder layer count")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available")
     parser.add_argument(
         "--out", type=Path, required=True, help="results directory (points.jsonl + manifest.json); an existing one is appended to"

@@ -45,3 +45,67 @@ def point_id(identity: dict) -> str:
     """A short stable id of a point from its identity keys (order-independent, JSON-canonical)."""
     payload = json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- row type check (readers)
+
+_POSITIVE_INT = ("K", "N", "rank", "tokens")
+_NON_NEGATIVE_NUMBER = ("gpu_ms", "wall_ms", "floor_ms", "peak_mem_bytes")
+_SAMPLE_LISTS = ("gpu_samples_ms", "wall_samples_ms")
+_TEXT = ("point_id", "cache", "device", "error", "gpu_timing")
+STATUSES = ("ok", "error")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def row_problem(row: object) -> str | None:
+    """Why `row` is not a SCHEMA_VERSION results row (naming the key and what is allowed), or None when it is.
+
+    Every REQUIRED_KEY must be present; `method`, `layer` are text, `status` is 'ok' or 'error';
+    K, N, rank, tokens are integers >= 1 (null allowed); times (ms) and bytes are finite numbers >= 0
+    or null; sample lists hold finite numbers; kernel_ms maps category -> ms; `compile` is a bool.
+    A `schema` key in a row, when present, must equal SCHEMA_VERSION.
+    """
+    if not isinstance(row, dict):
+        return f"the line is a JSON {type(row).__name__}, not an object (one point per line)"
+    if "schema" in row and row["schema"] != SCHEMA_VERSION:
+        return f"key `schema` is {row['schema']!r}: a row of another schema version; this reader knows version {SCHEMA_VERSION}"
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        return f"missing key(s) {', '.join(f'`{k}`' for k in missing)}; every row has {', '.join(REQUIRED_KEYS)}"
+
+    def bad(key: str, allowed: str) -> str:
+        return f"key `{key}` is {row[key]!r} ({type(row[key]).__name__}); allowed: {allowed}"
+
+    for key in ("method", "layer"):
+        if not isinstance(row[key], str) or not row[key]:
+            return bad(key, "a non-empty string")
+    if row["status"] not in STATUSES:
+        return bad("status", "'ok' or 'error'")
+    for key in _TEXT:
+        if row[key] is not None and not isinstance(row[key], str):
+            return bad(key, "a string or null")
+    for key in _POSITIVE_INT:
+        if row[key] is not None and not (_is_int(row[key]) and row[key] >= 1):
+            return bad(key, "an integer >= 1 or null")
+    if row["compile"] is not None and not isinstance(row["compile"], bool):
+        return bad("compile", "true, false or null")
+    for key in _NON_NEGATIVE_NUMBER:
+        if row[key] is not None and not (_is_number(row[key]) and row[key] >= 0):
+            return bad(key, "a finite number >= 0 or null")
+    for key in _SAMPLE_LISTS:
+        value = row[key]
+        if value is not None and not (isinstance(value, list) and all(_is_number(v) and v >= 0 for v in value)):
+            return bad(key, "a list of finite numbers >= 0 (ms) or null")
+    kernel = row["kernel_ms"]
+    if kernel is not None and not (isinstance(kernel, dict) and all(isinstance(k, str) and (v is None or _is_number(v)) for k, v in kernel.items())):
+        return bad("kernel_ms", "an object category -> ms (numbers) or null")
+    return None
