@@ -207,7 +207,7 @@ def speedup_text(base: Any, row: Any) -> str:
     if not _is_number(base_ms) or not _is_number(ms) or ms <= 0:
         return "-"
     text = f"{base_ms / ms:.2f}x"
-    if "wall" not in (base.get("metric_kind"), row.get("metric_kind")):
+    if base.get("variant") == row.get("variant") or "wall" not in (base.get("metric_kind"), row.get("metric_kind")):
         return text
     lo_b, hi_b, lo, hi = (base.get("p10_ms"), base.get("p90_ms"), row.get("p10_ms"), row.get("p90_ms"))
     if all(_is_number(v) for v in (lo_b, hi_b, lo, hi)) and (hi < lo_b or lo > hi_b):

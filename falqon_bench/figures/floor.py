@@ -55,11 +55,9 @@ def render_floor_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
                 unavailable.append((i, "n/a (no floor)", NA_GID))
             else:
                 ax.bar(i, pct, BAR_WIDTH, color=variant_color(variant), hatch=variant_hatch(variant), edgecolor="white", linewidth=0.5)
-                # vertical, inside the bar's top: side by side horizontal labels overlapped on 15-bar panels
-                inside = pct >= 25
-                ax.text(i, pct - 2 if inside else pct + 1, f"{pct:.0f}%", ha="center", va="top" if inside else "bottom",
-                        rotation=90, fontsize=7, color="white" if inside else "black", fontweight="bold" if inside else "normal")
-        ax.set_ylim(0, max(100.0, ax.get_ylim()[1]))
+                # vertical, above the bar: side by side horizontal labels overlapped on 15-bar panels
+                ax.text(i, pct + 1.5, f"{pct:.0f}%", ha="center", va="bottom", rotation=90, fontsize=7)
+        ax.set_ylim(0, max(118.0, ax.get_ylim()[1] * 1.12))  # room for the labels above a bar near 100%
         ax.axhline(100.0, color="black", linewidth=0.8, linestyle=":")
         for i, text, gid in unavailable:
             mark_unavailable(ax, i, BAR_WIDTH, text, gid)
