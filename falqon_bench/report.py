@@ -241,15 +241,15 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         notes.append("CPU run: no GPU time was measured, so figures use eager wall time and there is no roofline floor.")
     written: list[tuple[str, str]] = []
     figures = list(FIGURES)
+    if not has_floor(primary):  # a CPU run: no peaks measured, so no floor panel at all
+        figures = [f for f in figures if f[2] is not render_floor_figure]
+        (out / "floor.png").unlink(missing_ok=True)
     gpu_models = sorted(set(df["device"]))
     if len(gpu_models) >= 2:
         figures.insert(4, GPU_FIGURE)
     else:
         (out / GPU_FIGURE[0]).unlink(missing_ok=True)
         notes.append(f"Fig. 5 skipped: it needs runs from at least two GPU models; these runs cover {', '.join(gpu_models)}.")
-    if not has_floor(primary):  # a CPU run: no peaks measured, so no floor panel at all
-        figures = [f for f in figures if f[2] is not render_floor_figure]
-        (out / "floor.png").unlink(missing_ok=True)
     for fname, caption, render in figures:
         data = df if render is render_gpu_speedup_figure else primary
         fig = render(data, label_for(runs, data) if data is df else label)
