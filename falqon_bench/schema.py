@@ -53,7 +53,6 @@ _POSITIVE_INT = ("K", "N", "rank", "tokens")
 _NON_NEGATIVE_NUMBER = ("gpu_ms", "wall_ms", "floor_ms", "peak_mem_bytes")
 _SAMPLE_LISTS = ("gpu_samples_ms", "wall_samples_ms")
 _TEXT = ("point_id", "cache", "device", "error", "gpu_timing")
-STATUSES = ("ok", "error")
 
 
 def _is_int(v: object) -> bool:
@@ -67,29 +66,29 @@ def _is_number(v: object) -> bool:
 
 
 def row_problem(row: object) -> str | None:
-    """Why `row` is not a SCHEMA_VERSION results row (naming the key and what is allowed), or None when it is.
+    """Why `row` is not a SCHEMA_VERSION results row, or None when it is: a phrase that follows "point 3",
+    such as "has `rank` = 'sixteen' (str); allowed: an integer >= 1 or null".
 
-    Every REQUIRED_KEY must be present; `method`, `layer` are text, `status` is 'ok' or 'error';
+    Every REQUIRED_KEY must be present; `method`, `layer` and `status` are non-empty text (any status
+    but 'ok' is a failed point);
     K, N, rank, tokens are integers >= 1 (null allowed); times (ms) and bytes are finite numbers >= 0
     or null; sample lists hold finite numbers; kernel_ms maps category -> ms; `compile` is a bool.
     A `schema` key in a row, when present, must equal SCHEMA_VERSION.
     """
     if not isinstance(row, dict):
-        return f"the line is a JSON {type(row).__name__}, not an object (one point per line)"
+        return f"is a JSON {type(row).__name__}, not an object (one point per line)"
     if "schema" in row and row["schema"] != SCHEMA_VERSION:
-        return f"key `schema` is {row['schema']!r}: a row of another schema version; this reader knows version {SCHEMA_VERSION}"
+        return f"has `schema` = {row['schema']!r}: a row of another schema version; this reader knows version {SCHEMA_VERSION}"
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
-        return f"missing key(s) {', '.join(f'`{k}`' for k in missing)}; every row has {', '.join(REQUIRED_KEYS)}"
+        return f"lacks key(s) {', '.join(f'`{k}`' for k in missing)}; every row has {', '.join(REQUIRED_KEYS)}"
 
     def bad(key: str, allowed: str) -> str:
-        return f"key `{key}` is {row[key]!r} ({type(row[key]).__name__}); allowed: {allowed}"
+        return f"has `{key}` = {row[key]!r} ({type(row[key]).__name__}); allowed: {allowed}"
 
-    for key in ("method", "layer"):
+    for key in ("method", "layer", "status"):  # a status other than 'ok' reads as a failed point
         if not isinstance(row[key], str) or not row[key]:
-            return bad(key, "a non-empty string")
-    if row["status"] not in STATUSES:
-        return bad("status", "'ok' or 'error'")
+            return bad(key, "a non-empty string" + (" ('ok' or 'error')" if key == "status" else ""))
     for key in _TEXT:
         if row[key] is not None and not isinstance(row[key], str):
             return bad(key, "a string or null")

@@ -190,7 +190,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ResultsError(f"{path}: a JSON {type(manifest).__name__}, not an object; the manifest is corrupt")
     if "schema" in manifest and manifest["schema"] != SCHEMA_VERSION:
-        raise ResultsError(f"{path}: key `schema` is {manifest['schema']!r}: results of another schema version; "
+        raise ResultsError(f"{path}: has `schema` = {manifest['schema']!r}: results of another schema version; "
                            f"this falqon-bench reads version {SCHEMA_VERSION}")
     return manifest
 
@@ -201,10 +201,10 @@ def _read_run_points(path: Path) -> list[dict[str, Any]]:
     lines = _read_point_lines(path)
     if not lines:
         raise ResultsError(f"{path}: holds no points")
-    for line, p in lines:
+    for i, (line, p) in enumerate(lines, 1):
         problem = row_problem(p)
         if problem:
-            raise ResultsError(f"{path}:{line}: {problem}. Is this a falqon-bench results file of schema {SCHEMA_VERSION}?")
+            raise ResultsError(f"{path}: point {i} {problem} (line {line}). Is this a falqon-bench results file of schema {SCHEMA_VERSION}?")
     points = [p for _, p in lines]
     by_id: dict[str, dict[str, Any]] = {}
     for p in points:

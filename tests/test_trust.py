@@ -102,7 +102,7 @@ def test_a_rank_given_as_text_names_the_file_line_and_key(run_dir, tmp_path):
     lines[2] = json.dumps(row)
     (run_dir / "points.jsonl").write_text("\n".join(lines) + "\n")
     for name, result in every_reader(run_dir, tmp_path).items():
-        assert_input_error(result, f"{run_dir / 'points.jsonl'}:3:", "key `rank` is 'sixteen'", "integer >= 1"), name
+        assert_input_error(result, f"{run_dir / 'points.jsonl'}: point 3 has `rank` = 'sixteen'", "integer >= 1", "(line 3)"), name
     assert_no_output(tmp_path)
 
 
@@ -112,11 +112,11 @@ def test_results_of_another_schema_version_are_refused(run_dir, tmp_path, where)
         lines = (run_dir / "points.jsonl").read_text().splitlines()
         lines[1] = json.dumps({**json.loads(lines[1]), "schema": 2})
         (run_dir / "points.jsonl").write_text("\n".join(lines) + "\n")
-        needles = (f"{run_dir / 'points.jsonl'}:2:", "key `schema` is 2", "another schema version")
+        needles = (f"{run_dir / 'points.jsonl'}: point 2 has `schema` = 2", "(line 2)", "another schema version")
     else:
         manifest = json.loads((run_dir / "manifest.json").read_text())
         (run_dir / "manifest.json").write_text(json.dumps({**manifest, "schema": 2}))
-        needles = (str(run_dir / "manifest.json"), "key `schema` is 2", "another schema version")
+        needles = (f"{run_dir / 'manifest.json'}: has `schema` = 2", "another schema version")
     for name, result in every_reader(run_dir, tmp_path).items():
         assert_input_error(result, *needles), name
 
