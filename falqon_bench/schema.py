@@ -49,7 +49,7 @@ def point_id(identity: dict) -> str:
 
 # ---------------------------------------------------------------- row type check (readers)
 
-_POSITIVE_INT = ("K", "N", "rank", "tokens")
+_SHAPE_INT = ("K", "N", "rank", "tokens")  # kernel micro-benchmark rows write 0 for rank and tokens (not applicable)
 _NON_NEGATIVE_NUMBER = ("gpu_ms", "wall_ms", "floor_ms", "peak_mem_bytes")
 _SAMPLE_LISTS = ("gpu_samples_ms", "wall_samples_ms")
 _TEXT = ("point_id", "cache", "device", "error", "gpu_timing")
@@ -71,7 +71,7 @@ def row_problem(row: object) -> str | None:
 
     Every REQUIRED_KEY must be present; `method`, `layer` and `status` are non-empty text (any status
     but 'ok' is a failed point);
-    K, N, rank, tokens are integers >= 1 (null allowed); times (ms) and bytes are finite numbers >= 0
+    K, N, rank, tokens are integers >= 0 (0 or null: not applicable, as in kernel rows); times (ms) and bytes are finite numbers >= 0
     or null; sample lists hold finite numbers; kernel_ms maps category -> ms; `compile` is a bool.
     A `schema` key in a row, when present, must equal SCHEMA_VERSION.
     """
@@ -92,9 +92,9 @@ def row_problem(row: object) -> str | None:
     for key in _TEXT:
         if row[key] is not None and not isinstance(row[key], str):
             return bad(key, "a string or null")
-    for key in _POSITIVE_INT:
-        if row[key] is not None and not (_is_int(row[key]) and row[key] >= 1):
-            return bad(key, "an integer >= 1 or null")
+    for key in _SHAPE_INT:
+        if row[key] is not None and not (_is_int(row[key]) and row[key] >= 0):
+            return bad(key, "an integer >= 0 (0: not applicable) or null")
     if row["compile"] is not None and not isinstance(row["compile"], bool):
         return bad("compile", "true, false or null")
     for key in _NON_NEGATIVE_NUMBER:

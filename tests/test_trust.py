@@ -102,7 +102,7 @@ def test_a_rank_given_as_text_names_the_file_line_and_key(run_dir, tmp_path):
     lines[2] = json.dumps(row)
     (run_dir / "points.jsonl").write_text("\n".join(lines) + "\n")
     for name, result in every_reader(run_dir, tmp_path).items():
-        assert_input_error(result, f"{run_dir / 'points.jsonl'}: point 3 has `rank` = 'sixteen'", "integer >= 1", "(line 3)"), name
+        assert_input_error(result, f"{run_dir / 'points.jsonl'}: point 3 has `rank` = 'sixteen'", "an integer >= 0", "(line 3)"), name
     assert_no_output(tmp_path)
 
 
@@ -119,6 +119,16 @@ def test_results_of_another_schema_version_are_refused(run_dir, tmp_path, where)
         needles = (f"{run_dir / 'manifest.json'}: has `schema` = 2", "another schema version")
     for name, result in every_reader(run_dir, tmp_path).items():
         assert_input_error(result, *needles), name
+
+
+def test_every_committed_result_set_passes_the_row_check():
+    from falqon_bench.store import find_runs, load_results
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    sets = find_runs(root) + sorted((root / "baselines").glob("*.jsonl"))
+    assert len(sets) >= 10
+    for path in sets:
+        assert load_results(path).points, path
 
 
 def test_a_partial_last_line_is_dropped_with_a_warning_naming_its_line(run_dir, tmp_path):
