@@ -119,6 +119,7 @@ def run(
     from falqon_bench.suite import load_suite
     from falqon_bench.sweep import parse_shard
 
+    _check_run_numbers(point_timeout_s=point_timeout_s, budget_ms=budget_ms, warmup_ms=warmup_ms, min_samples=min_samples)
     loaded = load_suite(suite)
     loaded.allow_pickle = loaded.allow_pickle or allow_pickle
     options = RunOptions(
@@ -149,9 +150,25 @@ def run(
 
 def _parse_ranks(text: str) -> list[int]:
     try:
-        return [int(r) for r in text.split(",") if r.strip()]
+        ranks = [int(r) for r in text.split(",") if r.strip()]
     except ValueError:
         raise BenchInputError(f"--ranks {text!r}: expected comma-separated integers, e.g. 16,64") from None
+    if not ranks or min(ranks) < 1:
+        raise BenchInputError(f"--ranks {text!r}: every rank must be an integer >= 1, e.g. 16,64")
+    return ranks
+
+
+def _check_run_numbers(point_timeout_s: float, budget_ms: float | None, warmup_ms: float | None, min_samples: int | None) -> None:
+    """Timeouts and budgets that would turn every point into an error (or time nothing) are input errors."""
+    import math
+
+    rules = (("--point-timeout-s", point_timeout_s, "a number of seconds > 0, e.g. 300", lambda v: v > 0),
+             ("--budget-ms", budget_ms, "a number of ms > 0, e.g. 500", lambda v: v > 0),
+             ("--warmup-ms", warmup_ms, "a number of ms >= 0, e.g. 100", lambda v: v >= 0),
+             ("--min-samples", min_samples, "an integer >= 1, e.g. 10", lambda v: v >= 1))
+    for name, value, allowed, ok in rules:
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise BenchInputError(f"{name} {value:g}: must be {allowed}")
 
 
 def _print_plan(suite_name: str, points: list) -> None:
@@ -307,16 +324,20 @@ def export(
 @user_errors
 def merge(
     runs: List[Path] = typer.Argument(..., help="Run directories of the shards."),
-    out: Path = typer.Option(..., "--out", help="New run directory for the joined points."),
+    out: Path = typer.Option(..., "--out", help="New run directory for the joined points (must not exist yet)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Join the shards given even when some of the n are missing (recorded in the manifest)."),
 ) -> None:
-    """Join the shards of one sweep (same suite, same GPU model) into one run directory.
+    """Join the shards of one sweep (same suite, same GPU model, all n shards) into one new run directory.
+
+    Shards are the runs of `falqon-bench run SUITE --shard i/n`; a missing shard index, another suite
+    or another GPU model is an error (exit 2) naming them.
 
     [bold]Examples[/bold]
       falqon-bench merge results/ranks-shard1of4 results/ranks-shard2of4 results/ranks-shard3of4 results/ranks-shard4of4 --out results/ranks-h100
     """
     from falqon_bench.store import merge_runs
 
-    path = merge_runs(list(runs), out)
+    path = merge_runs(list(runs), out, allow_partial=allow_partial)
     _out().print(f"merged {len(runs)} run(s) into {path}")
 
 

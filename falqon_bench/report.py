@@ -42,7 +42,9 @@ from falqon_bench.figures.data import (
     points_table,
     reference_config,
     run_versions,
+    speedup_text,
 )
+from falqon_bench.figures.floor import has_floor
 from falqon_bench.figures.style import sorted_variants
 from falqon_bench.identity import WARNING_SIGN, check_point_types, layer_problem, method_problem, row_problems
 from falqon_bench.roofline import pct_of_floor
@@ -111,7 +113,7 @@ def perf_table(df: pd.DataFrame) -> str:
             config = reference_config(sub)
             pts = at_config(sub, config)
             base = pts[(pts["variant"] == BASELINE_METHOD) & pts["ok"]]
-            base_ms = float(base["metric_ms"].iloc[0]) if not base.empty else None
+            base_row = base.iloc[0] if not base.empty else {}
             for variant in sorted_variants(pts["variant"]):
                 r = pts[pts["variant"] == variant].iloc[0]
                 head = (f"| {_flagged(layer, layer_problem(layer, r['K'], r['N']))} | {_cell(r['rank'])} | "
@@ -123,7 +125,7 @@ def perf_table(df: pd.DataFrame) -> str:
                 if r["metric_kind"] == "wall":
                     gpu = "- (CPU)"
                 pct = pct_of_floor(r["metric_ms"], r["floor_ms"]) if r["metric_kind"] == "gpu" else None
-                speedup = f"{base_ms / r['metric_ms']:.2f}x" if base_ms and r["metric_ms"] else "-"
+                speedup = speedup_text(base_row, r)
                 if r.get("kernel_sum_timing", False) == True:  # noqa: E712 (a numpy bool; NaN where a frame lacks it)
                     gpu = f"{_ms(r['gpu_ms'])} (kernel sum)"
                 out.append(f"{head} {gpu} | {_ms(r['wall_ms'])} | {_ms(r['floor_ms'])} | {'-' if pct is None else f'{pct:.0f}%'} | {speedup} |")
@@ -131,6 +133,9 @@ def perf_table(df: pd.DataFrame) -> str:
     note = ("Times in ms per fwd+bwd+update step of one layer: gpu_ms is the median of CUDA-graph replays "
             "(p10-p90 in brackets), wall_ms the eager median; speedup compares the layer's main metric "
             "(gpu_ms, or wall_ms on CPU) with bf16_lora (eager) at the same shape; % of floor = 100 x floor / gpu_ms.")
+    if (df["metric_kind"] == "wall").any():
+        note += ("\n\nCPU wall times move far more between runs than within one: a CPU speedup is shown only where the "
+                 "two p10-p90 ranges do not overlap, marked (CPU); elsewhere 'within CPU noise'.")
     if "kernel_sum_timing" in df and df["kernel_sum_timing"].any():
         note += (f"\n\n{KERNEL_SUM_MARK} CUDA-graph capture failed for this point: its gpu_ms is the profiler's sum of "
                  "kernel times, which leaves out idle gaps between kernels. It is a lower bound on the step time "
@@ -258,6 +263,9 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         notes.append("CPU run: no GPU time was measured, so figures use eager wall time and there is no roofline floor.")
     written: list[tuple[str, str]] = []
     figures = list(FIGURES)
+    if not has_floor(primary):  # a CPU run: no peaks measured, so no floor panel at all
+        figures = [f for f in figures if f[2] is not render_floor_figure]
+        (out / "floor.png").unlink(missing_ok=True)
     gpu_models = sorted(set(df["device"]))
     if len(gpu_models) >= 2:
         figures.insert(4, GPU_FIGURE)

@@ -65,3 +65,66 @@ def point_id(identity: dict) -> str:
     """A short stable id of a point from its identity keys (order-independent, JSON-canonical)."""
     payload = json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- row type check (readers)
+
+_SHAPE_INT = ("K", "N", "rank", "tokens")  # kernel micro-benchmark rows write 0 for rank and tokens (not applicable)
+_NON_NEGATIVE_NUMBER = ("gpu_ms", "wall_ms", "floor_ms", "peak_mem_bytes")
+_SAMPLE_LISTS = ("gpu_samples_ms", "wall_samples_ms")
+_TEXT = ("point_id", "cache", "device", "error", "gpu_timing")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def row_problem(row: object) -> str | None:
+    """Why `row` is not a SCHEMA_VERSION results row, or None when it is: a phrase that follows "point 3",
+    such as "has `rank` = 'sixteen' (str); allowed: an integer >= 1 or null".
+
+    Every REQUIRED_KEY must be present; `method`, `layer` and `status` are non-empty text (any status
+    but 'ok' is a failed point);
+    K, N, rank, tokens are integers >= 0 (0 or null: not applicable, as in kernel rows); times (ms) and bytes are finite numbers >= 0
+    or null; sample lists hold finite numbers; kernel_ms maps category -> ms; `compile` is a bool.
+    A `schema` key in a row, when present, must equal SCHEMA_VERSION.
+    """
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object (one point per line)"
+    if "schema" in row and row["schema"] != SCHEMA_VERSION:
+        return f"has `schema` = {row['schema']!r}: a row of another schema version; this reader knows version {SCHEMA_VERSION}"
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        return f"lacks key(s) {', '.join(f'`{k}`' for k in missing)}; every row has {', '.join(REQUIRED_KEYS)}"
+
+    def bad(key: str, allowed: str) -> str:
+        return f"has `{key}` = {row[key]!r} ({type(row[key]).__name__}); allowed: {allowed}"
+
+    for key in ("method", "layer", "status"):  # a status other than 'ok' reads as a failed point
+        if not isinstance(row[key], str) or not row[key]:
+            return bad(key, "a non-empty string" + (" ('ok' or 'error')" if key == "status" else ""))
+    for key in _TEXT:
+        if row[key] is not None and not isinstance(row[key], str):
+            return bad(key, "a string or null")
+    for key in _SHAPE_INT:
+        if row[key] is not None and not (_is_int(row[key]) and row[key] >= 0):
+            return bad(key, "an integer >= 0 (0: not applicable) or null")
+    if row["compile"] is not None and not isinstance(row["compile"], bool):
+        return bad("compile", "true, false or null")
+    for key in _NON_NEGATIVE_NUMBER:
+        if row[key] is not None and not (_is_number(row[key]) and row[key] >= 0):
+            return bad(key, "a finite number >= 0 or null")
+    for key in _SAMPLE_LISTS:
+        value = row[key]
+        if value is not None and not (isinstance(value, list) and all(_is_number(v) and v >= 0 for v in value)):
+            return bad(key, "a list of finite numbers >= 0 (ms) or null")
+    kernel = row["kernel_ms"]
+    if kernel is not None and not (isinstance(kernel, dict) and all(isinstance(k, str) and (v is None or _is_number(v)) for k, v in kernel.items())):
+        return bad("kernel_ms", "an object category -> ms (numbers) or null")
+    return None

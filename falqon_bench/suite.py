@@ -19,6 +19,7 @@ cartesian product of its axes (see falqon_bench.sweep); an axis a grid leaves ou
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -67,8 +68,18 @@ def _layer_item(item: Any, i: int) -> str | InlineLayer:
     raise ValueError(f"item {i + 1} is {item!r}; a layer is a name like 'llama-7b.attn' or a table {{name, K, N}}")
 
 
+def _axis_list(value: Any) -> Any:
+    """A sweep axis must be a TOML list: `tokens = 32` silently sweeping one value hid typos like a
+    missing bracket, so a scalar is an error that shows the list to write."""
+    if value is None or isinstance(value, list):
+        return value
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool)) else repr(value)
+    raise ValueError(f"a single value ({shown}) where a list is expected; write a list: [{shown}]")
+
+
 class Axes(_Strict):
-    """Sweep axes of one [[grid]] (or of [defaults]); a scalar is read as a one-element list."""
+    """Sweep axes of one [[grid]] (or of [defaults]); every axis is a list (a scalar is an error that shows
+    the list to write), except `options`, where one table means a one-element list."""
 
     layers: list[str | InlineLayer] | None = None
     ranks: list[int] | None = None
@@ -88,13 +99,17 @@ class Axes(_Strict):
         for key, value in data.items():
             if key == "options":
                 out[key] = [value] if isinstance(value, dict) else value
-            elif key in AXES and not isinstance(value, list):
-                out[key] = [value]
         return out
+
+    @field_validator("ranks", "tokens", "methods", "compile", "cache", "dtype", mode="before")
+    @classmethod
+    def _lists_only(cls, value: Any) -> Any:
+        return _axis_list(value)
 
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, value: Any) -> Any:
+        value = _axis_list(value)
         if isinstance(value, list):
             return [_layer_item(item, i) for i, item in enumerate(value)]
         return value

@@ -90,7 +90,9 @@ def test_export_and_merge_through_the_cli(tmp_path):
     a, b = write_run(tmp_path / "a", ranks=(4,)), write_run(tmp_path / "b", ranks=(8,))
     assert invoke("export", str(a), str(b), "--to", str(tmp_path / "x.csv")).exit_code == 0
     assert (tmp_path / "x.csv").read_text().count("\n") == 3
-    assert invoke("merge", str(a), str(b), "--out", str(tmp_path / "m")).exit_code == 0
+    not_shards = invoke("merge", str(a), str(b), "--out", str(tmp_path / "m"))
+    assert not_shards.exit_code == 2 and "not a shard" in not_shards.stderr and not (tmp_path / "m").exists()
+    assert invoke("merge", str(a), str(b), "--out", str(tmp_path / "m"), "--allow-partial").exit_code == 0
     assert len((tmp_path / "m" / "points.jsonl").read_text().splitlines()) == 2
     result = invoke("export", str(tmp_path / "missing"), "--to", str(tmp_path / "y.csv"))
     assert result.exit_code == 2 and "no such results directory" in result.stderr

@@ -118,7 +118,7 @@ def test_export_to_an_unknown_format_is_a_results_error(tmp_path):
 
 
 def test_merge_joins_shards_once_each_and_refuses_mixed_gpus(tmp_path):
-    a, b, c = (RunWriter(tmp_path / n, {"suite": "t", "run_id": n}) for n in ("a", "b", "c"))
+    a, b, c = (RunWriter(tmp_path / n, {"suite": "t", "run_id": n, "shard": f"{i}/2"}) for i, n in ((1, "a"), (2, "b"), (2, "c")))
     a.append(row(4))
     a.append(row(8))
     b.append(row(8))  # the same point in two shards is kept once
@@ -126,6 +126,7 @@ def test_merge_joins_shards_once_each_and_refuses_mixed_gpus(tmp_path):
     merged = load_run(merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "m"))
     assert sorted(p["rank"] for p in merged.points) == [4, 8, 16]
     assert merged.manifest["merged_from"] == ["a", "b"] and merged.manifest["status"] == "merged"
+    assert merged.manifest["n_points"] == 3 and merged.manifest["shard"] is None and merged.manifest["shards_missing"] == []
     c.append(row(32, device="NVIDIA H200"))
     with pytest.raises(ResultsError, match="different devices"):
         merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "m2")

@@ -75,10 +75,17 @@ def test_named_shapes_come_from_the_published_configs():
     assert [(s.K, s.N) for s in resolve_layer("llama-13b")] == [(5120, 5120), (5120, 13824), (13824, 5120)]
 
 
-def test_scalars_are_read_as_one_element_axes(tmp_path):
-    suite = load_suite(write(tmp_path, GOOD.replace("ranks = [4, 8]", "ranks = 4").replace('["bf16_linear"]', '"bf16_linear"')))
-    assert suite.grids[0].ranks == [4] and suite.grids[0].methods == ["bf16_linear"]
-    assert suite.grids[0].tokens == [16] and suite.grids[0].compile == [False] and suite.grids[0].cache == ["warm"]
+@pytest.mark.parametrize("line, key", [("ranks = 4", "ranks"), ('methods = "bf16_linear"', "methods")])
+def test_a_scalar_where_a_list_is_expected_is_an_error_showing_the_list(tmp_path, line, key):
+    text = GOOD.replace("ranks = [4, 8]", line) if key == "ranks" else GOOD.replace('methods = ["bf16_linear"]', line)
+    msg = run_cli_error(write(tmp_path, text))
+    assert f"bad value for `{key}` in [[grid]] #1" in msg and "where a list is expected" in msg
+    assert ("[4]" if key == "ranks" else '["bf16_linear"]') in msg
+
+
+def test_tokens_scalar_in_defaults_is_an_error_not_a_silent_one_element_sweep(tmp_path):
+    msg = run_cli_error(write(tmp_path, GOOD.replace("tokens = [16]", "tokens = 32")))
+    assert "`tokens` in [defaults]" in msg and "line 6" in msg and "write a list: [32]" in msg
 
 
 def test_misspelled_key_names_file_table_line_and_allowed_keys(tmp_path):

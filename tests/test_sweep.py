@@ -33,7 +33,7 @@ def test_several_grids_add_up_and_overlapping_points_appear_once():
 
 
 def test_defaults_fill_only_what_a_grid_leaves_out():
-    s = suite({"layers": TINY, "ranks": [4], "methods": ["bf16_lora"], "tokens": [99]}, defaults={"tokens": [16], "cache": "cold"})
+    s = suite({"layers": TINY, "ranks": [4], "methods": ["bf16_lora"], "tokens": [99]}, defaults={"tokens": [16], "cache": ["cold"]})
     (p, q) = expand_suite(s)
     assert p["tokens"] == q["tokens"] == 99 and p["cache"] == "cold"
 

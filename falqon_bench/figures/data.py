@@ -23,7 +23,6 @@ KERNEL_SUM_MARK = "†"
 
 BASELINE_METHOD = "bf16_lora"
 COMPUTE_CATEGORIES = ("gemm_fp8", "gemm_bf16", "lora_gemm")
-OVERHEAD_CATEGORIES = ("quantize", "elementwise")
 # methods in the order figures draw them (others follow, sorted)
 METHOD_ORDER = ("bf16_linear", "bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora", "falqon")
 
@@ -195,3 +194,22 @@ def label_for(runs: list[RunData], df: pd.DataFrame) -> RunLabel:
         torch=", ".join(sorted({v["torch"] for v in versions})),
         triton=", ".join(sorted({v["triton"] for v in versions})),
     )
+
+
+def speedup_text(base: Any, row: Any) -> str:
+    """'1.49x' for base_ms / row_ms, or a marked text where the number would mislead.
+
+    GPU times (CUDA-graph replays) print as they are. CPU wall times move by far more between runs
+    than within one (0.14 -> 7.9 ms seen on a shared host), so a CPU speedup prints only when the two
+    p10-p90 ranges do not overlap, marked '(CPU)'; otherwise 'within CPU noise'.
+    """
+    base_ms, ms = base.get("metric_ms"), row.get("metric_ms")
+    if not _is_number(base_ms) or not _is_number(ms) or ms <= 0:
+        return "-"
+    text = f"{base_ms / ms:.2f}x"
+    if base.get("variant") == row.get("variant") or "wall" not in (base.get("metric_kind"), row.get("metric_kind")):
+        return text
+    lo_b, hi_b, lo, hi = (base.get("p10_ms"), base.get("p90_ms"), row.get("p10_ms"), row.get("p90_ms"))
+    if all(_is_number(v) for v in (lo_b, hi_b, lo, hi)) and (hi < lo_b or lo > hi_b):
+        return f"{text} (CPU)"
+    return "within CPU noise"

@@ -1,6 +1,7 @@
 """Fig. 4 of the paper: where each method's step time goes, as stacked profiler time per category.
 
-One panel per layer at the (rank, tokens) most methods ran; eager and compiled are separate bars.
+One panel per layer at the (rank, tokens) most methods ran; eager and compiled are separate bars
+(compiled ones hatched).
 Heights are the raw profiler times (kernel_ms, ms per step), not rescaled to the measured time.
 """
 
@@ -8,18 +9,22 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from falqon_bench.figures.data import RunLabel, metric_label
 from falqon_bench.figures.style import (
     layer_panels,
     CATEGORY_COLORS,
+    COMPILE_HATCH,
     FAILED_GID,
     NA_GID,
     add_footer,
     empty_panel,
     legend_handles,
     mark_unavailable,
+    is_compiled,
     new_figure,
+    variant_hatch,
 )
 from falqon_bench.schema import BREAKDOWN_CATEGORIES
 
@@ -49,7 +54,8 @@ def render_breakdown_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
                 ms = float(row[f"k_{cat}"])
                 if ms <= 0:
                     continue
-                ax.bar(i, ms, BAR_WIDTH, bottom=bottom, color=CATEGORY_COLORS[cat], label=cat if cat not in used else "_nolegend_")
+                ax.bar(i, ms, BAR_WIDTH, bottom=bottom, color=CATEGORY_COLORS[cat], hatch=variant_hatch(variant), edgecolor="white",
+                       linewidth=0.5, label=cat if cat not in used else "_nolegend_")
                 used.add(cat)
                 bottom += ms
         ax.set_ylim(bottom=0)
@@ -58,6 +64,9 @@ def render_breakdown_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         panel.finish()
         ax.set_ylabel("profiled time, ms per step" + (" (CPU self time)" if cpu else " (GPU kernels)"))
     if used:
-        fig.legend(handles=legend_handles(CATEGORY_COLORS, used), loc="outside right upper", fontsize=7)
+        handles = legend_handles(CATEGORY_COLORS, used)
+        if any(is_compiled(v) for v in df["variant"]):
+            handles.append(Patch(facecolor="#bbbbbb", edgecolor="white", hatch=COMPILE_HATCH, label="hatched:\ntorch.compile"))
+        fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     add_footer(fig, label, sorted(set(df["device"])), "torch.profiler" + (" on CPU: op self time" if cpu else " kernel time"))
     return fig
