@@ -161,3 +161,34 @@ def test_variant_arguments_are_checked():
         proxy_update_variant_reference_(w8, a8, b, 2, merge="all")
     with pytest.raises(ValueError, match="needs `seed`"):
         proxy_update_variant_triton_(w8, a8, b, 2, stochastic=True)
+
+
+# ---------------------------------------------------------------- as options of the falqon method
+
+
+def test_falqon_b_and_its_gradient_are_fp32_as_in_the_reference():
+    from falqon_core.methods.falqon import FalqonLinear
+
+    layer = FalqonLinear(torch.nn.Linear(32, 48), 4, dtype=torch.bfloat16)
+    assert layer.lora_B.dtype == torch.float32
+    layer(torch.randn(5, 32, dtype=torch.bfloat16)).float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32
+
+
+def test_falqon_options_select_the_variant_and_track_lost_updates():
+    from falqon_core.methods.falqon import FalqonLinear, parse_options
+
+    opts = parse_options({"rounding": "stochastic", "keep_unmerged": True, "merge": "topk", "seed": 3})
+    layer = FalqonLinear(torch.nn.Linear(64, 48), 4, **opts)
+    layer.track_lost = True
+    with torch.no_grad():
+        layer.lora_B.fill_(1e-4)
+    layer.proxy_update()
+    assert layer.rounding_seed.item() == 4  # advanced on the device
+    lost, counted, rows = layer.lost_stats.tolist()
+    assert rows == 4 and counted == 4 * 64 and lost > 0.9 * counted
+    assert (layer.lora_B == 0).all(dim=1).sum().item() == 4  # only the merged rows were zeroed
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        parse_options({"rounding": "up"})
+    with pytest.raises(ValueError, match="merge must be one of"):
+        parse_options({"merge": "all"})
