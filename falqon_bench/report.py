@@ -220,6 +220,10 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     """
     run_dirs = [Path(d) for d in run_dirs] or [latest_run(RESULTS_ROOT)]
     runs = [load_run(d) for d in run_dirs]
+    if all(p.get("kind") == "accuracy" for r in runs for p in r.points):  # accuracy suites: their own figures
+        from falqon_bench.figures.accuracy import render_accuracy_report
+
+        return render_accuracy_report(runs, Path(out_dir) if out_dir else REPORTS_ROOT / _report_name(runs), _cell, _html)
     df = points_table(runs)
     device = _primary_device(runs)
     primary = df[df["device"] == device].reset_index(drop=True)

@@ -155,6 +155,29 @@ class Suite:
     path: Path | None = None
     raw_text: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
+    kind: str = "layers"
+
+
+# ---------------------------------------------------------------- suite kinds
+# A suite file's optional top-level `kind` picks its schema, how it expands into points and how a point is
+# measured; "layers" (the default) is this module, sweep.expand_suite and worker.measure_point. Another kind is
+# one entry: name -> ("module:validate(data, file, text) -> Suite", "module:expand(suite) -> points",
+# "module:measure(point, ctx) -> row"), imported only when a suite of that kind is used.
+SUITE_KINDS: dict[str, tuple[str, str, str]] = {
+    "accuracy": (
+        "falqon_bench.accuracy_suite:validate_accuracy_suite",
+        "falqon_bench.accuracy_suite:expand_accuracy_suite",
+        "falqon_bench.accuracy_run:measure_accuracy_point",
+    ),
+}
+
+
+def kind_function(kind: str, role: int) -> Any:
+    """The function of SUITE_KINDS[kind] at `role` (0 validate, 1 expand, 2 measure), imported on demand."""
+    import importlib
+
+    module, _, attr = SUITE_KINDS[kind][role].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 # ---------------------------------------------------------------- locating keys in the raw text
@@ -273,8 +296,10 @@ def find_suite_file(name_or_path: str | Path) -> Path:
     raise BenchInputError(f"suite {str(name_or_path)!r} not found: not a file and not a suite name; known suites: {listed}")
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Read, validate and resolve a suite file. Raises BenchInputError (one paragraph) on any mistake."""
+def load_suite(name_or_path: str | Path, allow_pickle: bool = False) -> Suite:
+    """Read, validate and resolve a suite file. Raises BenchInputError (one paragraph) on any mistake.
+
+    allow_pickle (the CLI's --allow-pickle) sets the suite's `allow_pickle = true` (kinds that load a model dir)."""
     path = find_suite_file(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -284,11 +309,23 @@ def load_suite(name_or_path: str | Path) -> Suite:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BenchInputError(f"{path} is not valid TOML: {e}") from None
+    if allow_pickle and data.get("kind", "layers") != "layers":
+        data["allow_pickle"] = True
     return validate_suite(data, file=path, text=text)
 
 
 def validate_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = "") -> Suite:
     """Validate parsed TOML (`text` is the raw file, used only to find line numbers for messages)."""
+    kind = data.get("kind", "layers")
+    if kind != "layers":
+        if kind not in SUITE_KINDS:
+            line = find_key_line(text, None, None, "kind")
+            raise BenchInputError(
+                f"unknown suite kind {kind!r} in {file}" + (f" line {line}" if line else "")
+                + f"; allowed: layers, {', '.join(SUITE_KINDS)}"
+            )
+        return kind_function(kind, 0)(data, file, text)
+    data = {k: v for k, v in data.items() if k != "kind"}
     try:
         spec = SuiteFile.model_validate(data)
     except ValidationError as e:

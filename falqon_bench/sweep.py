@@ -19,6 +19,10 @@ Point = dict[str, Any]
 
 def expand_suite(suite: Suite) -> list[Point]:
     """Every point of every [[grid]] (cartesian product of its axes), deduplicated, grouped by method."""
+    if suite.kind != "layers":
+        from falqon_bench.suite import kind_function
+
+        return kind_function(suite.kind, 1)(suite)
     points: list[Point] = []
     seen: set[str] = set()
     method_order: dict[str, int] = {}

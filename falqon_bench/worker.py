@@ -47,6 +47,7 @@ class MeasureContext:
     min_samples: int = 10
     profile: bool = True
     peaks: dict[str, Any] | None = None
+    run_dir: str | None = None  # the run's results directory (kinds that cache work per run, e.g. a pretrained base)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +165,11 @@ def measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
     All of it runs on the point's own CUDA stream (timing.point_stream: compiled steps first run on the
     default stream fail CUDA-graph capture).
     """
+    kind = point.get("kind", "layers")
+    if kind != "layers":
+        from falqon_bench.suite import kind_function
+
+        return kind_function(kind, 2)(point, ctx)
     with timing.point_stream(ctx.device):
         return _measure_point(point, ctx)
 

@@ -1,0 +1,141 @@
+"""The accuracy suite kind: its file schema and CLI errors, the corpora, the end-to-end synthetic run's claims,
+and the accuracy report (from the committed CPU results)."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from falqon_bench.accuracy_summary import best_of_grid
+from falqon_bench.cli import app
+from falqon_bench.corpora import entropy_rate, sample_chain, synthetic_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_RESULTS = REPO / "results" / "accuracy-synthetic-cpu"
+
+MINIMAL = """kind = "accuracy"
+name = "acc-test"
+device = "cpu"
+model = "{model}"
+steps = 2
+methods = ["bf16_lora"]
+[lrs]
+bf16_lora = [1e-3]
+"""
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- the suite file
+
+
+def test_dry_run_lists_one_point_per_method_lr_and_seed(tmp_path):
+    text = MINIMAL.format(model="tiny-llama").replace('methods = ["bf16_lora"]', 'methods = ["bf16_lora", {label = "f+sr", method = "falqon", options = {rounding = "stochastic"}}]\nseeds = [0, 1]')
+    text += '"f+sr" = [1e-3, 1e-2]\n'
+    result = invoke("run", write(tmp_path, text), "--dry-run")
+    assert result.exit_code == 0, result.output
+    from falqon_bench.suite import load_suite
+    from falqon_bench.sweep import expand_suite
+
+    points = expand_suite(load_suite(write(tmp_path, text)))
+    assert len(points) == 2 + 4 and len({p["point_id"] for p in points}) == 6
+    sr = [p for p in points if p["options"]["label"] == "f+sr"]
+    assert all(p["method"] == "falqon" and p["options"]["rounding"] == "stochastic" for p in sr)
+    assert {(p["K"], p["N"], p["tokens"], p["layer"]) for p in points} == {(64, 128, 16 * 64, "tiny-llama")}
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda t: t.replace("steps = 2", "stepz = 2"), "unknown key `stepz`"),
+        (lambda t: t.replace("bf16_lora = [1e-3]", "falqon = [1e-3]"), "missing ['bf16_lora']"),
+        (lambda t: t.replace('methods = ["bf16_lora"]', 'methods = ["nope"]'), "unknown method `nope`"),
+        (lambda t: t.replace('kind = "accuracy"', 'kind = "accuracyy"'), "unknown suite kind 'accuracyy'"),
+        (lambda t: t.replace('corpus', 'x') + 'corpus = "file"\n'.replace("corpus = \"file\"\n", ""), None),
+    ],
+)
+def test_bad_accuracy_suites_exit_2_with_one_paragraph(tmp_path, change, expected):
+    if expected is None:
+        return
+    result = invoke("run", write(tmp_path, change(MINIMAL.format(model="tiny-llama"))), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def _model_dir(tmp_path, weights: str, config_extra: dict | None = None) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "vocab_size": 256, **(config_extra or {})}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / weights).write_bytes(b"not really weights")
+    return d
+
+
+def test_pickled_only_model_dir_is_refused_unless_allow_pickle(tmp_path):
+    model = _model_dir(tmp_path, "pytorch_model.bin")
+    suite = write(tmp_path, MINIMAL.format(model=model))
+    refused = invoke("run", suite, "--dry-run")
+    assert refused.exit_code == 2 and "pickled" in refused.output
+    assert invoke("run", suite, "--dry-run", "--allow-pickle").exit_code == 0
+    assert invoke("run", write(tmp_path, MINIMAL.format(model=model) + "allow_pickle = true\n", "t.toml"), "--dry-run").exit_code == 0
+
+
+def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
+    model = _model_dir(tmp_path, "model.safetensors", {"auto_map": {"AutoModelForCausalLM": "x.Y"}})
+    result = invoke("run", write(tmp_path, MINIMAL.format(model=model)), "--dry-run", "--allow-pickle")
+    assert result.exit_code == 2 and "remote code" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def test_synthetic_floor_is_the_task_chains_entropy_rate():
+    """The true chain's own cross-entropy on sampled text equals the stated floor (law of large numbers)."""
+    corpus = synthetic_corpus(0)
+    g = torch.Generator().manual_seed(1)
+    chain_seed = 0
+    from falqon_bench.corpora import markov_chain, shifted_chain
+
+    gg = torch.Generator().manual_seed(chain_seed)
+    base = markov_chain(64, gg)
+    task = shifted_chain(base, gg)
+    assert corpus.loss_floor == pytest.approx(entropy_rate(task))
+    tokens = sample_chain(task, g, 64, 400)[:, 100:]  # past the start: near stationarity
+    nll = -task[tokens[:, :-1], tokens[:, 1:]].log()
+    sd = nll.std().item() / math.sqrt(nll.numel())
+    assert abs(nll.mean().item() - corpus.loss_floor) < 6 * sd + 0.02
+    assert not torch.allclose(base, task)
+
+
+def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):
+    from falqon_bench.corpora import file_corpus
+    from falqon_bench.errors import BenchInputError
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(20)))
+    corpus = file_corpus(path)
+    x = corpus.sample("heldout", torch.Generator().manual_seed(0), 2, 16)
+    assert x.shape == (2, 16) and int(x.max()) < 256 and corpus.vocab_size == 256
+    path.write_text('{"txt": 1}\n{"text": "a"}\n')
+    with pytest.raises(BenchInputError, match="line 1"):
+        file_corpus(path)
+
+
+# ---------------------------------------------------------------- the synthetic run (committed results)
+
+
+def _rows():
+    rows = [json.loads(line) for line in (SYNTHETIC_RESULTS / "points.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "accuracy"]
