@@ -76,7 +76,7 @@ def render_loss_vs_lr(rows: list[dict[str, Any]]) -> Figure:
     _floor(ax, rows)
     start = next((r.get("start_loss") for r in rows if r.get("start_loss") is not None), None)
     if start is not None:
-        ax.axhline(start, color="grey", ls="--", lw=1, label=f"start {start:.3f}")
+        ax.axhline(start, color="grey", ls="--", lw=1, label=f"start ({rows[0]['label']} base) {start:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_ylabel("final held-out loss (nats / token)")
@@ -116,14 +116,15 @@ FIGURES = [
 def accuracy_table(rows: list[dict[str, Any]], escape: Callable[[Any], str]) -> str:
     """Markdown: per method variant the best lr, its final loss and accuracy, tokens/s, and falqon's lost fraction."""
     best = best_of_grid(rows)
-    lines = ["| method | best lr | final held-out loss | next-token acc | tokens/s | lost-update fraction by lr |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| method | start loss | best lr | final held-out loss | next-token acc | tokens/s | lost-update fraction by lr |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for label, b in best.items():
         lost = [(r["lr"], r.get("lost_fraction_mean")) for r in rows if r["label"] == label and r.get("lost_fraction_mean") is not None]
         lost_text = ", ".join(f"{lr:g}: {f:.2f}" for lr, f in sorted(set(lost))) or "-"
         loss = "diverged" if b["final_loss"] is None else f"{b['final_loss']:.3f}"
         tps = "-" if not b["tokens_per_s"] else f"{b['tokens_per_s']:.0f}"
-        lines.append(f"| {escape(label)} | {b['lr']:g} | {loss} | {b['final_acc']:.3f} | {tps} | {escape(lost_text)} |")
+        start = next(r["start_loss"] for r in rows if r["label"] == label)
+        lines.append(f"| {escape(label)} | {start:.3f} | {b['lr']:g} | {loss} | {b['final_acc']:.3f} | {tps} | {escape(lost_text)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +143,7 @@ def render_accuracy_report(runs, out: Path, escape: Callable[[Any], str], to_htm
         r0 = ok[0]
         floor = r0.get("loss_floor")
         md.append(f"Model {escape(r0['layer'])} (rank {r0['rank']}), corpus {escape(r0['corpus'])}, device {escape(r0['device'])}; "
-                  f"held-out loss at the start {r0['start_loss']:.3f}" + (f", floor (entropy rate of the task) {floor:.3f}" if floor else "") + ".\n")
+                  "held-out loss at the start: per method below (fp8 bases quantize the same weights)" + (f", floor (entropy rate of the task) {floor:.3f}" if floor else "") + ".\n")
         md.append(accuracy_table(ok, escape))
         for fname, caption, render in FIGURES:
             fig = render(ok)
