@@ -246,11 +246,12 @@ def proxy_update_variant_reference_(
     return rows
 
 
-def _zero_b(b: torch.Tensor, rows: torch.Tensor, row_merged: torch.Tensor, keep_unmerged: bool) -> None:
-    """B = 0 (the reference), or only B[merged rows] = 0 (keep_unmerged). row_merged: bool per entry of rows."""
+def _zero_b(b: torch.Tensor, rows: torch.Tensor, row_merged: torch.Tensor | None, keep_unmerged: bool) -> None:
+    """B = 0 (the reference), or only B[merged rows] = 0 (keep_unmerged). row_merged: bool per entry of rows
+    (merge="grid"), None for top-k (every row in rows was merged)."""
     if not keep_unmerged:
         b.zero_()
-    elif rows.numel() == b.shape[0]:  # merge="grid": rows = 0..N-1
+    elif row_merged is not None and rows.numel() == b.shape[0]:  # merge="grid": rows = 0..N-1
         b.masked_fill_(row_merged[:, None], 0)
     else:
         b.index_fill_(0, rows, 0)
@@ -319,14 +320,17 @@ def proxy_update_variant_triton_(
     rows = _variant_rows(b, a8, w8, merge, k)
     n_rows = rows.numel()
     grid_merge = merge == "grid"
-    flag = torch.zeros(w8.shape[0] if grid_merge else 1, dtype=torch.int32, device=w8.device)
-    counts = torch.zeros((w8.shape[0], 2) if stats is not None else (1, 2), dtype=torch.int32, device=w8.device)
+    # only what the options need is allocated (the recommended variant adds no launch but the seed's add_)
+    flag = torch.zeros(w8.shape[0], dtype=torch.int32, device=w8.device) if grid_merge else None
+    counts = torch.zeros((w8.shape[0], 2), dtype=torch.int32, device=w8.device) if stats is not None else None
     if n_rows > 0:
         fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
         block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(n_rows))
         grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(w8.shape[1], _BLOCK_COLS))
+        unused = rows  # a pointer the kernel never touches (its constexpr branch is compiled out)
         _merge_rows_variant_kernel[grid](
-            w8, a8, b, rows, seed if stochastic else flag, flag, counts, n_rows, w8.shape[1], a8.shape[0],
+            w8, a8, b, rows, seed if stochastic else unused, unused if flag is None else flag,
+            unused if counts is None else counts, n_rows, w8.shape[1], a8.shape[0],
             w8.stride(0), a8.stride(0), b.stride(0), b.stride(1),
             FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
             SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
@@ -334,11 +338,14 @@ def proxy_update_variant_triton_(
             BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
             num_warps=4,
         )
-    row_merged = flag.bool() if grid_merge else torch.ones(n_rows, dtype=torch.bool, device=w8.device)
-    if stats is not None:
-        merged_mask = row_merged if grid_merge else torch.zeros(w8.shape[0], dtype=torch.bool, device=w8.device).index_fill_(0, rows, True)
-        kept = counts * merged_mask[:, None]
-        stats += torch.cat([kept.sum(dim=0), merged_mask.sum().reshape(1)]).to(stats.dtype)
+    row_merged = flag.bool() if flag is not None else None
+    if counts is not None:
+        if row_merged is None:
+            row_merged_all = torch.zeros(w8.shape[0], dtype=torch.bool, device=w8.device).index_fill_(0, rows, True)
+        else:
+            row_merged_all = row_merged
+        kept = counts * row_merged_all[:, None]
+        stats += torch.cat([kept.sum(dim=0), row_merged_all.sum().reshape(1)]).to(stats.dtype)
     _zero_b(b, rows, row_merged, keep_unmerged)
     return rows
 
