@@ -99,7 +99,7 @@ def run(
     budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="Override the suite's \\[timing] budget_ms: sampling time per point and timer, ms."),
     warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Override the suite's \\[timing] warmup_ms: warm-up time per point, ms."),
     min_samples: Optional[int] = typer.Option(None, "--min-samples", help="Override the suite's \\[timing] min_samples per timer."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Let a suite's local model directory load pickled weights (can run code)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Let a suite's local model directory load pickled weights (*.bin): only for files you trust."),
 ) -> None:
     """Run a suite: time every point (gpu_ms by CUDA-graph replay, wall_ms eager, kernel breakdown) into results/.
 
@@ -120,7 +120,7 @@ def run(
     from falqon_bench.sweep import parse_shard
 
     _check_run_numbers(point_timeout_s=point_timeout_s, budget_ms=budget_ms, warmup_ms=warmup_ms, min_samples=min_samples)
-    loaded = load_suite(suite)
+    loaded = load_suite(suite, allow_pickle=allow_pickle)
     loaded.allow_pickle = loaded.allow_pickle or allow_pickle
     options = RunOptions(
         out_dir=out,

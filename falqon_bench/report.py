@@ -247,6 +247,10 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     runs = [load_run(d) for d in run_dirs]
     for run in runs:
         check_point_types(run.points, str(run.run_dir / "points.jsonl"))
+    if all(p.get("kind") == "accuracy" for r in runs for p in r.points):  # accuracy suites: their own figures
+        from falqon_bench.figures.accuracy import render_accuracy_report
+
+        return render_accuracy_report(runs, Path(out_dir) if out_dir else REPORTS_ROOT / _report_name(runs), _cell)
     df = points_table(runs)
     device = _primary_device(runs)
     primary = df[df["device"] == device].reset_index(drop=True)

@@ -408,6 +408,7 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
         peaks, peaks_error = measure_peaks_safely(device)
     writer.update_manifest(status="running", peaks=peaks, peaks_error=peaks_error)
     ctx = measure_context(suite, options, device, peaks)
+    ctx.run_dir = str(run_dir)
     writer.update_manifest(timing={k: v for k, v in ctx.to_json().items() if k not in ("peaks", "device")})
 
     outcome = RunOutcome(status="running", points=points, run_dir=run_dir, skipped=len(points) - len(todo))

@@ -178,7 +178,11 @@ class Suite:
 
 # kind -> module with validate_<kind>_suite(data, file, text) -> Suite, expand_<kind>_suite(suite) -> points,
 # measure_<kind>_point(point, ctx) -> row; "layers" is this module, sweep.py and worker.py themselves.
-KINDS: dict[str, str] = {"layers": __name__, "e2e": "falqon_bench.e2e_suite"}
+KINDS: dict[str, str] = {
+    "layers": __name__,
+    "e2e": "falqon_bench.e2e_suite",
+    "accuracy": "falqon_bench.accuracy_suite",
+}
 
 
 def kind_function(kind: str, verb: str):
@@ -310,8 +314,10 @@ def find_suite_file(name_or_path: str | Path) -> Path:
     raise BenchInputError(f"suite {str(name_or_path)!r} not found: not a file and not a suite name; known suites: {listed}")
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Read, validate and resolve a suite file. Raises BenchInputError (one paragraph) on any mistake."""
+def load_suite(name_or_path: str | Path, allow_pickle: bool = False) -> Suite:
+    """Read, validate and resolve a suite file. Raises BenchInputError (one paragraph) on any mistake.
+
+    allow_pickle (the CLI's --allow-pickle) sets the suite's `allow_pickle = true` (kinds that load a model dir)."""
     path = find_suite_file(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -321,6 +327,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BenchInputError(f"{path} is not valid TOML: {e}") from None
+    if allow_pickle and data.get("kind", "layers") != "layers":
+        data["allow_pickle"] = True
     kind = data.get("kind", "layers")
     if not isinstance(kind, str) or kind not in KINDS:
         line = find_key_line(text, None, None, "kind")
@@ -332,6 +340,16 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 def validate_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = "") -> Suite:
     """Validate parsed TOML (`text` is the raw file, used only to find line numbers for messages)."""
+    kind = data.get("kind", "layers")
+    if kind != "layers":
+        if kind not in SUITE_KINDS:
+            line = find_key_line(text, None, None, "kind")
+            raise BenchInputError(
+                f"unknown suite kind {kind!r} in {file}" + (f" line {line}" if line else "")
+                + f"; allowed: layers, {', '.join(SUITE_KINDS)}"
+            )
+        return kind_function(kind, 0)(data, file, text)
+    data = {k: v for k, v in data.items() if k != "kind"}
     try:
         spec = SuiteFile.model_validate(data)
     except ValidationError as e:

@@ -47,6 +47,7 @@ class MeasureContext:
     min_samples: int = 10
     profile: bool = True
     peaks: dict[str, Any] | None = None
+    run_dir: str | None = None  # the run's results directory (kinds that cache work per run, e.g. a pretrained base)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

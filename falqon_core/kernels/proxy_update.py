@@ -127,3 +127,231 @@ def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -
     if tc.triton_fp8_ok(w8) and w8.stride(1) == 1 and a8.stride(1) == 1:
         return proxy_update_triton_(w8, a8, b, k)
     return proxy_update_reference_(w8, a8, b, k)
+
+
+# ---------------------------------------------------------------- variants (options of the falqon method)
+#
+# The reference update above loses a merged delta for good when it rounds away on the e4m3 grid (at LoRA's
+# usual learning rates nearly all of them do). The variants below change what is merged and how it is
+# rounded; the default path above is untouched (same kernel, same speed).
+#   stochastic     round W8 + B.A8 onto the e4m3 grid stochastically (unbiased: E[result] = W8 + B.A8),
+#                  with a counter-based RNG: u = hash(seed, row * K + col), so a seed gives the same bits
+#                  in the Triton kernel and in its torch reference.
+#   merge="grid"   merge every row in which some entry changes under round-to-nearest (i.e. |delta| >= half
+#                  an e4m3 spacing at that weight) instead of the top-k rows by L1 norm.
+#   keep_unmerged  zero only the merged rows of B (the others keep accumulating) instead of all of B.
+# stats (optional, int32 (3,), added to on the device, no host sync): [merged entries whose delta is nonzero
+# but whose fp8 value did not change, merged entries with a nonzero delta, rows merged].
+
+MERGE_RULES = ("topk", "grid")
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x846CA68B
+_SEED_MUL = 0x9E3779B1
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _hash_uniform(seed, offsets):
+    """u in [0, 1) (multiples of 2^-24, fp32) from a uint32 hash of (seed, offset): lowbias32 (C. Wellons)."""
+    x = offsets.to(tl.uint32) ^ (seed.to(tl.uint32) * 0x9E3779B1)
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _stochastic_round(y, u, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Clamp fp32 y to +-FP8_MAX, then round |y| up to the next grid point with probability (its distance from
+    the one below) / spacing, else down: exact fp32 arithmetic (power-of-two scalings, floor), sign kept."""
+    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    bits = y.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
+    ulp = ((exp - MANT_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((MANT_BITS - exp + 127) << 23).to(tl.float32, bitcast=True)
+    scaled = tl.abs(y) * inv_ulp
+    low = tl.floor(scaled)
+    up = tl.where(u < scaled - low, 1.0, 0.0)
+    magnitude = (low + up) * ulp
+    return (magnitude.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+def hash_uniform_reference(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Torch twin of _hash_uniform: the same uint32 arithmetic in int64 (products split to stay below 2^63)."""
+
+    def mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+    x = (offsets.to(torch.int64) & _MASK32) ^ mul32(seed.to(torch.int64) & _MASK32, _SEED_MUL)
+    x = x ^ (x >> 16)
+    x = mul32(x, _HASH_MUL_1)
+    x = x ^ (x >> 15)
+    x = mul32(x, _HASH_MUL_2)
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def stochastic_round_reference(y: torch.Tensor, u: torch.Tensor, dtype: torch.dtype = fp8.E4M3) -> torch.Tensor:
+    """Torch twin of _stochastic_round: fp32 y -> fp32 values on `dtype`'s grid, rounded up with probability
+    equal to the fractional distance (unbiased inside the range; saturates at +-max)."""
+    fp8_max, mant_bits, min_exp = tc.format_constants(dtype)
+    y = torch.clamp(y.float(), -fp8_max, fp8_max)
+    bits = y.view(torch.int32)
+    exp = torch.clamp_min(((bits >> 23) & 0xFF) - 127, min_exp)
+    ulp = ((exp - mant_bits + 127) << 23).view(torch.float32)
+    inv_ulp = ((mant_bits - exp + 127) << 23).view(torch.float32)
+    scaled = y.abs() * inv_ulp
+    low = torch.floor(scaled)
+    magnitude = (low + (u < scaled - low).float()) * ulp
+    return (magnitude.view(torch.int32) | (bits & -2147483648)).view(torch.float32)
+
+
+def _variant_rows(b: torch.Tensor, a8: torch.Tensor, w8: torch.Tensor, merge: str, k: int) -> torch.Tensor:
+    if merge == "topk":
+        return top_rows_by_l1(b, k)
+    return torch.arange(w8.shape[0], device=w8.device)
+
+
+@torch.no_grad()
+def proxy_update_variant_reference_(
+    w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, *, stochastic: bool = False,
+    seed: torch.Tensor | None = None, merge: str = "topk", keep_unmerged: bool = False,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The variants' torch reference (see the block comment above). seed: int 0-dim tensor (stochastic only).
+
+    Returns the rows whose W8 was written: the top-k rows (merge="topk") or all N rows (merge="grid",
+    where rows without a changing entry are written back unchanged).
+    """
+    _check_variant(w8, a8, b, k, stochastic, seed, merge)
+    rows = _variant_rows(b, a8, w8, merge, k)
+    old = w8.index_select(0, rows).float()
+    delta = b.index_select(0, rows).float() @ a8.float()
+    merged = old + delta
+    if stochastic:
+        offsets = rows[:, None].to(torch.int64) * w8.shape[1] + torch.arange(w8.shape[1], device=w8.device)
+        new = stochastic_round_reference(merged, hash_uniform_reference(seed, offsets), w8.dtype).to(w8.dtype)
+    else:
+        new = fp8.saturating_cast(merged, w8.dtype)
+    changed = new.float() != old
+    row_merged = changed.any(dim=1) if merge == "grid" else torch.ones(len(rows), dtype=torch.bool, device=w8.device)
+    w8.view(torch.uint8).index_copy_(0, rows, new.view(torch.uint8))
+    if stats is not None:
+        counted = (delta != 0) & row_merged[:, None]
+        lost = counted & ~changed
+        stats += torch.stack([lost.sum(), counted.sum(), row_merged.sum()]).to(stats.dtype)
+    _zero_b(b, rows, row_merged, keep_unmerged)
+    return rows
+
+
+def _zero_b(b: torch.Tensor, rows: torch.Tensor, row_merged: torch.Tensor | None, keep_unmerged: bool) -> None:
+    """B = 0 (the reference), or only B[merged rows] = 0 (keep_unmerged). row_merged: bool per entry of rows
+    (merge="grid"), None for top-k (every row in rows was merged)."""
+    if not keep_unmerged:
+        b.zero_()
+    elif row_merged is not None and rows.numel() == b.shape[0]:  # merge="grid": rows = 0..N-1
+        b.masked_fill_(row_merged[:, None], 0)
+    else:
+        b.index_fill_(0, rows, 0)
+
+
+def _check_variant(w8, a8, b, k, stochastic, seed, merge) -> None:
+    _check_inputs(w8, a8, b, k)
+    if merge not in MERGE_RULES:
+        raise ValueError(f"merge must be one of {', '.join(MERGE_RULES)}, got {merge!r}")
+    if stochastic and (seed is None or seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64)):
+        raise ValueError("stochastic rounding needs `seed`, a one-element int32/int64 tensor on w8's device")
+
+
+@triton.jit
+def _merge_rows_variant_kernel(
+    w_ptr, a_ptr, b_ptr, rows_ptr, seed_ptr, flag_ptr, counts_ptr, k, n_cols, rank,
+    stride_w, stride_a, stride_b, stride_b_col,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
+    STOCHASTIC: tl.constexpr, FLAG_ROWS: tl.constexpr, TRACK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """As _merge_rows_kernel, plus: stochastic rounding, a per-row 'some entry changed' flag (atomic max into
+    flag_ptr, merge="grid") and per-row lost-update counts (atomic adds into counts_ptr, N x 2 int32)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    i_mask = i < k
+    rows = tl.load(rows_ptr + i, mask=i_mask, other=0).to(tl.int64)
+    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    c_mask = cols < n_cols
+    b_rows = b_ptr + rows * stride_b
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for j in range(0, rank):
+        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
+        a_j = tl.load(a_ptr + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
+        acc += b_j[:, None] * a_j[None, :]
+    mask = i_mask[:, None] & c_mask[None, :]
+    w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+    old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    merged = old + acc
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+        u = _hash_uniform(seed, rows[:, None] * n_cols + cols[None, :])
+        q = _stochastic_round(merged, u, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
+    else:
+        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
+    tl.store(w_ptrs, q, mask=mask)
+    changed = (q.to(tl.float32) != old) & mask
+    if FLAG_ROWS:
+        tl.atomic_max(flag_ptr + rows, tl.max(changed.to(tl.int32), axis=1), mask=i_mask)
+    if TRACK:  # per-row counts (the launcher keeps those of merged rows): [lost, nonzero deltas]
+        counted = (acc != 0.0) & mask
+        tl.atomic_add(counts_ptr + rows * 2, tl.sum((counted & ~changed).to(tl.int32), axis=1), mask=i_mask)
+        tl.atomic_add(counts_ptr + rows * 2 + 1, tl.sum(counted.to(tl.int32), axis=1), mask=i_mask)
+
+
+@tc.opaque_to_compile
+@torch.no_grad()
+def proxy_update_variant_triton_(
+    w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, *, stochastic: bool = False,
+    seed: torch.Tensor | None = None, merge: str = "topk", keep_unmerged: bool = False,
+    stats: torch.Tensor | None = None, software_round: bool | None = None,
+) -> torch.Tensor:
+    """The Triton path of proxy_update_variant_reference_ (same contract). No host sync."""
+    _check_variant(w8, a8, b, k, stochastic, seed, merge)
+    rows = _variant_rows(b, a8, w8, merge, k)
+    n_rows = rows.numel()
+    grid_merge = merge == "grid"
+    # only what the options need is allocated (the recommended variant adds no launch but the seed's add_)
+    flag = torch.zeros(w8.shape[0], dtype=torch.int32, device=w8.device) if grid_merge else None
+    counts = torch.zeros((w8.shape[0], 2), dtype=torch.int32, device=w8.device) if stats is not None else None
+    if n_rows > 0:
+        fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
+        block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(n_rows))
+        grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(w8.shape[1], _BLOCK_COLS))
+        unused = rows  # a pointer the kernel never touches (its constexpr branch is compiled out)
+        _merge_rows_variant_kernel[grid](
+            w8, a8, b, rows, seed if stochastic else unused, unused if flag is None else flag,
+            unused if counts is None else counts, n_rows, w8.shape[1], a8.shape[0],
+            w8.stride(0), a8.stride(0), b.stride(0), b.stride(1),
+            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
+            SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
+            STOCHASTIC=bool(stochastic), FLAG_ROWS=grid_merge, TRACK=stats is not None,
+            BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
+            num_warps=4,
+        )
+    row_merged = flag.bool() if flag is not None else None
+    if counts is not None:
+        if row_merged is None:
+            row_merged_all = torch.zeros(w8.shape[0], dtype=torch.bool, device=w8.device).index_fill_(0, rows, True)
+        else:
+            row_merged_all = row_merged
+        kept = counts * row_merged_all[:, None]
+        stats += torch.cat([kept.sum(dim=0), row_merged_all.sum().reshape(1)]).to(stats.dtype)
+    _zero_b(b, rows, row_merged, keep_unmerged)
+    return rows
+
+
+def proxy_update_variant_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, **variant) -> torch.Tensor:
+    """The variants' fast path on CUDA, their reference elsewhere (keywords of proxy_update_variant_reference_)."""
+    if tc.triton_fp8_ok(w8) and w8.stride(1) == 1 and a8.stride(1) == 1:
+        return proxy_update_variant_triton_(w8, a8, b, k, **variant)
+    return proxy_update_variant_reference_(w8, a8, b, k, **variant)

@@ -14,8 +14,8 @@ Differences from the reference code (github.com/iamkanghyunchoi/falqon, float8_l
 all deliberate:
 - O_A is cast to e4m3 in the forward and saved as fp8 (the reference saves it in bf16 and casts it in
   the backward): same values, r x M bytes saved instead of 2 r x M.
-- The proxy update sums W8 + B.A8 in fp32 before the e4m3 cast (the reference sums in B's dtype,
-  bf16); the result differs only when the bf16 sum lands across an e4m3 rounding boundary.
+- The proxy update sums W8 + B.A8 in fp32 before the e4m3 cast, as the reference does (its B, and so
+  its AdamW state, is fp32; so is B here, whatever the layer's compute dtype).
 - k is a parameter (default r, what the reference ran: its warm-up phase with k = r is never ended)
   with an optional schedule to a smaller k; the reference's `num_topk` default of 10 is never reached.
 - The LoRA alpha / r scaling is ignored, as in the reference (its `scaling` attribute is never used).
@@ -38,6 +38,13 @@ GEMM. The melded matrix gets zero rows up to N + r_pad (r_pad = r rounded up to 
 then always fits, and the padded O_A columns are exactly zero. The dB GEMM reduces over the tokens M: its
 transposed operands (dY8^T, O_A8^T) are written with zero columns up to M_pad in the transpose pass itself.
 Aligned ranks and token counts take exactly the unpadded path (no extra rows, no copies).
+
+Variants of the proxy update (defaults = the reference; see falqon_core.kernels.proxy_update and
+docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta rounds away on the e4m3 grid.
+  rounding        "nearest" (default) or "stochastic" (unbiased: sub-grid updates survive in expectation)
+  merge           "topk" (default) or "grid" (every row with an entry that changes under round-to-nearest)
+  keep_unmerged   zero only the merged rows of B (default False: all of B, as the reference)
+  seed            seed of the stochastic rounding's counter-based RNG (default 0)
 """
 
 from __future__ import annotations
@@ -49,10 +56,15 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
+from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
 
-OPTION_NAMES = ("topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd")
+OPTION_NAMES = (
+    "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
+    "rounding", "merge", "keep_unmerged", "seed",
+)
+ROUNDINGS = ("nearest", "stochastic")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
@@ -130,7 +142,10 @@ class FalqonLinear(nn.Module):
     multiple of 16), `scale` (0-dim fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
     cache_weight_t: costs N x K more bytes, i.e. doubles the weight memory, and saves the N x K
     transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update).
-    Parameters: `lora_B` (N x r, trainable, zero after every proxy update), `bias` (frozen, if present).
+    Parameters: `lora_B` (N x r, fp32 as in the reference, trainable, zero after every proxy update unless
+    keep_unmerged), `bias` (frozen, if present). Buffer `rounding_seed` (int64, stochastic rounding only).
+    `track_lost = True` makes each proxy update add, on the device, [lost entries, merged entries with a
+    nonzero delta, rows merged] to `lost_stats` (int64 (3,)); lost = the fp8 value did not change.
     """
 
     def __init__(
@@ -146,6 +161,10 @@ class FalqonLinear(nn.Module):
         cache_weight_t: bool = False,
         fast_accum: bool = True,
         init_svd: str = "lowrank",
+        rounding: str = "nearest",
+        merge: str = "topk",
+        keep_unmerged: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -161,12 +180,20 @@ class FalqonLinear(nn.Module):
         self.updates_done = 0  # proxy updates run so far (host counter: drives the k schedule)
         self.last_k: int | None = None  # k of the most recent proxy update
         self.fast_accum = bool(fast_accum)
+        if rounding not in ROUNDINGS or merge not in MERGE_RULES:
+            raise ValueError(f"falqon rounding {rounding!r} / merge {merge!r}; allowed: {ROUNDINGS} / {MERGE_RULES}")
+        self.rounding, self.merge, self.keep_unmerged = rounding, merge, bool(keep_unmerged)
+        self.track_lost = False
 
         melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype, init_svd)
         self.register_buffer("melded", pad_rows(melded))  # N + r_pad rows (module docstring: Padding)
         self.register_buffer("scale", scale)
         self.register_buffer("weight_t", transpose_fp8(melded[:n_out]) if cache_weight_t else None)
-        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=melded.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=torch.float32, device=melded.device))
+        # stochastic rounding's seed lives on the device and advances there: a captured graph draws new bits
+        seed_t = torch.tensor(int(seed), dtype=torch.int64, device=melded.device) if rounding == "stochastic" else None
+        self.register_buffer("rounding_seed", seed_t)
+        self.lost_stats: torch.Tensor | None = None  # made on the first tracked update
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
         else:
@@ -208,7 +235,19 @@ class FalqonLinear(nn.Module):
         k is chosen on the host from the update count; a captured graph replays the k it was captured with.
         """
         k = self.next_k()
-        rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
+        if self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost:
+            rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
+        else:
+            if self.track_lost and self.lost_stats is None:
+                self.lost_stats = torch.zeros(3, dtype=torch.int64, device=self.melded.device)
+            rows = proxy_update_variant_(
+                self.backbone_fp8, self.adapter_fp8, self.lora_B, k, stochastic=self.rounding == "stochastic",
+                seed=self.rounding_seed, merge=self.merge, keep_unmerged=self.keep_unmerged,
+                stats=self.lost_stats if self.track_lost else None,
+            )
+            if self.rounding == "stochastic":
+                self.rounding_seed.add_(1)
+            k = rows.numel() if self.merge == "topk" else k  # grid: rows merged per update are in lost_stats[2]
         if self.weight_t is not None:
             fresh = self.backbone_fp8.view(torch.uint8).index_select(0, rows).t()
             self.weight_t.view(torch.uint8).index_copy_(1, rows, fresh)
@@ -220,6 +259,7 @@ class FalqonLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
+            f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, "
             f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
         )
 
@@ -263,6 +303,17 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         if options["init_svd"] not in ("exact", "lowrank"):
             raise ValueError(f"falqon option init_svd must be 'exact' or 'lowrank', got {options['init_svd']!r}")
         kwargs["init_svd"] = options["init_svd"]
+    for name, allowed in (("rounding", ROUNDINGS), ("merge", MERGE_RULES)):
+        if name in options:
+            if options[name] not in allowed:
+                raise ValueError(f"falqon option {name} must be one of {', '.join(allowed)}, got {options[name]!r}")
+            kwargs[name] = options[name]
+    if "keep_unmerged" in options:
+        kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
+    if "seed" in options:
+        if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
+            raise ValueError(f"falqon option seed must be an integer, got {options['seed']!r}")
+        kwargs["seed"] = options["seed"]
     return kwargs
 
 
@@ -350,15 +401,17 @@ class Falqon(Method):
         Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
         layout transposes (transpose_fp8, read + write) the backward makes on every path (dY8 M x N for dB;
         W8 N x K for dX unless cached; the r x M one of O_A is small and not counted); the timed step's
-        SGD update of B (read B and dB, write B: 3 N x r bf16, as the LoRA baselines count for A and B);
+        SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
-        W8 rows, k x r of B rows (and k x K into weight_t when cached). k is the steady-state k: the
+        W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows. k is the steady-state k: the
         `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
         """
         M, r = tokens, rank
         k = min(int(self.options.get("topk_after") or self.options.get("topk") or r), N)
         cached = bool(self.options.get("cache_weight_t", False))
-        bf16, e = 2, 1  # bytes per element
+        bf16, f32, e = 2, 4, 1  # bytes per element
+        if self.options.get("merge") == "grid":  # every row is read and written back
+            k = N
         flops = {"fp8": 0.0, "bf16": 0.0}
         fwd_fp8, dx_fp8, db_fp8 = fp8_gemm_fits(K, N), fp8_gemm_fits(N, K), True
         flops["fp8" if fwd_fp8 else "bf16"] += 2.0 * M * (N + r) * K
@@ -368,6 +421,6 @@ class Falqon(Method):
         quant += 2 * e * M * N
         if not cached:
             quant += 2 * e * N * K
-        quant += 3 * bf16 * N * r
-        quant += 2 * bf16 * N * r + e * r * K + 2 * e * k * K + bf16 * k * r + (e * k * K if cached else 0)
+        quant += 3 * f32 * N * r
+        quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))

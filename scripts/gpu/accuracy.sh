@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Does it still learn? On one H200 (<= 8 min): (1) the real-text accuracy suite (suites/accuracy-text.toml:
+# small-llama pretrained on part of the stdlib's sources, an lr grid per method, FALQON reference and the
+# stochastic-rounding + keep-unmerged variant); (2) the layer step time of default falqon vs that variant
+# (llama-7b attn/up/down, r 16 and 64, 4096 tokens) through the same runner, side by side in one run.
+# Run from the repo root:  OUT=/some/dir bash scripts/gpu/accuracy.sh
+# CPU dry run (tiny sizes, checks the script end to end):  OUT=/tmp/x bash scripts/gpu/accuracy.sh --cpu-smoke
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to the output directory}"
+SMOKE=0
+[[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
+WORK="$(mktemp -d)"  # run directories live here; only the tarball and the summary go to $OUT (<= 8 files)
+RUNS="$WORK/runs"
+mkdir -p "$RUNS" "$WORK/suites" "$OUT"
+
+if [[ $SMOKE == 1 ]]; then
+  ACC_SUITE="$WORK/suites/accuracy-text-smoke.toml"
+  sed -e 's/^device = "cuda"/device = "cpu"/' -e 's/^model = "small-llama"/model = "tiny-llama"/' \
+      -e 's/^seq_len = 256/seq_len = 32/' -e 's/^batch = 32/batch = 2/' -e 's/^pretrain_steps = 400/pretrain_steps = 2/' \
+      -e 's/^steps = 200/steps = 3/' -e 's/^eval_every = 50/eval_every = 2/' -e 's/^eval_batches = 8/eval_batches = 1/' \
+      -e 's/^rank = 16/rank = 8/' -e 's/^name = "accuracy-text"/name = "accuracy-text-smoke"/' \
+      suites/accuracy-text.toml > "$ACC_SUITE"
+  LAYERS='{name = "smoke.attn", K = 64, N = 64}'; RANKS='[8]'; TOKENS='[64]'; DEVICE=cpu; BUDGET=20
+else
+  ACC_SUITE=suites/accuracy-text.toml
+  LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=400
+fi
+
+cat > "$WORK/suites/falqon-variant-overhead.toml" <<TOML
+# default falqon vs the recommended variant, one run (identical timing), for the 3% claim
+name = "falqon-variant-overhead"
+device = "$DEVICE"
+[timing]
+budget_ms = $BUDGET
+warmup_ms = 100
+[[grid]]
+layers = [$LAYERS]
+ranks = $RANKS
+tokens = $TOKENS
+methods = ["falqon"]
+options = [{}, {falqon = {rounding = "stochastic", keep_unmerged = true}}]
+TOML
+
+echo "== accuracy suite: $ACC_SUITE"
+python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" --point-timeout-s 400 || echo "accuracy run exited $?"
+echo "== layer timing: default falqon vs falqon+sr+keep"
+python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" --out "$RUNS/falqon-variant-overhead" || echo "overhead run exited $?"
+python -m falqon_bench.cli report "$RUNS/accuracy-text" --out "$RUNS/report-accuracy-text" || echo "report exited $?"
+
+# the pretrained base's state dict (base/) is a cache, not a result: left out
+tar -czf "$OUT/accuracy-runs.tar.gz" --exclude=base -C "$WORK" runs suites
+{
+echo
+echo "================ summary ================"
+python -m falqon_bench.accuracy_summary "$RUNS/accuracy-text" || true
+python - "$RUNS/falqon-variant-overhead/points.jsonl" <<'PY' || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+key = lambda r: (r["layer"], r["rank"], r["tokens"])
+by = {}
+for r in rows:
+    by.setdefault(key(r), {})["variant" if r["options"] else "default"] = r
+print(f"{'layer':<16} {'rank':>4} {'default ms':>11} {'variant ms':>11} {'ratio':>7}   (gpu_ms, else wall_ms; median)")
+for k, pair in by.items():
+    ms = {n: (r.get("gpu_ms") or r.get("wall_ms")) if r.get("status") == "ok" else None for n, r in pair.items()}
+    d, v = ms.get("default"), ms.get("variant")
+    ratio = f"{v / d:.3f}" if d and v else "-"
+    print(f"{k[0]:<16} {k[1]:>4} {d if d is None else round(d, 4)!s:>11} {v if v is None else round(v, 4)!s:>11} {ratio:>7}")
+PY
+} 2>&1 | tee "$OUT/summary.txt"
+rm -rf "$WORK"

@@ -1,0 +1,194 @@
+"""FALQON's proxy-update variants (stochastic rounding, merge="grid", keep_unmerged, lost-update counts):
+the Triton kernel against its torch reference under TRITON_INTERPRET=1, and the statistics of the rounding.
+
+Exactness: as in test_kernels_proxy_update, B on multiples of 2^-3 and |A8| <= 8 make every sum exact in fp32,
+so the merged fp32 values are identical in both paths; the RNG is a counter-based integer hash computed the
+same way in both, so for a given seed the stochastic results are bit-identical.
+"""
+
+import math
+
+import pytest
+import torch
+
+from falqon_core import fp8
+from falqon_core.kernels.proxy_update import (
+    hash_uniform_reference,
+    proxy_update_reference_,
+    proxy_update_variant_reference_,
+    proxy_update_variant_triton_,
+    stochastic_round_reference,
+)
+from test_kernels_proxy_update import exact_inputs
+
+
+def small_update_inputs(n=24, k_dim=160, r=4):
+    """Weights of moderate size and deltas well below half an e4m3 spacing: nearest rounding loses them all."""
+    sign = torch.randint(0, 2, (n, k_dim)) * 2 - 1
+    w8 = (sign * (16 + 15 * torch.rand(n, k_dim))).to(fp8.E4M3)  # spacing 2 at 16 <= |w| < 32
+    a8 = (torch.randn(r, k_dim) * 2).clamp(-8, 8).to(fp8.E4M3)
+    b = torch.full((n, r), 0.125 / 16)  # |delta| <= 4 * 8 * 2^-7 = 0.25: far below half a spacing (1)
+    b[n // 2 :] *= -1
+    return w8, a8, b
+
+
+def run_pair(w8, a8, b, k, **variant):
+    w_t, b_t, w_r, b_r = w8.clone(), b.clone(), w8.clone(), b.clone()
+    s_t, s_r = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    rows_t = proxy_update_variant_triton_(w_t, a8, b_t, k, stats=s_t, **variant)
+    rows_r = proxy_update_variant_reference_(w_r, a8, b_r, k, stats=s_r, **variant)
+    return (w_t, b_t, rows_t, s_t), (w_r, b_r, rows_r, s_r)
+
+
+def test_hash_rng_is_uniform_and_seed_dependent():
+    offsets = torch.arange(200_000)
+    u1, u2 = hash_uniform_reference(torch.tensor(1), offsets), hash_uniform_reference(torch.tensor(2), offsets)
+    assert 0.0 <= u1.min() and u1.max() < 1.0
+    # mean of 2e5 uniforms: sd 0.29 / sqrt(2e5) = 6.5e-4; 6 sd
+    assert abs(u1.mean().item() - 0.5) < 4e-3
+    assert (u1 != u2).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("seed", [7, 123456789])
+@pytest.mark.parametrize("merge,keep", [("topk", False), ("topk", True), ("grid", True), ("grid", False)])
+def test_stochastic_kernel_equals_reference_for_a_given_seed(seed, merge, keep):
+    w8, a8, b = exact_inputs(40, 300, 8, 5)
+    (w_t, b_t, rows_t, s_t), (w_r, b_r, rows_r, s_r) = run_pair(
+        w8, a8, b, 5, stochastic=True, seed=torch.tensor(seed), merge=merge, keep_unmerged=keep
+    )
+    assert torch.equal(rows_t.sort().values, rows_r.sort().values)
+    assert torch.equal(w_t.view(torch.uint8), w_r.view(torch.uint8))
+    assert torch.equal(b_t, b_r)
+    assert torch.equal(s_t, s_r)
+
+
+@pytest.mark.parametrize("merge,keep", [("topk", True), ("grid", True), ("grid", False)])
+def test_nearest_variant_kernel_equals_reference(merge, keep):
+    w8, a8, b = small_update_inputs()
+    b[3] = 0.5  # one row whose update clears the grid
+    (w_t, b_t, _, s_t), (w_r, b_r, _, s_r) = run_pair(w8, a8, b, 4, merge=merge, keep_unmerged=keep)
+    assert torch.equal(w_t.view(torch.uint8), w_r.view(torch.uint8))
+    assert torch.equal(b_t, b_r) and torch.equal(s_t, s_r)
+
+
+def test_default_options_of_the_variant_equal_the_reference_update():
+    w8, a8, b = exact_inputs(40, 300, 8, 5)
+    w_v, w_r = w8.clone(), w8.clone()
+    proxy_update_variant_triton_(w_v, a8, b.clone(), 5)
+    proxy_update_reference_(w_r, a8, b.clone(), 5)
+    assert torch.equal(w_v.view(torch.uint8), w_r.view(torch.uint8))
+
+
+def test_stochastic_rounding_is_unbiased_within_a_hoeffding_bound():
+    """Mean of n stochastically rounded updates (seeds 0..n-1) vs the exact W8 + B.A8, per entry.
+
+    Each rounded value is lo or lo + ulp, so (value - lo) / ulp is a Bernoulli variable in [0, 1] and
+    Hoeffding gives |mean - exact| <= ulp * sqrt(ln(2 / delta) / (2 n)) with probability >= 1 - delta per
+    entry; delta = 1e-9 (over ~4000 entries: < 1e-5 for the whole test). Nearest rounding, which loses these
+    sub-grid deltas, must fail the same bound (so the test can fail).
+    """
+    w8, a8, b = small_update_inputs()
+    exact = w8.float() + b @ a8.float()
+    n = 400
+    total = torch.zeros_like(exact, dtype=torch.float64)
+    for seed in range(n):
+        total += stochastic_round_reference(exact, hash_uniform_reference(torch.tensor(seed), torch.arange(exact.numel()).view_as(exact))).double()
+    mean = total / n
+    ulp = fp8.ulp(exact, fp8.E4M3)
+    bound = ulp * math.sqrt(math.log(2 / 1e-9) / (2 * n))
+    assert ((mean - exact.double()).abs() <= bound).all()
+    nearest = fp8.saturating_cast(exact, fp8.E4M3).double()
+    # pooled over the m entries, in the direction of each update: independent draws, each of sd <= ulp / 2,
+    # so the mean signed error in ulps has sd <= 0.5 / sqrt(n m); 6 sd. Nearest rounding is biased against
+    # the update (it drops it), far outside that bound.
+    direction = torch.sign(exact.double() - w8.double())
+    pooled_bound = 6 * 0.5 / math.sqrt(n * exact.numel())
+
+    def bias_in_ulps(values):
+        return ((values - exact.double()) * direction / ulp).mean().item()
+
+    assert abs(bias_in_ulps(mean)) <= pooled_bound
+    assert bias_in_ulps(nearest) < -3 * pooled_bound
+
+
+def test_stochastic_merge_through_the_kernel_is_unbiased():
+    """The same claim through the Triton kernel (fewer draws: the interpreter is slow): n = 32, delta = 1e-6."""
+    w8, a8, b = small_update_inputs(n=8, k_dim=64)
+    exact = w8.float() + b @ a8.float()
+    n = 32
+    total = torch.zeros_like(exact, dtype=torch.float64)
+    for seed in range(n):
+        w = w8.clone()
+        proxy_update_variant_triton_(w, a8, b.clone(), 8, stochastic=True, seed=torch.tensor(seed))
+        total += w.double()
+    bound = fp8.ulp(exact, fp8.E4M3) * math.sqrt(math.log(2 / 1e-6) / (2 * n))
+    assert ((total / n - exact.double()).abs() <= bound).all()
+
+
+def test_nearest_rounding_loses_sub_grid_updates_and_counts_them():
+    w8, a8, b = small_update_inputs()
+    stats = torch.zeros(3, dtype=torch.int64)
+    w = w8.clone()
+    proxy_update_variant_reference_(w, a8, b, 24, stats=stats)
+    lost, counted, rows = stats.tolist()
+    assert rows == 24 and counted > 0
+    assert lost / counted > 0.7  # most deltas are below half a spacing
+
+
+def test_grid_merge_keeps_b_of_rows_whose_update_does_not_clear():
+    w8, a8, b = small_update_inputs()
+    b[3] = 0.5
+    b_before = b.clone()
+    stats = torch.zeros(3, dtype=torch.int64)
+    proxy_update_variant_triton_(w8.clone(), a8, b, 4, merge="grid", keep_unmerged=True, stats=stats)
+    assert (b[3] == 0).all()
+    kept = [i for i in range(b.shape[0]) if (b[i] != 0).any()]
+    assert kept and all(torch.equal(b[i], b_before[i]) for i in kept)
+    assert stats[2].item() == b.shape[0] - len(kept)
+
+
+def test_keep_unmerged_zeroes_only_the_top_k_rows():
+    w8, a8, b = exact_inputs(40, 96, 8, 5)
+    rows = proxy_update_variant_triton_(w8.clone(), a8, b, 5, keep_unmerged=True)
+    zero_rows = (b == 0).all(dim=1).nonzero().flatten()
+    assert set(rows.tolist()) <= set(zero_rows.tolist())
+    assert (b != 0).any()
+
+
+def test_variant_arguments_are_checked():
+    w8, a8, b = exact_inputs(16, 64, 4)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        proxy_update_variant_reference_(w8, a8, b, 2, merge="all")
+    with pytest.raises(ValueError, match="needs `seed`"):
+        proxy_update_variant_triton_(w8, a8, b, 2, stochastic=True)
+
+
+# ---------------------------------------------------------------- as options of the falqon method
+
+
+def test_falqon_b_and_its_gradient_are_fp32_as_in_the_reference():
+    from falqon_core.methods.falqon import FalqonLinear
+
+    layer = FalqonLinear(torch.nn.Linear(32, 48), 4, dtype=torch.bfloat16)
+    assert layer.lora_B.dtype == torch.float32
+    layer(torch.randn(5, 32, dtype=torch.bfloat16)).float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32
+
+
+def test_falqon_options_select_the_variant_and_track_lost_updates():
+    from falqon_core.methods.falqon import FalqonLinear, parse_options
+
+    opts = parse_options({"rounding": "stochastic", "keep_unmerged": True, "merge": "topk", "seed": 3})
+    layer = FalqonLinear(torch.nn.Linear(64, 48), 4, **opts)
+    layer.track_lost = True
+    with torch.no_grad():
+        layer.lora_B.fill_(1e-4)
+    layer.proxy_update()
+    assert layer.rounding_seed.item() == 4  # advanced on the device
+    lost, counted, rows = layer.lost_stats.tolist()
+    assert rows == 4 and counted == 4 * 64 and lost > 0.9 * counted
+    assert (layer.lora_B == 0).all(dim=1).sum().item() == 4  # only the merged rows were zeroed
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        parse_options({"rounding": "up"})
+    with pytest.raises(ValueError, match="merge must be one of"):
+        parse_options({"merge": "all"})
