@@ -147,7 +147,15 @@ def build_model(config, device: "torch.device", dtype: "torch.dtype", seed: int 
 
 def make_model(spec: str, device: "torch.device", dtype: "torch.dtype", num_layers: int | None = None,
                seed: int = 0, allow_pickle: bool = False) -> "nn.Module":
-    """The one entry point: a named config (random weights, `seed`) or a local model directory (checked)."""
+    """The one entry point: a named config (random weights, `seed`) or a local model directory (checked).
+
+    The model is for fine-tuning, so its forward builds no KV cache (`use_cache = False`): with the default, a
+    training forward of a transformers LLaMA fills a DynamicCache it never reads (extra copies and memory in every
+    step, and torch.compile recompiles on the cache's state).
+    """
     if is_model_dir(spec):
-        return load_model_dir(spec, device, dtype, allow_pickle=allow_pickle, num_layers=num_layers)
-    return build_model(llama_config(spec, num_layers), device, dtype, seed=seed)
+        model = load_model_dir(spec, device, dtype, allow_pickle=allow_pickle, num_layers=num_layers)
+    else:
+        model = build_model(llama_config(spec, num_layers), device, dtype, seed=seed)
+    model.config.use_cache = False
+    return model

@@ -60,3 +60,10 @@ def test_unknown_name_lists_the_allowed_models():
     with pytest.raises(BenchInputError, match="allowed: tiny-llama, small-llama"):
         llama_config("gpt-9")
     assert llama_config("llama-70b", num_layers=2).num_hidden_layers == 2
+
+
+def test_models_for_fine_tuning_build_no_kv_cache():
+    model = make_model("tiny-llama", torch.device("cpu"), torch.float32)
+    tokens = torch.randint(0, 256, (2, 8))
+    out = model(input_ids=tokens, labels=tokens)
+    assert model.config.use_cache is False and out.past_key_values is None
