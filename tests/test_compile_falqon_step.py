@@ -63,3 +63,45 @@ def test_compiled_falqon_step_has_no_graph_break_and_matches_eager(triton_path):
     assert not torch.equal(eager_layer.melded.view(torch.uint8), before), "the update changed nothing: vacuous"
     assert torch.equal(eager_layer.melded.view(torch.uint8), compiled_layer.melded.view(torch.uint8))
     assert torch.count_nonzero(compiled_layer.lora_B) == 0  # the op's declared write to B happened
+
+
+LAUNCHERS = {
+    "partial_amax": ("falqon_core.kernels.quantize", "partial_amax"),
+    "cast_tensorwise_from_partials": ("falqon_core.kernels.quantize", "cast_tensorwise_from_partials"),
+    "quantize_rowwise": ("falqon_core.kernels.quantize", "_quantize_rowwise_triton"),
+    "melded_gemm": ("falqon_core.kernels.melded", "_melded_triton"),
+    "transpose_fp8": ("falqon_core.kernels.transpose", "transpose_fp8_triton"),
+    "proxy_update_": ("falqon_core.kernels.proxy_update", "proxy_update_triton_"),
+}
+
+
+def _parameter_names(fn) -> list[str]:
+    import inspect
+
+    fn = getattr(fn, "_init_fn", fn)  # a torch.library CustomOpDef keeps the function it was made from
+    return list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_each_compile_op_takes_exactly_its_launchers_arguments(name):
+    """The H200 e2e run failed to compile falqon ("RuntimeError when making fake tensor call"): the transpose
+    launcher had gained `pad_to` and its custom op had not. On the GPU the op is called with the launcher's
+    arguments, so any launcher parameter the op lacks breaks torch.compile there (the CPU path never calls it)."""
+    import importlib
+
+    module, attr = LAUNCHERS[name]
+    launcher = getattr(importlib.import_module(module), attr)
+    op = launcher.compile_op_slot.get("op")
+    assert op is not None, f"{attr} has no compile op"
+    assert _parameter_names(op) == _parameter_names(launcher)
+
+
+def test_transpose_op_fake_gives_the_padded_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from falqon_core.kernels import compile_ops
+
+    with FakeTensorMode():
+        x = torch.empty(77, 64, dtype=torch.float8_e4m3fn)
+        assert tuple(compile_ops.transpose_fp8(x, 16).shape) == (64, 80)
+        assert tuple(compile_ops.transpose_fp8(x).shape) == (64, 77)

@@ -91,13 +91,13 @@ def _melded_unpack(result):
 
 
 @torch.library.custom_op("falqon::transpose_fp8", mutates_args=())
-def transpose_fp8(x: torch.Tensor) -> torch.Tensor:
-    return _launcher(transpose.transpose_fp8_triton)(x)
+def transpose_fp8(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
+    return _launcher(transpose.transpose_fp8_triton)(x, pad_to)
 
 
 @transpose_fp8.register_fake
-def _(x):
-    return x.new_empty((x.shape[1], x.shape[0]), dtype=x.dtype)
+def _(x, pad_to=1):
+    return x.new_empty((x.shape[1], transpose.padded_length(x.shape[0], pad_to)), dtype=x.dtype)
 
 
 @torch.library.custom_op("falqon::proxy_update_", mutates_args=("w8", "b"))
