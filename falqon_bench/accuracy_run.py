@@ -31,7 +31,7 @@ import torch
 
 from falqon_bench import envinfo
 from falqon_bench.corpora import Corpus, make_corpus
-from falqon_bench.worker import MeasureContext, base_row, one_line
+from falqon_bench.worker import MeasureContext, base_row, record_failure
 
 WARMUP_STEPS_UNTIMED = 3
 
@@ -97,7 +97,6 @@ def pretrained_base(point: dict[str, Any], corpus: Corpus, device: torch.device,
 
 def measure_accuracy_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
     """Fine-tune and evaluate one point; never raises (except Ctrl-C): a failure is an error row."""
-    from falqon_core.methods import MethodUnavailable
 
     device = torch.device(ctx.device)
     o = point["options"]
@@ -107,12 +106,8 @@ def measure_accuracy_point(point: dict[str, Any], ctx: MeasureContext) -> dict[s
     try:
         _fine_tune(point, ctx, device, row)
         row.update(status="ok", error=None)
-    except MethodUnavailable as e:
-        row.update(error_type="unavailable", error=f"unavailable: {str(e).strip() or type(e).__name__}")
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # one method's failure must not stop the sweep
-        row.update(error_type=type(e).__name__, error=one_line(e))
+        record_failure(row, e)
     finally:
         row["duration_s"] = round(time.perf_counter() - t0, 4)
     if row["status"] == "ok":

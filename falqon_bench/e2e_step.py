@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from falqon_bench import envinfo, timing
-from falqon_bench.worker import base_row, one_line
+from falqon_bench.worker import base_row, one_line, record_failure
 
 PHASES = ("forward", "backward", "optimizer", "post_step")
 
@@ -282,8 +282,6 @@ def e2e_base_row(point: dict[str, Any], device: torch.device, world_size: int, b
 
 def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     """Train one e2e point in this process; any failure is an error row (never raises, except Ctrl-C)."""
-    from falqon_core.methods import MethodUnavailable
-
     device = torch.device(ctx.device)
     row = e2e_base_row(point, device, world_size=1, backend="none")
     t0 = time.perf_counter()
@@ -304,12 +302,8 @@ def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
             row.update(error_type="NonFiniteLoss", error=f"loss is not finite: {row['loss_per_step'][:4]}...")
         else:
             row.update(status="ok", error=None)
-    except MethodUnavailable as e:
-        row.update(error_type="unavailable", error=f"unavailable: {str(e).strip() or type(e).__name__}")
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # one method's failure (OOM, capture, unsupported op) is one error row
-        row.update(error_type=type(e).__name__, error=one_line(e))
+        record_failure(row, e)
     finally:
         row["duration_s"] = round(time.perf_counter() - t0, 4)
         del training

@@ -99,6 +99,17 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def record_failure(row: dict[str, Any], e: Exception) -> None:
+    """A point's failure as its row's error, the same for every suite kind: `unavailable: <what to install>`
+    for MethodUnavailable, else the exception's type and first line. (Ctrl-C is no Exception: it propagates.)"""
+    from falqon_core.methods import MethodUnavailable
+
+    if isinstance(e, MethodUnavailable):
+        row.update(error_type="unavailable", error=f"unavailable: {str(e).strip() or type(e).__name__}")
+    else:
+        row.update(error_type=type(e).__name__, error=one_line(e))
+
+
 def process_poisoned(row: dict[str, Any]) -> bool:
     """Whether the point left this process unfit for the next point (the worker must be replaced).
 
@@ -174,8 +185,6 @@ def measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
 
 
 def _measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]:
-    from falqon_core.methods import MethodUnavailable
-
     from falqon_bench.workload import build_workload
 
     device = torch.device(ctx.device)
@@ -237,12 +246,8 @@ def _measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]
             row.update(error_type="CaptureError", error=f"{row['capture_error']}; and the profiler fallback failed: {row.get('breakdown_error')}")
         else:
             row.update(status="ok", error=None)
-    except MethodUnavailable as e:
-        row.update(error_type="unavailable", error=f"unavailable: {str(e).strip() or type(e).__name__}")
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # one method's failure (OOM, unsupported op, library bug) must not stop the sweep
-        row.update(error_type=type(e).__name__, error=one_line(e))
+        record_failure(row, e)
     finally:
         row["duration_s"] = round(time.perf_counter() - t0, 4)
         del workload
