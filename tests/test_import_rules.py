@@ -157,3 +157,14 @@ def test_report_compare_export_merge_of_a_committed_run_import_neither_torch_nor
     assert result["codes"]["export-pytest-benchmark"] == 0 and result["codes"]["compare"] in (0, 1), result["codes"]
     assert result["codes"]["merge"] in (0, 2), result["codes"]  # one run is not a set of shards: a clear error is fine
     assert result["heavy"] == [], f"readers imported {result['heavy'][:10]}"
+
+
+def test_cli_imports_every_falqon_bench_module_inside_its_command():
+    """cli.py sits on top: at module level it loads only typer, rich and errors, so `report` never pays for torch."""
+    offenders = [
+        f"{line}: {name}"
+        for line, name in imported_modules(parse(BENCH / "cli.py"), module_level_only=True)
+        if name.split(".")[0] in FORBIDDEN_ROOTS
+        or (name.split(".")[0] == "falqon_bench" and not name.startswith("falqon_bench.errors"))
+    ]
+    assert not offenders, "falqon_bench/cli.py imports at module level:\n" + "\n".join(offenders)
