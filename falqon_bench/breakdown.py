@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from falqon_bench.derived import residual  # noqa: F401  (re-exported: readers import it from falqon_bench.derived)
 from falqon_bench.schema import BREAKDOWN_CATEGORIES
 
 STEP_LABEL = "falqon_bench.profile_step"
@@ -295,17 +296,6 @@ def classify(
     if _is_elementwise(lname, base):
         return "elementwise"
     return "other"
-
-
-def residual(kernel_ms: dict[str, float] | None, gpu_ms: float | None) -> float | None:
-    """Percent of gpu_ms the profiled kernels do not explain: 100 * (gpu_ms - sum) / gpu_ms.
-
-    Negative when kernels sum to more than the step (overlapping streams, profiler overhead).
-    None when either side is missing.
-    """
-    if not kernel_ms or gpu_ms is None or gpu_ms <= 0:
-        return None
-    return 100.0 * (gpu_ms - sum(kernel_ms.values())) / gpu_ms
 
 
 # --- profiling ---------------------------------------------------------------------------------------

@@ -69,16 +69,6 @@ def user_errors(fn: Callable) -> Callable:
 KERNEL_GROUPS = ("quantize", "proxy", "gemm", "transpose")  # the fields of kernel_bench.KernelShapes
 
 
-def _lazy(module: str, name: str):
-    """Import `name` from a falqon_bench module written elsewhere; a missing module is a clear input error."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise BenchInputError(f"{module}.{name} is not available in this installation ({e})") from None
-
-
 # ---------------------------------------------------------------- run
 
 
@@ -313,7 +303,8 @@ def export(
     if output_format == ExportFormat.pytest_benchmark:
         if len(runs) != 1:
             raise BenchInputError(f"--format pytest-benchmark writes one run per file (one machine_info); got {len(runs)} runs")
-        export_pytest_benchmark = _lazy("falqon_bench.pytest_benchmark_format", "export_pytest_benchmark")
+        from falqon_bench.pytest_benchmark_format import export_pytest_benchmark
+
         _out().print(f"wrote {export_pytest_benchmark(runs[0], to)}")
         return
     path = export_points(list(runs), to)
@@ -353,9 +344,9 @@ def report(
       falqon-bench report
       falqon-bench report results/h100-overhead results/h200-overhead --out reports/gpus
     """
+    from falqon_bench.report import render_report
     from falqon_bench.store import latest_run
 
-    render_report = _lazy("falqon_bench.report", "render_report")
     run_dirs = list(runs) if runs else [latest_run(RESULTS_ROOT)]
     path = render_report(run_dirs, out)
     _out().print(f"report written to {path}")
@@ -391,7 +382,8 @@ def compare(
       falqon-bench compare results/base results/new --factor 1.05 --override 'falqon/*=1.2'
       falqon-bench compare results/baselines/nvidia-h200.jsonl out.json
     """
-    compare_runs = _lazy("falqon_bench.gate", "compare_runs")
+    from falqon_bench.gate import compare_runs
+
     if factor <= 0:
         raise BenchInputError(f"--factor {factor} must be a positive ratio such as 1.10")
     result = compare_runs(base, new, factor, parse_overrides(override or []))
@@ -426,10 +418,10 @@ def kernels(
     groups = _parse_kernel_groups(only)
     if not torch.cuda.is_available():
         raise BenchInputError("kernel micro-benchmarks need a CUDA GPU; torch sees none here")
-    run_kernel_bench = _lazy("falqon_bench.kernel_bench", "run_kernel_bench")
+    from falqon_bench.kernel_bench import LLAMA_7B, run_kernel_bench
+
     out = out or RESULTS_ROOT / new_run_id("kernels", device_name("cuda"))
-    shapes = _lazy("falqon_bench.kernel_bench", "LLAMA_7B")
-    shapes = dataclasses.replace(shapes, **{g: () for g in KERNEL_GROUPS if g not in groups})
+    shapes = dataclasses.replace(LLAMA_7B, **{g: () for g in KERNEL_GROUPS if g not in groups})
     path = run_kernel_bench(out, shapes)
     _out().print(f"kernel results written to {path}")
 
@@ -446,10 +438,12 @@ def _parse_kernel_groups(only: str | None) -> tuple[str, ...]:
 
 
 def _quiet_library_import_noise() -> None:
-    """torchao's import logs a torch deprecation warning (KernelPreference enum) on every command: hide it."""
-    import logging
+    """torchao's import logs a torch deprecation warning (KernelPreference enum) on every command: hide it.
 
-    import torch  # noqa: F401  (torch configures its loggers on import; set the level after)
+    Set before torch is imported (torch leaves this logger's level alone), so that commands which only
+    read result files (report, compare, export, merge) never import torch.
+    """
+    import logging
 
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 

@@ -47,7 +47,7 @@ from falqon_bench.figures.data import (
 from falqon_bench.figures.floor import has_floor
 from falqon_bench.figures.style import sorted_variants
 from falqon_bench.identity import WARNING_SIGN, check_point_types, layer_problem, method_problem, row_problems
-from falqon_bench.roofline import pct_of_floor
+from falqon_bench.derived import pct_of_floor
 from falqon_bench.safe_markup import markdown_to_html, md_code, md_text
 from falqon_bench.store import RunData, latest_run, load_run
 

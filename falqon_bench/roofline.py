@@ -9,12 +9,12 @@ Units: TFLOP/s = 1e12 FLOP/s, GB/s = 1e9 bytes/s, times in ms.
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any, Callable
 
 import torch
 
+from falqon_bench.derived import pct_of_floor  # noqa: F401  (re-exported: readers import it from falqon_bench.derived)
 from falqon_core.methods.base import StepCost
 
 GEMM_SIZE = 8192
@@ -118,13 +118,3 @@ def floor_ms(cost: StepCost, peaks: dict[str, Any] | None) -> float | None:
             return None
         seconds += cost.quant_bytes / (gbps * 1e9)
     return seconds * 1e3
-
-
-def pct_of_floor(ms: float | None, floor: float | None) -> float | None:
-    """How close a measured time is to its floor, percent: 100 * floor / ms (100 = at the floor).
-
-    None when either is missing (None or NaN) or ms is not positive.
-    """
-    if ms is None or floor is None or not math.isfinite(ms) or not math.isfinite(floor) or ms <= 0:
-        return None
-    return 100.0 * floor / ms

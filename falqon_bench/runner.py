@@ -1,7 +1,7 @@
 """Run a suite: expand it, open the results files, measure every point (isolated per method), summarize.
 
-Isolation (DESIGN section 4): each method's points run in a worker subprocess (falqon_bench.worker) with a
-per-point timeout; a hung point is killed, a crashed worker (OOM-kill, segfault, illegal memory access)
+Isolation (docs/architecture.md, "The path of a point"): each method's points run in a worker subprocess
+(falqon_bench.worker) with a per-point timeout; a hung point is killed, a crashed worker (OOM-kill, segfault, illegal memory access)
 costs only its current point, and a fresh worker takes the remaining points. Every finished point is
 appended and fsync'd at once, so Ctrl-C (manifest marked "interrupted", exit 130) or a SIGKILL loses no
 finished point, and `--resume` completes the run.

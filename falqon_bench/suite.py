@@ -124,7 +124,7 @@ class Axes(_Strict):
 
 
 class Timing(_Strict):
-    """How each point is timed (DESIGN section 4). Times in ms."""
+    """How each point is timed (falqon_bench.timing: warm up by time, then sample until budget_ms and min_samples). Times in ms."""
 
     budget_ms: float = Field(1000.0, gt=0)
     warmup_ms: float = Field(100.0, ge=0)

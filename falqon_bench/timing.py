@@ -1,4 +1,6 @@
-"""Timing of one training step (DESIGN section 4): GPU time by CUDA-graph replay, eager wall time, and their samples.
+"""Timing of one training step: GPU time by CUDA-graph replay, eager wall time, and their samples.
+
+The worker calls it once per point (docs/architecture.md, "The path of a point").
 
 Rules kept here: warm up by time (>= warmup_ms, after a first call that pays for compilation), not by
 count; flush L2 outside the timed region for cache = "cold"; sample until the budget is spent and at

@@ -1,5 +1,5 @@
 """The method registry: every method describes itself, unknown names fail with the allowed list, and the
-methods DESIGN.md names are all present."""
+seven methods of the README's Methods table are all present."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from falqon_core.convert import convert_model
 from falqon_core.methods import AdapterConfig, Method, UnknownMethodError, get_method, method_names
 from falqon_core.methods.base import StepCost
 
-DESIGN_METHODS = {"bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora", "falqon"}
+README_METHODS = {"bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora", "falqon"}
 
 
 def shipped_method_names() -> list[str]:
@@ -60,9 +60,9 @@ def test_convert_model_with_unknown_name_raises_unknown_method_error():
         convert_model(torch.nn.Linear(16, 16), "nope", AdapterConfig(rank=4))
 
 
-def test_all_design_methods_and_bf16_linear_are_registered():
-    """The seven methods of DESIGN.md section 3 plus the no-adapter bf16_linear floor."""
-    missing = (DESIGN_METHODS | {"bf16_linear"}) - set(method_names())
+def test_all_readme_methods_and_bf16_linear_are_registered():
+    """The seven methods of the README's Methods table plus the no-adapter bf16_linear floor."""
+    missing = (README_METHODS | {"bf16_linear"}) - set(method_names())
     assert not missing, f"not registered: {sorted(missing)}"
 
 

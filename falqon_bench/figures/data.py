@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from falqon_bench.breakdown import residual
+from falqon_bench.derived import residual
 from falqon_bench.schema import BREAKDOWN_CATEGORIES
 from falqon_bench.store import RunData
 

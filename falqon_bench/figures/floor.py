@@ -22,7 +22,7 @@ from falqon_bench.figures.style import (
     variant_color,
     variant_hatch,
 )
-from falqon_bench.roofline import pct_of_floor
+from falqon_bench.derived import pct_of_floor
 
 BAR_WIDTH = 0.7
 

@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 
 from falqon_bench.figures.data import RunLabel, best_of_compile, metric_label, ordered
 from falqon_bench.figures.style import add_footer, empty_panel, variant_color
-from falqon_bench.roofline import pct_of_floor
+from falqon_bench.derived import pct_of_floor
 
 FOCUS_METHOD = "falqon"
 NOT_LORA = ("bf16_linear",)

@@ -1,4 +1,5 @@
-"""FALQON: LoRA melded into one FP8 backbone matrix (DESIGN.md section 3, "FALQON, precisely").
+"""FALQON: LoRA melded into one FP8 backbone matrix (as the FALQON reference code does it, written out below;
+docs/architecture.md shows where the methods sit).
 
 A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one tensorwise scale s,
 plus a trainable B (N x r) that the forward never reads:
