@@ -329,26 +329,18 @@ def load_suite(name_or_path: str | Path, allow_pickle: bool = False) -> Suite:
         raise BenchInputError(f"{path} is not valid TOML: {e}") from None
     if allow_pickle and data.get("kind", "layers") != "layers":
         data["allow_pickle"] = True
-    kind = data.get("kind", "layers")
-    if not isinstance(kind, str) or kind not in KINDS:
-        line = find_key_line(text, None, None, "kind")
-        raise BenchInputError(f"unknown suite kind {kind!r} in {path}" + (f" line {line}" if line else "")
-                              + f"; allowed: {', '.join(KINDS)}")
-    validate = validate_suite if kind == "layers" else kind_function(kind, "validate")
-    return validate(data, file=path, text=text)
+    return validate_suite(data, file=path, text=text)
 
 
 def validate_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = "") -> Suite:
     """Validate parsed TOML (`text` is the raw file, used only to find line numbers for messages)."""
     kind = data.get("kind", "layers")
-    if kind != "layers":
-        if kind not in SUITE_KINDS:
-            line = find_key_line(text, None, None, "kind")
-            raise BenchInputError(
-                f"unknown suite kind {kind!r} in {file}" + (f" line {line}" if line else "")
-                + f"; allowed: layers, {', '.join(SUITE_KINDS)}"
-            )
-        return kind_function(kind, 0)(data, file, text)
+    if not isinstance(kind, str) or kind not in KINDS:
+        line = find_key_line(text, None, None, "kind")
+        raise BenchInputError(f"unknown suite kind {kind!r} in {file}" + (f" line {line}" if line else "")
+                              + f"; allowed: {', '.join(KINDS)}")
+    if kind != "layers":  # another kind validates itself (KINDS)
+        return kind_function(kind, "validate")(data, file=file, text=text)
     data = {k: v for k, v in data.items() if k != "kind"}
     try:
         spec = SuiteFile.model_validate(data)

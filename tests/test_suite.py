@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from falqon_bench.cli import app
 from falqon_bench.errors import BenchInputError
 from falqon_bench.layers import resolve_layer
-from falqon_bench.suite import find_key_line, known_suites, load_suite
+from falqon_bench.suite import find_key_line, known_suites, load_suite, validate_suite
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """\
@@ -174,3 +174,12 @@ def test_known_suites_finds_the_shipped_files():
     assert {"smoke", "overhead", "methods", "ranks", "e2e"} <= set(known_suites())
     with pytest.raises(BenchInputError, match="known suites"):
         load_suite("nope")
+
+
+def test_validate_suite_dispatches_every_kind_and_names_the_allowed_ones():
+    """validate_suite (not only load_suite) takes every suite kind; an unknown kind lists the allowed ones."""
+    e2e = {"kind": "e2e", "name": "x", "device": "cpu", "model": "tiny-llama", "seq_len": 8, "batch": 1, "steps": 3,
+           "rank": 4, "lr": 1e-3, "methods": ["bf16_lora"]}
+    assert validate_suite(e2e).kind == "e2e"
+    with pytest.raises(BenchInputError, match="unknown suite kind 'speed'.*allowed: layers, e2e, accuracy"):
+        validate_suite({**e2e, "kind": "speed"})
