@@ -251,13 +251,36 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         from falqon_bench.figures.accuracy import render_accuracy_report
 
         return render_accuracy_report(runs, Path(out_dir) if out_dir else REPORTS_ROOT / _report_name(runs), _cell)
+    out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    from falqon_bench.figures.e2e import FIGURE_NAME as E2E_FIGURE, render_e2e_section  # suite kind "e2e"
+
+    e2e_md = render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)
+    layer_runs = [RunData(r.run_dir, r.manifest, [p for p in r.points if p.get("kind", "layers") == "layers"]) for r in runs]
+    layer_runs = [r for r in layer_runs if r.points]
+    written: list[tuple[str, str]] = []
+    if layer_runs:  # the layer figures show layer points only (an e2e row is a whole model, not a linear)
+        written, md = _render_layer_report(layer_runs, runs, out)
+    else:
+        for fname, *_ in (*FIGURES, GPU_FIGURE):  # an output dir reused from a layer report keeps no stale figure
+            (out / fname).unlink(missing_ok=True)
+        (out / "perf_table.md").unlink(missing_ok=True)
+        md = f"# falqon-bench report: {', '.join(_cell(r.run_id) for r in runs)}\n\n## Runs\n\n{_runs_table(runs)}"
+    md += e2e_md
+    images = [f for f, _ in written] + ([E2E_FIGURE] if e2e_md else [])
+    (out / "report.md").write_text(md, encoding="utf-8")
+    page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", images, out)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out
+
+
+def _render_layer_report(runs: list[RunData], all_runs: list[RunData], out: Path) -> tuple[list[tuple[str, str]], str]:
+    """The layer figures (Fig. 1/3/4/5, floor, winners) and tables of `runs` (layer points only) into `out`;
+    returns the figures written and the markdown (its runs table lists `all_runs`)."""
     df = points_table(runs)
     device = _primary_device(runs)
     primary = df[df["device"] == device].reset_index(drop=True)
     label = label_for([r for r in runs if device in {str(p.get("device")) for p in r.points}], primary)
-    out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
-    out.mkdir(parents=True, exist_ok=True)
-
     notes = [
         f"Figures 1, 3, 4 and the floor figure show {_cell(device)} ({metric_label(primary)}); "
         f"each layer at the rank and token count most methods ran: {_reference_configs(primary)}.",
@@ -286,11 +309,4 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
 
     table = perf_table(df)
     (out / "perf_table.md").write_text(table, encoding="utf-8")
-    md = _markdown(runs, df, written, notes, table)
-    from falqon_bench.figures.e2e import render_e2e_section  # whole-model runs (suite kind "e2e")
-
-    md += render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)
-    (out / "report.md").write_text(md, encoding="utf-8")
-    page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", [f for f, _ in written], out)
-    (out / "report.html").write_text(page, encoding="utf-8")
-    return out
+    return written, _markdown(all_runs, df, written, notes, table)

@@ -3,6 +3,8 @@ say why, text goes through the report's escaping, and the figure is written."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from falqon_bench.figures.e2e import markdown_table, render_e2e_section, summary_table
 
 
@@ -63,3 +65,14 @@ def test_prepare_model_applies_liger_only_when_asked(monkeypatch):
     assert calls == []
     prepare_model(model, {"liger": True})
     assert calls == [model]
+
+
+def test_an_e2e_only_report_has_no_layer_figures_and_inlines_its_own(tmp_path):
+    """A whole-model row is not a linear layer: the layer figures (Fig. 1/3/4, floor, winners) showed e2e step
+    times as 'cost of a block's linear layers'. Now an e2e-only report holds the e2e section and its figure alone."""
+    from falqon_bench.report import render_report
+
+    out = render_report([Path(__file__).resolve().parents[1] / "results" / "e2e-llama7b-h200"], tmp_path / "r")
+    assert sorted(p.name for p in out.glob("*.png")) == ["e2e.png"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 1 and "End to end" in page
