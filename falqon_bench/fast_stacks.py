@@ -136,7 +136,7 @@ def patch_llama_with_liger(model: "nn.Module") -> None:
 
 
 def liger_patches_of(model: "nn.Module") -> tuple[str, ...]:
-    """The liger patches applied to `model` (empty when none): recorded with an e2e point."""
+    """The liger patches applied to `model` (empty when none), as apply_liger recorded them on the instance."""
     return tuple(getattr(model, "_falqon_liger_patches", ()))
 
 

@@ -33,8 +33,6 @@ from falqon_bench.layers import LayerShape, allowed_layer_names, custom_layer, r
 
 AXES = ("layers", "ranks", "tokens", "methods", "compile", "cache", "dtype", "options")
 REQUIRED_AXES = ("layers", "ranks", "tokens", "methods")
-DTYPES = ("bfloat16", "float16")
-CACHE_MODES = ("warm", "cold")
 
 
 class _Strict(BaseModel):
@@ -92,14 +90,10 @@ class Axes(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _scalars_to_lists(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for key, value in data.items():
-            if key == "options":
-                out[key] = [value] if isinstance(value, dict) else value
-        return out
+    def _one_options_table_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            return {**data, "options": [data["options"]]}
+        return data
 
     @field_validator("ranks", "tokens", "methods", "compile", "cache", "dtype", mode="before")
     @classmethod

@@ -33,12 +33,16 @@ def _floor(ax, rows: list[dict[str, Any]]) -> None:
         ax.axhline(floor, color="k", ls=":", lw=1, label=f"floor (entropy rate) {floor:.3f}")
 
 
+def _best_of_grid_figure(rows: list[dict[str, Any]]):
+    """(best row per method variant, its colour, an 8x5 in figure, its axes): what every per-method plot starts from."""
+    best = best_of_grid(rows)
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    return best, _colors(list(best)), fig, fig.subplots()
+
+
 def render_loss_curves(rows: list[dict[str, Any]]) -> Figure:
     """Held-out loss vs step per method variant at its best lr (mean over seeds)."""
-    best = best_of_grid(rows)
-    colors = _colors(list(best))
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
+    best, colors, fig, ax = _best_of_grid_figure(rows)
     for label, b in best.items():
         runs = [r for r in rows if r["label"] == label and r["lr"] == b["lr"] and r.get("status") == "ok"]
         steps = [c["step"] for c in runs[0]["heldout_curve"]]
@@ -88,10 +92,7 @@ def render_loss_vs_lr(rows: list[dict[str, Any]]) -> Figure:
 
 def render_accuracy_vs_speed(rows: list[dict[str, Any]]) -> Figure:
     """Held-out loss vs tokens/s, one point per method variant at its best lr."""
-    best = best_of_grid(rows)
-    colors = _colors(list(best))
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.subplots()
+    best, colors, fig, ax = _best_of_grid_figure(rows)
     for label, b in best.items():
         if b["final_loss"] is None or not b["tokens_per_s"]:
             continue
