@@ -6,6 +6,8 @@ work (FALQON's proxy update). Modes:
   compile     the model under torch.compile (optimizer and post-step stay eager).
   cuda_graph  the whole step (forward, backward, AdamW with capturable=True, post-step) captured in one
               CUDA graph on a side stream after the warm-up steps, replayed on static token buffers.
+  compile_cuda_graph  both: the model under torch.compile (elementwise work fused), then the whole step
+              captured as in cuda_graph (no host cost left: launches and Python run once, at capture).
 What a row holds besides schema.REQUIRED_KEYS (see schema.E2E_KEYS): tokens_per_s, step wall time
 (wall_ms median, p10/p90), host_ms (time to issue a step, ms), split_ms (forward / backward / optimizer /
 post_step GPU time per step from CUDA events, eager and compile only), gpu_ms and gpu_busy (profiler
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from falqon_bench import envinfo, timing
+from falqon_bench.e2e_suite import COMPILED_MODES, GRAPH_MODES
 from falqon_bench.worker import base_row, one_line, record_failure
 
 PHASES = ("forward", "backward", "optimizer", "post_step")
@@ -143,9 +146,9 @@ def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[
     if not params:
         raise ValueError(f"{point['method']} has no trainable parameters to fine-tune")
     outer = wrap(model) if wrap is not None else model
-    if opts["mode"] == "compile":
+    if opts["mode"] in COMPILED_MODES:
         outer = torch.compile(outer)
-    capturable = opts["mode"] == "cuda_graph"
+    capturable = opts["mode"] in GRAPH_MODES
     optimizer = torch.optim.AdamW(params, lr=opts["lr"], capturable=capturable)
     training = Training(outer, model, method, optimizer, PhaseClock(device))
     return training, convert_s, sum(p.numel() for p in params)
@@ -162,16 +165,16 @@ def run_steps(training: Training, batches: list[torch.Tensor], point: dict[str, 
     """Run every step in the point's mode; returns the measurements (times in ms, losses as floats)."""
     opts = point["options"]
     mode, warmup = opts["mode"], opts["warmup_steps"]
-    if mode == "cuda_graph" and device.type != "cuda":
-        raise RuntimeError("cuda_graph mode needs a CUDA device (a CUDA graph captures GPU work)")
+    if mode in GRAPH_MODES and device.type != "cuda":
+        raise RuntimeError(f"{mode} mode needs a CUDA device (a CUDA graph captures GPU work)")
     losses: list[torch.Tensor] = []
     wall: list[float] = []
     host: list[float] = []
     replay: Callable[[torch.Tensor], torch.Tensor] | None = None
     for i, tokens in enumerate(batches):
         timed = i >= warmup
-        training.clock.enabled = timed and mode != "cuda_graph"
-        if mode == "cuda_graph" and i == warmup:
+        training.clock.enabled = timed and mode not in GRAPH_MODES
+        if mode in GRAPH_MODES and i == warmup:
             replay = capture_step(training, tokens, device)
         _sync(device)
         t0 = time.perf_counter()
@@ -287,8 +290,8 @@ def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     t0 = time.perf_counter()
     training = None
     try:
-        if point["options"]["mode"] == "cuda_graph" and device.type != "cuda":
-            raise RuntimeError("cuda_graph mode needs a CUDA device (a CUDA graph captures GPU work)")
+        if point["options"]["mode"] in GRAPH_MODES and device.type != "cuda":
+            raise RuntimeError(f"{point['options']['mode']} mode needs a CUDA device (a CUDA graph captures GPU work)")
         with timing.point_stream(device):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

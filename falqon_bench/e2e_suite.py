@@ -14,13 +14,13 @@
     lr = 1e-4
     seed = 0
     methods = ["bf16_lora", "falqon"]
-    modes = ["eager", "compile", "cuda_graph"]
+    modes = ["eager", "compile", "cuda_graph", "compile_cuda_graph"]
     liger = [false]           # apply falqon_bench.fast_stacks.apply_liger before converting
     allow_pickle = false      # load pickled weights of a model directory (see falqon_bench.models)
     options = {falqon = {init_svd = "lowrank"}}   # per-method options
 
 Each point carries the schema's identity keys (layer = the model's name, K = hidden size, N = intermediate
-size, tokens = batch x seq_len per optimizer step, compile = mode is "compile") and everything else that
+size, tokens = batch x seq_len per optimizer step, compile = the mode compiles the model) and everything else that
 identifies it in `options`, so point_id, --resume, --shard, merge and compare work as for layer points.
 """
 
@@ -35,7 +35,9 @@ from falqon_bench.errors import BenchInputError
 from falqon_bench.schema import point_id
 
 KIND = "e2e"
-MODES = ("eager", "compile", "cuda_graph")
+MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
+COMPILED_MODES = ("compile", "compile_cuda_graph")  # the model runs under torch.compile
+GRAPH_MODES = ("cuda_graph", "compile_cuda_graph")  # the whole step is replayed from one CUDA graph
 
 
 class E2ESuiteFile(BaseModel):
@@ -58,7 +60,7 @@ class E2ESuiteFile(BaseModel):
     lr: float = Field(gt=0)
     seed: int = 0
     methods: list[str] = Field(min_length=1)
-    modes: list[Literal["eager", "compile", "cuda_graph"]] = Field(default_factory=lambda: ["eager"], min_length=1)
+    modes: list[Literal["eager", "compile", "cuda_graph", "compile_cuda_graph"]] = Field(default_factory=lambda: ["eager"], min_length=1)
     liger: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     allow_pickle: bool = False
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -130,7 +132,7 @@ def expand_e2e_suite(suite, world_size: int = 1) -> list[dict[str, Any]]:
                 }
                 point = {
                     "kind": KIND, "suite": suite.name, "method": method, "layer": label, "K": hidden, "N": inter,
-                    "rank": spec.rank, "tokens": spec.batch * spec.seq_len * world_size, "compile": mode == "compile",
+                    "rank": spec.rank, "tokens": spec.batch * spec.seq_len * world_size, "compile": mode in COMPILED_MODES,
                     "cache": "warm", "dtype": "bfloat16", "options": options,
                 }
                 point["point_id"] = point_id(point)

@@ -18,10 +18,10 @@ from matplotlib.figure import Figure
 from falqon_bench.figures.data import BASELINE_METHOD, METHOD_ORDER
 from falqon_bench.figures.style import empty_panel, variant_color
 
-MODES = ("eager", "compile", "cuda_graph")
+MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 PHASES = ("forward", "backward", "optimizer", "post_step")
 PHASE_COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#55a868", "post_step": "#c44e52"}
-MODE_HATCH = {"eager": "", "compile": "//", "cuda_graph": ".."}
+MODE_HATCH = {"eager": "", "compile": "//", "cuda_graph": "..", "compile_cuda_graph": "xx"}
 GIB = 2.0**30
 FIGURE_NAME = "e2e.png"
 
