@@ -3,7 +3,7 @@
 A step is forward (causal-LM loss on synthetic tokens) -> backward -> AdamW step -> the method's post-step
 work (FALQON's proxy update). Modes:
   eager       the step as a user writes it.
-  compile     the model under torch.compile (optimizer and post-step stay eager).
+  compile     each decoder layer under torch.compile (compile_blocks; optimizer and post-step stay eager).
   cuda_graph  the whole step (forward, backward, AdamW with capturable=True, post-step) captured in one
               CUDA graph on a side stream after the warm-up steps, replayed on static token buffers.
   compile_cuda_graph  both: the model under torch.compile (elementwise work fused), then the whole step
@@ -145,13 +145,31 @@ def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[
     params = method.trainable_parameters(model)
     if not params:
         raise ValueError(f"{point['method']} has no trainable parameters to fine-tune")
-    outer = wrap(model) if wrap is not None else model
     if opts["mode"] in COMPILED_MODES:
-        outer = torch.compile(outer)
+        compile_blocks(model)
+    outer = wrap(model) if wrap is not None else model
     capturable = opts["mode"] in GRAPH_MODES
     optimizer = torch.optim.AdamW(params, lr=opts["lr"], capturable=capturable)
     training = Training(outer, model, method, optimizer, PhaseClock(device))
     return training, convert_s, sum(p.numel() for p in params)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (as torchtitan does), else the whole model.
+
+    The decoder layers share one code path and one shape, and dynamo treats their parameters as inputs, so the
+    first layer's compiled graph serves all of them: compile time does not grow with depth (a whole 32-layer
+    llama-7b compiled as one graph took minutes, and recompiled on its KV cache). The embedding, final norm,
+    lm_head and loss stay eager: a few kernels per step.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        model.compile()
+        return
+    # one recompile per layer would be a bug, not a cost to hide: allow some, never a silent eager fallback
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    for layer in layers:
+        layer.compile()
 
 
 def make_batches(point: dict[str, Any], vocab: int, device: torch.device, data_rank: int = 0) -> list[torch.Tensor]:
