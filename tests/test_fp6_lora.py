@@ -26,7 +26,7 @@ import io
 import pytest
 import torch
 
-from falqon_bench.timing import capture_graph
+from falqon_bench.measure.timing import capture_graph
 
 from falqon_core.convert import convert_model
 from falqon_core.methods import AdapterConfig, MethodUnavailable, fp6_lora, get_method

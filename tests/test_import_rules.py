@@ -24,13 +24,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "falqon_bench"
 
-STORED_DATA = ["schema", "store", "pytest_benchmark_format", "derived", "errors"]
-READERS = ["report", "gate", "identity", "safe_markup", "accuracy_summary", "figures"] + [
-    f"figures.{p.stem}" for p in sorted((BENCH / "figures").glob("*.py")) if p.stem != "__init__"
+STORED_DATA = ["data.schema", "data.store", "data.pytest_benchmark_format", "data.derived", "data.errors",
+               "data.identity"]  # fmt: skip
+READERS = ["readers.report", "readers.gate", "readers.safe_markup", "readers.accuracy_summary", "readers.figures"] + [
+    f"readers.figures.{p.stem}" for p in sorted((BENCH / "readers" / "figures").glob("*.py")) if p.stem != "__init__"
 ]
 READ_SIDE = STORED_DATA + READERS
-MEASURING = ["runner", "worker", "timing", "breakdown", "roofline", "workload", "e2e_step", "accuracy_run",
-             "kernel_bench", "envinfo"]  # fmt: skip
+MEASURING = ["measure.runner", "measure.worker", "measure.timing", "measure.breakdown", "measure.roofline",
+             "measure.workload", "measure.e2e_step", "measure.accuracy_run", "measure.kernel_bench", "measure.envinfo"]  # fmt: skip
 FORBIDDEN_ROOTS = ("torch", "falqon_core", "triton", "torchao", "bitsandbytes", "peft", "transformers")
 
 COMMITTED_REPORT_RUN = ROOT / "results" / "e2e-llama7b-h200"  # small committed run: the report renders in seconds
@@ -45,7 +46,7 @@ def module_path(name: str) -> Path:
 def imported_modules(tree: ast.AST, module_level_only: bool) -> list[tuple[int, str]]:
     """(line, dotted name) of every import; module_level_only skips function bodies and `if TYPE_CHECKING:`.
 
-    `from falqon_bench import roofline` yields falqon_bench.roofline, so a submodule import is seen too.
+    `from falqon_bench.measure import roofline` yields falqon_bench.measure.roofline, so a submodule import is seen too.
     """
     found: list[tuple[int, str]] = []
 
@@ -88,7 +89,7 @@ def test_falqon_core_never_imports_falqon_bench():
 def test_read_side_module_imports_no_torch_core_or_measuring_module_at_module_level(module):
     path = module_path(module)
     assert path.exists(), f"{module} is listed as a reader or stored-data module but {path} does not exist"
-    allowed_bench = {f"falqon_bench.{m}" for m in READ_SIDE} | {"falqon_bench"}
+    allowed_bench = {f"falqon_bench.{m}" for m in READ_SIDE} | {"falqon_bench", "falqon_bench.data", "falqon_bench.readers"}
     offenders = []
     for line, name in imported_modules(parse(path), module_level_only=True):
         root = name.split(".")[0]
@@ -96,7 +97,7 @@ def test_read_side_module_imports_no_torch_core_or_measuring_module_at_module_le
             offenders.append(f"{line}: {name} (heavy library: import it inside the function that needs it)")
         elif root == "falqon_bench" and name not in allowed_bench:
             parent = name.rpartition(".")[0]
-            if parent not in allowed_bench - {"falqon_bench"}:  # `from falqon_bench.store import RunData` is fine
+            if parent not in allowed_bench - {"falqon_bench", "falqon_bench.data", "falqon_bench.readers"}:  # `from falqon_bench.data.store import RunData` is fine
                 offenders.append(f"{line}: {name} (not a reader or stored-data module)")
     assert not offenders, f"{path.relative_to(ROOT)} imports at module level:\n" + "\n".join(offenders)
 
@@ -165,6 +166,6 @@ def test_cli_imports_every_falqon_bench_module_inside_its_command():
         f"{line}: {name}"
         for line, name in imported_modules(parse(BENCH / "cli.py"), module_level_only=True)
         if name.split(".")[0] in FORBIDDEN_ROOTS
-        or (name.split(".")[0] == "falqon_bench" and not name.startswith("falqon_bench.errors"))
+        or (name.split(".")[0] == "falqon_bench" and not name.startswith("falqon_bench.data.errors"))
     ]
     assert not offenders, "falqon_bench/cli.py imports at module level:\n" + "\n".join(offenders)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from falqon_bench import kernel_bench as kb
-from falqon_bench.schema import REQUIRED_KEYS
-from falqon_bench.store import load_run
+from falqon_bench.measure import kernel_bench as kb
+from falqon_bench.data.schema import REQUIRED_KEYS
+from falqon_bench.data.store import load_run
 
 TINY = kb.KernelShapes(quantize=((8, 64),), proxy=((16, 64, 4, 4),), gemm=((32, 64, 64, 8),))
 PEAKS = {"copy_gb_per_s": 1000.0, "fp8_tflops": 500.0}
