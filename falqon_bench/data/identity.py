@@ -81,29 +81,3 @@ def layer_problem(layer: Any, K: Any = None, N: Any = None) -> str | None:
 def row_problems(method: Any, layer: Any, K: Any = None, N: Any = None) -> list[str]:
     """Every identity problem of one row, e.g. ['unknown method', 'invalid layer name']; empty when fine."""
     return [p for p in (method_problem(method), layer_problem(layer, K, N)) if p]
-
-
-INTEGER_KEYS = ("K", "N", "rank", "tokens")
-
-
-def check_point_types(points: list[dict[str, Any]], source: str) -> None:
-    """Raise ResultsError (exit 2) for a point whose shape keys are not JSON integers or whose `compile` is
-    not true/false: the report computes with these, so a string there is a damaged or forged file, not a name
-    to show. `source` names the file in the message; points are counted from 1."""
-    from falqon_bench.data.store import ResultsError
-
-    for i, point in enumerate(points, 1):
-        wrong = [(k, point.get(k), "an integer") for k in INTEGER_KEYS
-                 if not isinstance(point.get(k), int) or isinstance(point.get(k), bool)]
-        if not isinstance(point.get("compile"), bool):
-            wrong.append(("compile", point.get("compile"), "true or false"))
-        if wrong:
-            key, value, want = wrong[0]
-            raise ResultsError(f"{source}: point {i} has `{key}` = {_short(value)}; the results schema wants {want} "
-                               f"(keys {', '.join(INTEGER_KEYS)} are integers, `compile` is true/false). The file was "
-                               "damaged or not written by falqon-bench; nothing was rendered.")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,8 +7,12 @@ SCHEMA_VERSION. Units: every `*_ms` is milliseconds per training step of one lay
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 SCHEMA_VERSION = 1
 
@@ -56,15 +60,91 @@ E2E_KEYS: dict[str, str] = {
     "backend": "torch.distributed backend, or 'none'",
 }
 
-IDENTITY_KEYS = ("suite", "method", "layer", "K", "N", "rank", "tokens", "compile", "cache", "dtype", "options")
+# Keys every runner writes (null until measured) that readers do not require: files written before a key
+# existed lack it. Adding a field to every results row is one line here (new_row fills it with null).
+ROW_KEYS: dict[str, str] = {
+    "per_block": "how many of this layer one transformer block holds (1 for whole models and kernels)",
+    "gpu_p10_ms": "10th percentile of gpu_samples_ms", "gpu_p90_ms": "90th percentile of gpu_samples_ms",
+    "wall_p10_ms": "10th percentile of wall_samples_ms", "wall_p90_ms": "90th percentile of wall_samples_ms",
+    "kernels": "profiled kernels of one step (name, category, ms), at most 40",
+    "kernel_total_ms": "profiler kernel time of one step, ms",
+    "pct_of_floor": "floor_ms as a percent of gpu_ms (100 = at the roofline)",
+    "flops": "FLOPs per step by dtype class (layers) or of the GEMM (kernels)",
+    "quant_bytes": "bytes the step's quantize kernels must move",
+    "memory": "bytes the method keeps per layer, by part (Method.memory_bytes)",
+    "clocks_before": "GPU clocks, temperature and throttle reasons before the timed samples",
+    "clocks_after": "the same after the timed samples",
+    "clock_dropped": "whether the SM clock fell between clocks_before and clocks_after",
+    "started_at": "UTC time the point started (ISO 8601)",
+    "duration_s": "seconds the point took, building and timing included",
+    "worker_pid": "process id of the process that measured the point",
+    "error_type": "short class of a failure ('unavailable', 'timeout', an exception name); null when ok",
+}
 
 BREAKDOWN_CATEGORIES = ("quantize", "gemm_fp8", "gemm_bf16", "lora_gemm", "elementwise", "other")
+
+
+@dataclass(frozen=True)
+class Point:
+    """What makes two measurements the same benchmark: the identity of a point, listed once.
+
+    Points travel as plain dicts (JSON to worker processes, lines of points.jsonl): `as_dict` is the
+    point a suite kind expands to, with `point_id` and any kind-specific extras (not part of the id).
+    Shapes: the layer is K x N (input x output features), `tokens` rows M of the activation.
+    """
+
+    suite: str
+    method: str
+    layer: str
+    K: int
+    N: int
+    rank: int
+    tokens: int
+    compile: bool
+    cache: str
+    dtype: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IDENTITY_KEYS}
+
+    @property
+    def point_id(self) -> str:
+        return point_id(self.identity())
+
+    def as_dict(self, **extras: Any) -> dict[str, Any]:
+        """The point as the runner sends it: identity keys, point_id, then `extras` (kind, per_block, ...)."""
+        return {**self.identity(), "point_id": self.point_id, **extras}
+
+
+IDENTITY_KEYS = tuple(f.name for f in fields(Point))
 
 
 def point_id(identity: dict) -> str:
     """A short stable id of a point from its identity keys (order-independent, JSON-canonical)."""
     payload = json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def new_row(point: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """The one way to start a results row: every REQUIRED_KEYS and ROW_KEYS key, the point's identity and
+    point_id, status 'error' until a runner fills the measurements and sets 'ok'. Every runner (layer
+    worker, e2e, accuracy, kernel micro-benchmarks) starts its rows here."""
+    row: dict[str, Any] = {k: None for k in (*REQUIRED_KEYS, *ROW_KEYS)}
+    row.update({k: point.get(k) for k in IDENTITY_KEYS})
+    row.update(
+        point_id=point["point_id"], per_block=point.get("per_block", 1), device=device, status="error",
+        gpu_samples_ms=[], wall_samples_ms=[], gpu_timing="none", worker_pid=os.getpid(),
+        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+    )
+    return row
+
+
+def error_row(point: Mapping[str, Any], device: str, error_type: str, error: str) -> dict[str, Any]:
+    """A finished error row (status 'error') for a point that produced no measurement."""
+    row = new_row(point, device)
+    row.update(error_type=error_type, error=error, duration_s=0.0)
+    return row
 
 
 # ---------------------------------------------------------------- row type check (readers)
@@ -85,9 +165,12 @@ def _is_number(v: object) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def row_problem(row: object) -> str | None:
+def row_problem(row: object, shape_required: bool = False) -> str | None:
     """Why `row` is not a SCHEMA_VERSION results row, or None when it is: a phrase that follows "point 3",
-    such as "has `rank` = 'sixteen' (str); allowed: an integer >= 1 or null".
+    such as "has `rank` = 'sixteen' (str); allowed: an integer >= 0 or null".
+
+    shape_required (the report, which computes with them): K, N, rank, tokens must be integers and
+    `compile` true/false, not null.
 
     Every REQUIRED_KEY must be present; `method`, `layer` and `status` are non-empty text (any status
     but 'ok' is a failed point);
@@ -112,11 +195,12 @@ def row_problem(row: object) -> str | None:
     for key in _TEXT:
         if row[key] is not None and not isinstance(row[key], str):
             return bad(key, "a string or null")
+    or_null = "" if shape_required else " or null"
     for key in _SHAPE_INT:
-        if row[key] is not None and not (_is_int(row[key]) and row[key] >= 0):
-            return bad(key, "an integer >= 0 (0: not applicable) or null")
-    if row["compile"] is not None and not isinstance(row["compile"], bool):
-        return bad("compile", "true, false or null")
+        if (row[key] is not None or shape_required) and not (_is_int(row[key]) and row[key] >= 0):
+            return bad(key, f"an integer >= 0 (0: not applicable){or_null}")
+    if (row["compile"] is not None or shape_required) and not isinstance(row["compile"], bool):
+        return bad("compile", f"true, false{or_null}")
     for key in _NON_NEGATIVE_NUMBER:
         if row[key] is not None and not (_is_number(row[key]) and row[key] >= 0):
             return bad(key, "a finite number >= 0 or null")

@@ -212,6 +212,17 @@ def _read_run_points(path: Path) -> list[dict[str, Any]]:
     return list(by_id.values())
 
 
+def require_shape_keys(run: RunData) -> None:
+    """ResultsError (exit 2) for a point whose K, N, rank or tokens is not an integer, or whose `compile` is
+    not true/false (schema.row_problem with shape_required): the report computes with these, so null or text
+    there is a damaged or forged file, not a value to show. Points are counted from 1."""
+    for i, p in enumerate(run.points, 1):
+        problem = row_problem(p, shape_required=True)
+        if problem:
+            raise ResultsError(f"{run.run_dir / POINTS}: point {i} {problem}. The report computes with K, N, rank, "
+                               "tokens and compile; the file was damaged or not written by falqon-bench; nothing was rendered.")
+
+
 def find_runs(results_root: Path | str) -> list[Path]:
     """Run directories under results_root (recursively), oldest first by run id / mtime."""
     root = Path(results_root)

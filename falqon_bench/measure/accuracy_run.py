@@ -31,7 +31,8 @@ import torch
 
 from falqon_bench.measure import envinfo
 from falqon_bench.measure.corpora import Corpus, make_corpus
-from falqon_bench.measure.worker import MeasureContext, base_row, record_failure
+from falqon_bench.data.schema import new_row
+from falqon_bench.measure.worker import MeasureContext, record_failure
 
 WARMUP_STEPS_UNTIMED = 3
 
@@ -100,7 +101,7 @@ def measure_accuracy_point(point: dict[str, Any], ctx: MeasureContext) -> dict[s
 
     device = torch.device(ctx.device)
     o = point["options"]
-    row = base_row(point, envinfo.device_name(device))
+    row = new_row(point, envinfo.device_name(device))
     row.update(kind="accuracy", label=o["label"], lr=o["lr"], seed=o["seed"], corpus=o["corpus"], grid_lrs=point.get("grid_lrs"))
     t0 = time.perf_counter()
     try:

@@ -29,7 +29,8 @@ from torch import nn
 
 from falqon_bench.measure import envinfo, timing
 from falqon_bench.suites.e2e_suite import COMPILED_MODES, GRAPH_MODES
-from falqon_bench.measure.worker import base_row, one_line, record_failure
+from falqon_bench.data.schema import new_row
+from falqon_bench.measure.worker import one_line, record_failure
 
 PHASES = ("forward", "backward", "optimizer", "post_step")
 
@@ -274,10 +275,10 @@ def measurements_to_row(row: dict[str, Any], measured: dict[str, Any], point: di
 
 
 def e2e_base_row(point: dict[str, Any], device: torch.device, world_size: int, backend: str) -> dict[str, Any]:
-    """worker.base_row plus every schema.E2E_KEYS key (null until measured)."""
+    """schema.new_row plus every schema.E2E_KEYS key (null until measured)."""
     from falqon_bench.data.schema import E2E_KEYS
 
-    row = base_row(point, envinfo.device_name(device))
+    row = new_row(point, envinfo.device_name(device))
     row.update({k: None for k in E2E_KEYS})
     row.update(kind=point.get("kind", "e2e"), mode=point["options"]["mode"], world_size=world_size, backend=backend)
     return row

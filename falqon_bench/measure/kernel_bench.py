@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +33,8 @@ from rich.table import Table
 
 from falqon_bench.measure import envinfo, roofline, timing
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.schema import point_id
+from falqon_bench.data.schema import Point, new_row
+from falqon_bench.measure.worker import record_failure
 from falqon_bench.data.store import RunWriter, new_run_id
 from falqon_core import fp8
 from falqon_core.kernels.melded import (
@@ -253,21 +255,19 @@ def derived_metrics(case: KernelCase, ms: float | None, peaks: dict[str, Any] | 
 def measure_point(case: KernelCase, cache: str, timer: Timer, device: torch.device, device_name: str,
                   peaks: dict[str, Any] | None) -> dict[str, Any]:
     """Time one case at one cache state; a failure becomes a point with status 'error' (the run goes on)."""
-    identity = dict(
+    identity = Point(
         suite=SUITE, method=case.method, layer=case.layer, K=case.K, N=case.N, rank=case.rank, tokens=case.tokens,
         compile=case.compile, cache=cache, dtype=case.dtype, options=case.options,
     )
-    point: dict[str, Any] = {
-        **identity, "point_id": point_id(identity), "device": device_name, "status": "ok", "error": None,
-        "gpu_ms": None, "gpu_samples_ms": [], "gpu_timing": "none", "wall_ms": None, "wall_samples_ms": [],
-        "kernel_ms": {}, "peak_mem_bytes": None, "bytes": case.bytes_moved, "flops": case.flops,
-        "gpu_p10_ms": None, "gpu_p90_ms": None, "clock_dropped": None,
-    }
+    point = new_row(identity.as_dict(), device_name)
+    point.update(kernel_ms={}, bytes=case.bytes_moved, flops=case.flops)
+    t0 = time.perf_counter()
+    ms = None
     try:
         before = envinfo.gpu_state(device) if device.type == "cuda" else {}
         samples, label = timer(case.step, cache)
         after = envinfo.gpu_state(device) if device.type == "cuda" else {}
-        point.update(gpu_state_before=before, gpu_state_after=after, clock_dropped=envinfo.clock_dropped(before, after))
+        point.update(clocks_before=before, clocks_after=after, clock_dropped=envinfo.clock_dropped(before, after))
         if not samples:
             raise RuntimeError("the timer returned no samples")
         stats = timing.summarize(list(samples))
@@ -277,10 +277,11 @@ def measure_point(case: KernelCase, cache: str, timer: Timer, device: torch.devi
             gpu_p10_ms=stats["p10"], gpu_p90_ms=stats["p90"],
         )
         point["peak_mem_bytes"] = timing.peak_memory_bytes(case.step, device)
+        point.update(status="ok", error=None)
     except Exception as e:  # one variant failing (compile, capture, OOM) must not end the run
-        msg = str(e).strip().splitlines()
-        point.update(status="error", error=f"{type(e).__name__}: {msg[0] if msg else ''}"[:500])
+        record_failure(point, e)
         ms = None
+    point["duration_s"] = round(time.perf_counter() - t0, 4)
     point.update(derived_metrics(case, ms, peaks))
     return point
 

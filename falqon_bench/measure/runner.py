@@ -35,7 +35,8 @@ from falqon_bench.data.errors import BenchInputError
 from falqon_bench.data.store import POINTS, RunWriter, find_runs, load_run, new_run_id
 from falqon_bench.suites.suite import Suite
 from falqon_bench.suites.sweep import Point, expand_suite, filter_methods, filter_ranks, filter_variant, shard_points
-from falqon_bench.measure.worker import MeasureContext, error_row, measure_point
+from falqon_bench.data.schema import error_row
+from falqon_bench.measure.worker import MeasureContext, measure_point
 
 CPU_WARNING = "CPU run: timings are wall-clock on the CPU and say nothing about GPU speed; run on a CUDA GPU for gpu_ms"
 DEFAULT_POINT_TIMEOUT_S = 300.0

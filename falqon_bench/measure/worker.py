@@ -7,16 +7,12 @@ per point (in order), {"event": "restart", "reason": ...} when a CUDA error pois
 parent starts a fresh worker for the rest), and {"event": "done"}. Anything libraries print goes to
 stderr (fd 1 is re-pointed there), which the parent keeps in the run's worker log.
 
-A row holds every key of falqon_bench.data.schema.REQUIRED_KEYS plus: suite, dtype, options, per_block,
-gpu/wall p10/p90 (ms), gpu_timing, kernels (raw list, <= 40), kernel_total_ms, floor_ms, pct_of_floor
-(floor_ms as a percent of gpu_ms: 100 = at the roofline), flops (dtype class -> FLOPs per step),
-quant_bytes, memory (method.memory_bytes), clocks_before/after, clock_dropped, started_at, duration_s,
-worker_pid, error_type, and breakdown_error / method_info when there is something to say.
+A row starts as falqon_bench.data.schema.new_row (every REQUIRED_KEYS and ROW_KEYS key, with their
+meanings there) and adds breakdown_error / capture_error / method_info when there is something to say.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 import importlib
 import json
@@ -31,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from falqon_bench.measure import envinfo, timing
-from falqon_bench.data.schema import IDENTITY_KEYS, REQUIRED_KEYS
+from falqon_bench.data.schema import new_row
 
 MAX_KERNELS = 40
 _POISON = re.compile(r"CUDA error|illegal memory access|device-side assert|CUBLAS_STATUS_EXECUTION_FAILED|unspecified launch failure")
@@ -51,46 +47,6 @@ class MeasureContext:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def base_row(point: dict[str, Any], device_label: str) -> dict[str, Any]:
-    """A row with every key present: the point's identity, nulls for measurements, status 'error' until filled."""
-    row: dict[str, Any] = {k: None for k in REQUIRED_KEYS}
-    row.update({k: point.get(k) for k in IDENTITY_KEYS})
-    row.update(
-        point_id=point["point_id"],
-        per_block=point.get("per_block", 1),
-        device=device_label,
-        status="error",
-        gpu_samples_ms=[],
-        wall_samples_ms=[],
-        gpu_timing="none",
-        gpu_p10_ms=None,
-        gpu_p90_ms=None,
-        wall_p10_ms=None,
-        wall_p90_ms=None,
-        kernels=None,
-        kernel_total_ms=None,
-        pct_of_floor=None,
-        flops=None,
-        quant_bytes=None,
-        memory=None,
-        clocks_before=None,
-        clocks_after=None,
-        clock_dropped=None,
-        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
-        duration_s=None,
-        worker_pid=os.getpid(),
-        error_type=None,
-    )
-    return row
-
-
-def error_row(point: dict[str, Any], device_label: str, error_type: str, error: str) -> dict[str, Any]:
-    """A finished error row (status 'error') for a point that produced no measurement."""
-    row = base_row(point, device_label)
-    row.update(error_type=error_type, error=error, duration_s=0.0)
-    return row
 
 
 def one_line(e: BaseException) -> str:
@@ -188,7 +144,7 @@ def _measure_point(point: dict[str, Any], ctx: MeasureContext) -> dict[str, Any]
     from falqon_bench.measure.workload import build_workload
 
     device = torch.device(ctx.device)
-    row = base_row(point, envinfo.device_name(device))
+    row = new_row(point, envinfo.device_name(device))
     t0 = time.perf_counter()
     workload = None
     try:

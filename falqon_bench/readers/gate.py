@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from falqon_bench.data.errors import BenchInputError
+from falqon_bench.data.schema import IDENTITY_KEYS
 from falqon_bench.data.store import RunData, load_results
 
 MIN_SAMPLES = 5
@@ -83,7 +84,7 @@ def point_key(point: dict[str, Any]) -> str:
 def _match_key(point: dict[str, Any]) -> str:
     """Everything that makes two points the same benchmark, except the suite name (a baseline file may
     come from a differently named suite)."""
-    ident = {k: point.get(k) for k in ("method", "layer", "K", "N", "rank", "tokens", "compile", "cache", "dtype", "options")}
+    ident = {k: point.get(k) for k in IDENTITY_KEYS if k != "suite"}
     return json.dumps(ident, sort_keys=True, default=str)
 
 

@@ -46,10 +46,10 @@ from falqon_bench.readers.figures.data import (
 )
 from falqon_bench.readers.figures.floor import has_floor
 from falqon_bench.readers.figures.style import sorted_variants
-from falqon_bench.data.identity import WARNING_SIGN, check_point_types, layer_problem, method_problem, row_problems
+from falqon_bench.data.identity import WARNING_SIGN, layer_problem, method_problem, row_problems
 from falqon_bench.data.derived import pct_of_floor
 from falqon_bench.readers.safe_markup import markdown_to_html, md_code, md_text
-from falqon_bench.data.store import RunData, latest_run, load_run
+from falqon_bench.data.store import RunData, latest_run, load_run, require_shape_keys
 
 RESULTS_ROOT = Path("results")
 REPORTS_ROOT = Path("reports")
@@ -241,12 +241,12 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     """Render the report of one or more runs; returns the directory written. No runs: the latest under results/.
 
     Raises ResultsError (a BenchInputError) for a missing or corrupt results file, or one whose shape keys
-    are not integers (identity.check_point_types).
+    are not integers (store.require_shape_keys).
     """
     run_dirs = [Path(d) for d in run_dirs] or [latest_run(RESULTS_ROOT)]
     runs = [load_run(d) for d in run_dirs]
     for run in runs:
-        check_point_types(run.points, str(run.run_dir / "points.jsonl"))
+        require_shape_keys(run)
     if all(p.get("kind") == "accuracy" for r in runs for p in r.points):  # accuracy suites: their own figures
         from falqon_bench.readers.figures.accuracy import render_accuracy_report
 

@@ -167,7 +167,7 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
 
 def expand_accuracy_suite(suite) -> list[dict[str, Any]]:
     """One point per (method variant, lr, seed), in suite order (grouped by method for the workers)."""
-    from falqon_bench.data.schema import point_id
+    from falqon_bench.data.schema import Point
 
     spec = AccuracySuiteFile.model_validate(suite.spec, strict=False)
     K, N, _ = model_shape(spec.model)
@@ -178,18 +178,15 @@ def expand_accuracy_suite(suite) -> list[dict[str, Any]]:
         label = variant_label(entry)
         for lr in spec.lrs[label]:
             for seed in spec.seeds:
-                point: dict[str, Any] = {
-                    "suite": suite.name, "method": variant.method, "layer": model_name, "K": K, "N": N,
-                    "rank": spec.rank, "tokens": spec.batch * spec.seq_len, "compile": False, "cache": "warm",
-                    "dtype": "bfloat16",
-                    "options": {
-                        **variant.options, "label": label, "lr": lr, "seed": seed, "corpus": spec.corpus,
-                        "steps": spec.steps, "pretrain_steps": spec.pretrain_steps, "seq_len": spec.seq_len,
-                        "batch": spec.batch, "layers": spec.layers,
-                    },
+                options = {
+                    **variant.options, "label": label, "lr": lr, "seed": seed, "corpus": spec.corpus,
+                    "steps": spec.steps, "pretrain_steps": spec.pretrain_steps, "seq_len": spec.seq_len,
+                    "batch": spec.batch, "layers": spec.layers,
                 }
-                point["point_id"] = point_id(point)
-                point.update(
+                point = Point(
+                    suite=suite.name, method=variant.method, layer=model_name, K=K, N=N, rank=spec.rank,
+                    tokens=spec.batch * spec.seq_len, compile=False, cache="warm", dtype="bfloat16", options=options,
+                ).as_dict(
                     kind=KIND, model=spec.model, allow_pickle=spec.allow_pickle, corpus_path=spec.corpus_path,
                     pretrain_lr=spec.pretrain_lr, eval_every=spec.eval_every, eval_batches=spec.eval_batches,
                     track_lost=spec.track_lost, method_options=dict(variant.options), grid_lrs=list(spec.lrs[label]),

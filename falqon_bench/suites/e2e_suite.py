@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.schema import point_id
+from falqon_bench.data.schema import Point
 
 KIND = "e2e"
 MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
@@ -130,13 +130,12 @@ def expand_e2e_suite(suite, world_size: int = 1) -> list[dict[str, Any]]:
                     "seed": spec.seed, "steps": spec.steps, "warmup_steps": spec.warmup_steps, "liger": liger,
                     "world_size": world_size, "method_options": dict(spec.options.get(method, {})),
                 }
-                point = {
-                    "kind": KIND, "suite": suite.name, "method": method, "layer": label, "K": hidden, "N": inter,
-                    "rank": spec.rank, "tokens": spec.batch * spec.seq_len * world_size, "compile": mode in COMPILED_MODES,
-                    "cache": "warm", "dtype": "bfloat16", "options": options,
-                }
-                point["point_id"] = point_id(point)
-                point.update(model=spec.model, allow_pickle=suite.allow_pickle, profile_steps=spec.profile_steps, per_block=1)
+                point = Point(
+                    suite=suite.name, method=method, layer=label, K=hidden, N=inter, rank=spec.rank,
+                    tokens=spec.batch * spec.seq_len * world_size, compile=mode in COMPILED_MODES, cache="warm",
+                    dtype="bfloat16", options=options,
+                ).as_dict(kind=KIND, model=spec.model, allow_pickle=suite.allow_pickle, profile_steps=spec.profile_steps,
+                          per_block=1)
                 points.append(point)
     return points
 

@@ -11,10 +11,10 @@ import itertools
 from typing import Any
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.schema import point_id
+from falqon_bench.data import schema
 from falqon_bench.suites.suite import Suite
 
-Point = dict[str, Any]
+Point = dict[str, Any]  # a schema.Point as the runner sends it (schema.Point.as_dict)
 
 
 def expand_suite(suite: Suite) -> list[Point]:
@@ -33,21 +33,10 @@ def expand_suite(suite: Suite) -> list[Point]:
             grid.methods, grid.layers, grid.ranks, grid.tokens, grid.compile, grid.cache, grid.dtype, grid.options
         )
         for method, layer, rank, tokens, compiled, cache, dtype, options in axes:
-            point: Point = {
-                "suite": suite.name,
-                "method": method,
-                "layer": layer.name,
-                "K": layer.K,
-                "N": layer.N,
-                "rank": rank,
-                "tokens": tokens,
-                "compile": compiled,
-                "cache": cache,
-                "dtype": dtype,
-                "options": dict(options.get(method, {})),
-            }
-            point["point_id"] = point_id(point)
-            point["per_block"] = layer.per_block
+            point = schema.Point(
+                suite=suite.name, method=method, layer=layer.name, K=layer.K, N=layer.N, rank=rank, tokens=tokens,
+                compile=compiled, cache=cache, dtype=dtype, options=dict(options.get(method, {})),
+            ).as_dict(per_block=layer.per_block)
             if point["point_id"] not in seen:
                 seen.add(point["point_id"])
                 points.append(point)
