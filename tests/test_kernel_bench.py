@@ -44,7 +44,7 @@ def test_with_a_fake_timer_every_point_has_the_required_keys(tmp_path):
         assert p["gpu_timing"] == "events" and p["kernel_ms"] == {} and p["error"] is None
         assert p["method"].startswith("kernel.") and p["cache"] in ("warm", "cold")
     assert len({p["point_id"] for p in run.points}) == len(run.points)
-    assert run.manifest["status"] == "done" and run.manifest["peaks"] == PEAKS
+    assert run.manifest["status"] == "complete" and run.manifest["peaks"] == PEAKS
 
     by_method = {(p["method"], p["cache"]): p for p in run.points}
     q = by_method[("kernel.quantize_e4m3_tensorwise.triton", "warm")]

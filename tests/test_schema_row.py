@@ -86,3 +86,23 @@ def test_the_report_requires_shape_keys_the_loader_lets_be_null(tmp_path, key, v
     assert problem and f"`{key}`" in problem and "or null" not in problem
     with pytest.raises(ResultsError, match=rf"point 1 has `{key}`.*nothing was rendered"):
         require_shape_keys(RunData(tmp_path, {}, [row]))
+
+
+def test_run_writer_refuses_a_status_outside_the_vocabulary(tmp_path):
+    from falqon_bench.data.store import RUN_STATUSES, RunWriter, new_manifest
+
+    writer = RunWriter(tmp_path / "run", new_manifest("run", "s", "CPU", {}, 1))
+    assert writer.manifest["status"] == "running" and "complete" in RUN_STATUSES
+    with pytest.raises(ValueError, match="manifest status 'done'"):
+        writer.update_manifest(status="done")
+    writer.finish(n_errors=0)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_only_timing_py_times_with_cuda_events():
+    """One timer: every measuring module times through falqon_bench.measure.timing. e2e_step's PhaseClock
+    (CUDA events around the forward / backward / optimizer phases inside one step) is the one other user."""
+    allowed = {"falqon_bench/measure/timing.py", "falqon_bench/measure/e2e_step.py"}
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "falqon_bench").rglob("*.py") if "cuda.Event(" in p.read_text())
+    assert set(users) <= allowed, f"time with falqon_bench.measure.timing instead: {sorted(set(users) - allowed)}"
+    assert "falqon_bench/measure/timing.py" in users

@@ -27,6 +27,12 @@ POINTS = "points.jsonl"
 POINTS_GZ = POINTS + ".gz"
 
 
+# manifest["status"] of every run, whichever runner wrote it: running until the last point is written,
+# then complete; interrupted after Ctrl-C (`--resume` completes it); merged / merged-partial for the union
+# of shards (merge_runs). RunWriter refuses any other word.
+RUN_STATUSES = ("running", "complete", "interrupted", "merged", "merged-partial")
+
+
 class ResultsError(BenchInputError):
     """A results path that is missing, empty or corrupt; the CLI prints it and exits 2."""
 
@@ -53,6 +59,19 @@ def new_run_id(suite_name: str, device_name: str, now: _dt.datetime | None = Non
     return f"{now:%Y%m%d-%H%M%S}-{suite_name}-{device_slug(device_name)}"
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second: every timestamp of a manifest."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_manifest(run_id: str, suite: str, device: str, env: dict[str, Any], n_points: int, **extra: Any) -> dict[str, Any]:
+    """The manifest every run starts with (layer suites, e2e under torchrun, kernel micro-benchmarks): run id,
+    suite, device name, environment (envinfo.collect_env), planned points, start time, status 'running',
+    then the runner's own `extra` fields. RunWriter adds `schema`."""
+    return {"run_id": run_id, "suite": suite, "device": device, "env": env, "n_points": n_points,
+            "started_at": utc_now(), "status": "running", **extra}
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -77,6 +96,8 @@ class RunWriter:
             manifest["resumed"] = int(old.get("resumed", 0)) + 1
         self.manifest = {"schema": SCHEMA_VERSION, **manifest}
         self.manifest.setdefault("status", "running")
+        if self.manifest["status"] not in RUN_STATUSES:
+            raise ValueError(f"manifest status {self.manifest['status']!r}; allowed: {', '.join(RUN_STATUSES)}")
         _atomic_write_json(self.manifest_path, self.manifest)
         self.finished_ids = {p["point_id"] for p in _read_points(self.points_path) if p.get("status") == "ok"} if resume else set()
 
@@ -94,8 +115,14 @@ class RunWriter:
             self.finished_ids.add(point["point_id"])
 
     def update_manifest(self, **fields: Any) -> None:
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise ValueError(f"manifest status {fields['status']!r}; allowed: {', '.join(RUN_STATUSES)}")
         self.manifest.update(fields)
         _atomic_write_json(self.manifest_path, self.manifest)
+
+    def finish(self, **fields: Any) -> None:
+        """Mark the run complete (every planned point written), with finished_at and the runner's `fields`."""
+        self.update_manifest(status="complete", finished_at=utc_now(), **fields)
 
 
 def _drop_partial_last_line(path: Path) -> None:

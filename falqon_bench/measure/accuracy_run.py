@@ -29,17 +29,12 @@ from typing import Any
 
 import torch
 
-from falqon_bench.measure import envinfo
+from falqon_bench.measure import envinfo, timing
 from falqon_bench.measure.corpora import Corpus, make_corpus
 from falqon_bench.data.schema import new_row
 from falqon_bench.measure.worker import MeasureContext, record_failure
 
 WARMUP_STEPS_UNTIMED = 3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,18 +153,19 @@ def _fine_tune(point: dict[str, Any], ctx: MeasureContext, device: torch.device,
     snapshots: list[torch.Tensor] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(1, o["steps"] + 1):
-        tokens = corpus.sample("finetune", g, o["batch"], o["seq_len"]).to(device)
-        _sync(device)
-        t = time.perf_counter()
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(model, tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_optimizer_step(model)
-        _sync(device)
+        return loss
+
+    for step in range(1, o["steps"] + 1):
+        tokens = corpus.sample("finetune", g, o["batch"], o["seq_len"]).to(device)
+        loss, _, wall_ms = timing.timed_call(lambda: train_step(tokens), device)
         if step > WARMUP_STEPS_UNTIMED:
-            step_ms.append((time.perf_counter() - t) * 1e3)
+            step_ms.append(wall_ms)
         train_losses.append(loss.detach())
         if layers and point.get("track_lost"):
             snapshots.append(torch.stack([layer.lost_stats for layer in layers]).sum(dim=0))

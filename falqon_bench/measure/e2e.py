@@ -20,7 +20,6 @@ rank's) and records `weights_in_sync`.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import inspect
 import os
 import sys
@@ -225,7 +224,7 @@ def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: boo
     """Run an e2e suite's points in this process group; rank 0 appends each row to <out>/points.jsonl. Returns the rows."""
     from falqon_bench.measure import envinfo
     from falqon_bench.suites.e2e_suite import KIND, expand_e2e_suite
-    from falqon_bench.data.store import RunWriter
+    from falqon_bench.data.store import RunWriter, new_manifest
     from falqon_bench.suites.suite import load_suite
     from falqon_bench.suites.sweep import filter_methods
 
@@ -241,13 +240,11 @@ def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: boo
     writer = None
     done: list[str] = []
     if info.is_main:
-        manifest = {
-            "run_id": out.name, "suite": suite.name, "suite_description": suite.description, "kind": KIND,
-            "suite_file": str(suite.path) if suite.path else None, "suite_spec": suite.spec,
-            "device": envinfo.device_name(info.device), "env": envinfo.collect_env(info.device),
-            "world_size": info.world_size, "backend": info.backend or "none", "n_points": len(points),
-            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "status": "running",
-        }
+        manifest = new_manifest(
+            out.name, suite.name, envinfo.device_name(info.device), envinfo.collect_env(info.device), len(points),
+            suite_description=suite.description, kind=KIND, suite_file=str(suite.path) if suite.path else None,
+            suite_spec=suite.spec, world_size=info.world_size, backend=info.backend or "none",
+        )
         writer = RunWriter(out, manifest, resume=resume)
         done = sorted(writer.finished_ids)
     if info.backend is not None:
@@ -263,7 +260,7 @@ def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: boo
                 writer.append(row)
                 print(_summary_line(row), flush=True)
         if writer is not None:
-            writer.update_manifest(status="complete", finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            writer.finish()
     finally:
         if info.backend is not None and dist.is_initialized():
             dist.destroy_process_group()

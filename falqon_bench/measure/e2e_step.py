@@ -177,17 +177,13 @@ def run_steps(training: Training, batches: list[torch.Tensor], point: dict[str, 
         training.clock.enabled = timed and mode not in GRAPH_MODES
         if mode in GRAPH_MODES and i == warmup:
             replay = capture_step(training, tokens, device)
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = replay(tokens) if replay is not None else training.step(tokens)
-        t_issued = time.perf_counter()
-        _sync(device)
-        t_done = time.perf_counter()
+        step = (lambda: replay(tokens)) if replay is not None else (lambda: training.step(tokens))
+        loss, host_ms, wall_ms = timing.timed_call(step, device)
         training.clock.collect()
         losses.append(loss)
         if timed:
-            wall.append((t_done - t0) * 1e3)
-            host.append((t_issued - t0) * 1e3)
+            wall.append(wall_ms)
+            host.append(host_ms)
     profiled = profile_steps(replay or training.step, batches, int(point.get("profile_steps") or 0), device)
     return {"wall": wall, "host": host, "losses": [float(v) for v in torch.stack(losses).float().cpu()], **profiled}
 

@@ -20,7 +20,6 @@ its Python launch cost; a variant that cannot be captured falls back to CUDA eve
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from falqon_bench.measure import envinfo, roofline, timing
 from falqon_bench.data.errors import BenchInputError
 from falqon_bench.data.schema import Point, new_row
 from falqon_bench.measure.worker import record_failure
-from falqon_bench.data.store import RunWriter, new_run_id
+from falqon_bench.data.store import RunWriter, new_manifest, new_run_id
 from falqon_core import fp8
 from falqon_core.kernels.melded import (
     melded_matmul_quantized_oa_reference,
@@ -340,16 +339,8 @@ def run_kernel_bench(
         peaks = roofline.measure_peaks(device)
     name = envinfo.device_name(device)
     run_dir = Path(out_dir) / new_run_id(SUITE, name)
-    manifest = {
-        "run_id": run_dir.name,
-        "suite": SUITE,
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "peaks": peaks,
-        "shapes": {
-            "quantize": shapes.quantize, "proxy": shapes.proxy, "gemm": shapes.gemm, "transpose": shapes.transpose,
-        },
-        "env": envinfo.collect_env(device),
-    }
+    shape_lists = {"quantize": shapes.quantize, "proxy": shapes.proxy, "gemm": shapes.gemm, "transpose": shapes.transpose}
+    manifest = new_manifest(run_dir.name, SUITE, name, envinfo.collect_env(device), None, peaks=peaks, shapes=shape_lists)
     writer = RunWriter(run_dir, manifest)
     points = []
     for case in kernel_cases(shapes, device, compile_reference):
@@ -357,7 +348,6 @@ def run_kernel_bench(
             point = measure_point(case, cache, timer, device, name, peaks)
             writer.append(point)
             points.append(point)
-    finished = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    writer.update_manifest(status="done", finished_at=finished, points=len(points))
+    writer.finish(n_points=len(points), n_errors=sum(p["status"] != "ok" for p in points))
     print_points_table(points, console)
     return run_dir

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from falqon_bench.measure import timing
 from falqon_bench.data.derived import pct_of_floor  # noqa: F401  (re-exported: readers import it from falqon_bench.data.derived)
 from falqon_core.methods.base import StepCost
 
@@ -28,23 +29,8 @@ COPY_KEY = "copy_gb_per_s"
 
 
 def _median_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Median of REPEATS CUDA-event timings of fn, after warming up for WARMUP_MS of GPU time."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    warm = 0.0
-    while warm < WARMUP_MS:
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        warm += start.elapsed_time(end)
-    samples = []
-    for _ in range(REPEATS):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    """Median of at least REPEATS eager timings of fn (timing.time_wall: CUDA events), after WARMUP_MS of warm-up."""
+    return statistics.median(timing.time_wall(fn, device=device, warmup_ms=WARMUP_MS, budget_ms=0.0, min_samples=REPEATS))
 
 
 def _bf16_gemm_tflops(device: torch.device, n: int) -> float:

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from falqon_bench.measure import envinfo
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.store import POINTS, RunWriter, find_runs, load_run, new_run_id
+from falqon_bench.data.store import POINTS, RunWriter, find_runs, load_run, new_manifest, new_run_id
 from falqon_bench.suites.suite import Suite
 from falqon_bench.suites.sweep import Point, expand_suite, filter_methods, filter_ranks, filter_variant, shard_points
 from falqon_bench.data.schema import error_row
@@ -386,22 +386,11 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
     if options.resume:
         _check_resumable(run_dir, suite, label)
 
-    manifest = {
-        "run_id": run_dir.name,
-        "suite": suite.name,
-        "suite_description": suite.description,
-        "suite_file": str(suite.path) if suite.path else None,
-        "suite_spec": suite.spec,
-        "device": label,
-        "env": envinfo.collect_env(device),
-        "shard": shard,
-        "methods_filter": options.methods,
-        "isolate": options.isolate,
-        "point_timeout_s": options.point_timeout_s,
-        "n_points": len(points),
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
-    }
+    manifest = new_manifest(
+        run_dir.name, suite.name, label, envinfo.collect_env(device), len(points),
+        suite_description=suite.description, suite_file=str(suite.path) if suite.path else None, suite_spec=suite.spec,
+        shard=shard, methods_filter=options.methods, isolate=options.isolate, point_timeout_s=options.point_timeout_s,
+    )
     writer = RunWriter(run_dir, manifest, resume=options.resume)
     todo = [p for p in points if p["point_id"] not in writer.finished_ids]
     peaks, peaks_error = writer.manifest.get("peaks"), None
@@ -429,7 +418,7 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
         finally:
             rows.close()
     n_err = sum(r["status"] != "ok" for r in outcome.rows)
-    writer.update_manifest(status="complete", finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), n_errors=n_err)
+    writer.finish(n_errors=n_err)
     outcome.status = "complete"
     return outcome
 

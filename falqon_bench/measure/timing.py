@@ -71,6 +71,23 @@ def warm_up(step: Step, device: torch.device | str, warmup_ms: float) -> int:
     return calls
 
 
+def timed_call(fn: Callable[[], object], device: torch.device | str) -> tuple[object, float, float]:
+    """(fn's result, host ms to issue it, wall ms until the device finished it) of one synchronized call.
+
+    For runs that time a fixed number of whole training steps (e2e, accuracy) rather than sample until a
+    budget: the device is synchronized before and after, so wall ms is the whole step and host ms the time
+    Python took to return (launch-bound steps show host ms close to wall ms).
+    """
+    device = torch.device(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    t_issued = time.perf_counter()
+    _sync(device)
+    t_done = time.perf_counter()
+    return result, (t_issued - t0) * 1e3, (t_done - t0) * 1e3
+
+
 def _enough(samples: list[float], spent_ms: float, budget_ms: float, min_samples: int) -> bool:
     return len(samples) >= MAX_SAMPLES or (len(samples) >= min_samples and spent_ms >= budget_ms)
 
