@@ -114,13 +114,13 @@ def measure_context(suite: Suite, options: RunOptions, device: torch.device, pea
 
 def precheck(point: Point, device: torch.device) -> str | None:
     """Why a point cannot run here without starting a worker (method unavailable / no compile support), or None."""
-    from falqon_core.methods import get_method
+    from falqon_core.methods import MethodUnavailable, get_method
 
-    method = get_method(point["method"])
-    reason = method.unavailable_reason(device)
-    if reason is None and point.get("compile") and not method.supports_compile:
-        reason = f"{method.name} does not support torch.compile (supports_compile = False)"
-    return reason
+    try:
+        get_method(point["method"]).check_runnable(device, compile=bool(point.get("compile")))
+    except MethodUnavailable as e:
+        return str(e)
+    return None
 
 
 def measure_peaks_safely(device: torch.device) -> tuple[dict | None, str | None]:

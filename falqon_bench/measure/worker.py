@@ -111,16 +111,11 @@ def roofline_floor(step_cost, peaks: dict | None, gpu_ms: float | None) -> tuple
 
 
 def method_info(method, model) -> dict[str, Any] | None:
-    """What a method reports about its run (e.g. FALQON's top-k through `describe_k`), when it offers that."""
-    info: dict[str, Any] = {}
+    """What a method reports about its run (Method.describe, e.g. FALQON's top-k), None when nothing."""
     try:
-        if callable(getattr(method, "describe", None)):
-            info.update(method.describe(model))
-        if callable(getattr(method, "describe_k", None)):
-            info["topk"] = method.describe_k(model)
+        return dict(method.describe(model)) or None
     except Exception as e:
-        info["describe_error"] = one_line(e)
-    return info or None
+        return {"describe_error": one_line(e)}
 
 
 # ---------------------------------------------------------------- one point

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from falqon_core.convert import convert_model
-from falqon_core.methods import AdapterConfig, Method, MethodUnavailable, get_method
+from falqon_core.methods import AdapterConfig, Method
 from falqon_core.methods.base import StepCost
 
 SEED = 0
@@ -59,20 +59,14 @@ def make_base_model(K: int, N: int, dtype: torch.dtype, device: torch.device, se
 
 
 def build_workload(point: dict[str, Any], device: torch.device | str) -> Workload:
-    """Build the model, inputs and step of one point. Raises MethodUnavailable when the method cannot run here."""
+    """Build the model, inputs and step of one point. Raises MethodUnavailable when the method cannot run here
+    (convert_model checks it, compile included)."""
     device = torch.device(device)
-    method = get_method(point["method"])
-    reason = method.unavailable_reason(device)
-    if reason is not None:
-        raise MethodUnavailable(reason)
-    if point.get("compile") and not method.supports_compile:
-        raise MethodUnavailable(f"{method.name} does not support torch.compile (supports_compile = False)")
-
     dtype = getattr(torch, point.get("dtype", "bfloat16"))
     K, N, rank, tokens = int(point["K"]), int(point["N"]), int(point["rank"]), int(point["tokens"])
     config = AdapterConfig(rank=rank, target_modules=(TARGET,), dtype=dtype, seed=SEED, options=dict(point.get("options") or {}))
     base = make_base_model(K, N, dtype, device)
-    model, method = convert_model(base, point["method"], config)
+    model, method = convert_model(base, point["method"], config, compile=bool(point.get("compile")))
     trainable = list(method.trainable_parameters(model))
     forward = torch.compile(model) if point.get("compile") else model
 
@@ -93,7 +87,7 @@ def build_workload(point: dict[str, Any], device: torch.device | str) -> Workloa
         step=step,
         method=method,
         model=model,
-        step_cost=method.step_cost(K, N, rank, tokens),
+        step_cost=method.step_cost(K, N, rank, tokens, config.options),
         memory_bytes=dict(method.memory_bytes(model)),
         trainable=trainable,
         inputs={"x": x, "dy": dy},
