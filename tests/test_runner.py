@@ -46,7 +46,7 @@ class _TinyFullFineTune(Method):
                 m.weight.requires_grad_(True)
         return model
 
-    def step_cost(self, K, N, rank, tokens):
+    def step_cost(self, K, N, rank, tokens, options=None):
         return StepCost(gemm_flops={"bf16": 6.0 * tokens * K * N}, quant_bytes=0.0)
 
 
