@@ -25,11 +25,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit is defined: Triton kernels run on CPU
 
-from falqon_bench.pytest_benchmark_format import TOP_KEY  # noqa: E402
-from falqon_bench.schema import SCHEMA_VERSION  # noqa: E402
-from falqon_bench.suite import Suite, load_suite  # noqa: E402
-from falqon_bench.sweep import expand_suite  # noqa: E402
-from falqon_bench.worker import MeasureContext  # noqa: E402
+from falqon_bench.data.pytest_benchmark_format import TOP_KEY  # noqa: E402
+from falqon_bench.data.schema import SCHEMA_VERSION  # noqa: E402
+from falqon_bench.suites.suite import Suite, load_suite  # noqa: E402
+from falqon_bench.suites.sweep import expand_suite  # noqa: E402
+from falqon_bench.measure.worker import MeasureContext  # noqa: E402
 
 SUITE_ENV = "FALQON_BENCH_SUITE"
 DEFAULT_SUITE = Path(__file__).resolve().parents[1] / "suites" / "gate.toml"
@@ -47,7 +47,7 @@ def bench_suite() -> Suite:
 
 def pytest_configure(config) -> None:
     """A bad $FALQON_BENCH_SUITE is a usage error (one message, no traceback), found before collection."""
-    from falqon_bench.errors import BenchInputError
+    from falqon_bench.data.errors import BenchInputError
 
     try:
         bench_suite()
@@ -64,7 +64,7 @@ def bench_device(suite: Suite) -> str:
 
 def suite_params() -> list:
     """One pytest.param per point of the suite, id = its benchmark id, marked gpu (and skipped here without one)."""
-    from falqon_bench.pytest_benchmark_format import benchmark_id
+    from falqon_bench.data.pytest_benchmark_format import benchmark_id
 
     suite = bench_suite()
     device = bench_device(suite)
@@ -100,7 +100,7 @@ def unmeasured_rows() -> list[dict[str, Any]]:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info: dict[str, Any]) -> None:
-    from falqon_bench.envinfo import collect_env
+    from falqon_bench.measure.envinfo import collect_env
 
     suite = bench_suite()
     device = bench_device(suite)
@@ -112,7 +112,7 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict[str, Any]) -
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_commit_info(config, commit_info: dict[str, Any]) -> None:
     """$FALQON_GIT_SHA names the commit when set (a copied tree on a GPU machine may carry a stale .git), as in run manifests."""
-    from falqon_bench.envinfo import GIT_SHA_ENV
+    from falqon_bench.measure.envinfo import GIT_SHA_ENV
 
     if os.environ.get(GIT_SHA_ENV):
         commit_info["id"] = os.environ[GIT_SHA_ENV].strip()
@@ -129,7 +129,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json: dict[str, Any]
         "suite_file": str(suite.path) if suite.path else None,
         "env": (output_json.get("machine_info") or {}).get("falqon_bench_env") or {},
         "timing": {k: v for k, v in ctx.to_json().items() if k not in ("peaks", "device")},
-        "timed_by": "pytest benchmarks (falqon_bench.worker.measure_point, samples replayed into pytest-benchmark)",
+        "timed_by": "pytest benchmarks (falqon_bench.measure.worker.measure_point, samples replayed into pytest-benchmark)",
     }
     output_json[TOP_KEY] = {"schema": SCHEMA_VERSION, "run_id": manifest["run_id"], "manifest": manifest,
                             "other_points": list(UNMEASURED_ROWS)}

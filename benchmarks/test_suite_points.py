@@ -1,6 +1,6 @@
 """Every point of the suite (suites/gate.toml unless $FALQON_BENCH_SUITE says otherwise) as a pytest-benchmark test.
 
-Each point is measured once by the suite's own code, falqon_bench.worker.measure_point (gpu_ms by CUDA-graph
+Each point is measured once by the suite's own code, falqon_bench.measure.worker.measure_point (gpu_ms by CUDA-graph
 replay, wall_ms eager, the suite's [timing]); its gpu_samples_ms (wall_samples_ms on a CPU suite) are then
 replayed into the `benchmark` fixture as its timer, one round per sample, so pytest-benchmark's stats are
 those samples in seconds and its median is the suite's median. extra_info holds the point's identity,
@@ -13,15 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from falqon_bench.pytest_benchmark_format import SampleReplay, benchmark_group, point_extra_info, timed_samples_ms
+from falqon_bench.data.pytest_benchmark_format import SampleReplay, benchmark_group, point_extra_info, timed_samples_ms
 
 REPLAY = SampleReplay()
 
 
 @pytest.mark.benchmark(timer=REPLAY)
 def test_point(point, benchmark, measure_context, unmeasured_rows):
-    from falqon_bench.runner import precheck  # here, not at import: a run where every point skips stays light
-    from falqon_bench.worker import error_row, measure_point
+    from falqon_bench.measure.runner import precheck  # here, not at import: a run where every point skips stays light
+    from falqon_bench.measure.worker import error_row, measure_point
 
     device = torch.device(measure_context.device)
     reason = precheck(point, device)
@@ -41,6 +41,6 @@ def test_point(point, benchmark, measure_context, unmeasured_rows):
 
 
 def _device_label(device: torch.device) -> str:
-    from falqon_bench.envinfo import device_name
+    from falqon_bench.measure.envinfo import device_name
 
     return device_name(device)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from falqon_bench.errors import BenchInputError
+from falqon_bench.data.errors import BenchInputError
 
 app = typer.Typer(
     name="falqon-bench",
@@ -105,9 +105,9 @@ def run(
       falqon-bench run overhead --ranks 64 --variant eager
       falqon-bench run ranks --shard 2/4 --point-timeout-s 600
     """
-    from falqon_bench.runner import RunOptions, print_summary, run_suite
-    from falqon_bench.suite import load_suite
-    from falqon_bench.sweep import parse_shard
+    from falqon_bench.measure.runner import RunOptions, print_summary, run_suite
+    from falqon_bench.suites.suite import load_suite
+    from falqon_bench.suites.sweep import parse_shard
 
     _check_run_numbers(point_timeout_s=point_timeout_s, budget_ms=budget_ms, warmup_ms=warmup_ms, min_samples=min_samples)
     loaded = load_suite(suite, allow_pickle=allow_pickle)
@@ -218,7 +218,7 @@ def methods_table() -> Table:
 
 
 def suites_table() -> Table:
-    from falqon_bench.suite import known_suites, load_suite
+    from falqon_bench.suites.suite import known_suites, load_suite
 
     table = Table(title="suites")
     for col in ("suite", "file", "description"):
@@ -235,7 +235,7 @@ def suites_table() -> Table:
 
 
 def layers_table() -> Table:
-    from falqon_bench.layers import named_layers
+    from falqon_bench.suites.layers import named_layers
 
     table = Table(title="named layer shapes (a bare model name means all its layers)")
     for col in ("layer", "K", "N", "per block", "from"):
@@ -254,7 +254,7 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print the full recor
       falqon-bench env
       falqon-bench env --json > env.json
     """
-    from falqon_bench.envinfo import collect_env
+    from falqon_bench.measure.envinfo import collect_env
 
     info = collect_env()
     if as_json:
@@ -298,12 +298,12 @@ def export(
       falqon-bench export results/a results/b --to both.csv
       falqon-bench export results/gate-h100-repeat --to gate.json --format pytest-benchmark
     """
-    from falqon_bench.store import export_points
+    from falqon_bench.data.store import export_points
 
     if output_format == ExportFormat.pytest_benchmark:
         if len(runs) != 1:
             raise BenchInputError(f"--format pytest-benchmark writes one run per file (one machine_info); got {len(runs)} runs")
-        from falqon_bench.pytest_benchmark_format import export_pytest_benchmark
+        from falqon_bench.data.pytest_benchmark_format import export_pytest_benchmark
 
         _out().print(f"wrote {export_pytest_benchmark(runs[0], to)}")
         return
@@ -326,7 +326,7 @@ def merge(
     [bold]Examples[/bold]
       falqon-bench merge results/ranks-shard1of4 results/ranks-shard2of4 results/ranks-shard3of4 results/ranks-shard4of4 --out results/ranks-h100
     """
-    from falqon_bench.store import merge_runs
+    from falqon_bench.data.store import merge_runs
 
     path = merge_runs(list(runs), out, allow_partial=allow_partial)
     _out().print(f"merged {len(runs)} run(s) into {path}")
@@ -344,8 +344,8 @@ def report(
       falqon-bench report
       falqon-bench report results/h100-overhead results/h200-overhead --out reports/gpus
     """
-    from falqon_bench.report import render_report
-    from falqon_bench.store import latest_run
+    from falqon_bench.readers.report import render_report
+    from falqon_bench.data.store import latest_run
 
     run_dirs = list(runs) if runs else [latest_run(RESULTS_ROOT)]
     path = render_report(run_dirs, out)
@@ -382,7 +382,7 @@ def compare(
       falqon-bench compare results/base results/new --factor 1.05 --override 'falqon/*=1.2'
       falqon-bench compare results/baselines/nvidia-h200.jsonl out.json
     """
-    from falqon_bench.gate import compare_runs
+    from falqon_bench.readers.gate import compare_runs
 
     if factor <= 0:
         raise BenchInputError(f"--factor {factor} must be a positive ratio such as 1.10")
@@ -412,13 +412,13 @@ def kernels(
 
     import torch
 
-    from falqon_bench.envinfo import device_name
-    from falqon_bench.store import new_run_id
+    from falqon_bench.measure.envinfo import device_name
+    from falqon_bench.data.store import new_run_id
 
     groups = _parse_kernel_groups(only)
     if not torch.cuda.is_available():
         raise BenchInputError("kernel micro-benchmarks need a CUDA GPU; torch sees none here")
-    from falqon_bench.kernel_bench import LLAMA_7B, run_kernel_bench
+    from falqon_bench.measure.kernel_bench import LLAMA_7B, run_kernel_bench
 
     out = out or RESULTS_ROOT / new_run_id("kernels", device_name("cuda"))
     shapes = dataclasses.replace(LLAMA_7B, **{g: () for g in KERNEL_GROUPS if g not in groups})

@@ -34,13 +34,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def convert_model(model: nn.Module, method_name: str, config: AdapterConfig) -> tuple[nn.Module, Method]:
+def convert_model(model: nn.Module, method_name: str, config: AdapterConfig, compile: bool = False) -> tuple[nn.Module, Method]:
     """(converted model, method instance). May modify `model` in place; use the returned model.
 
-    Checks the method can run on the model's device first, so nothing is modified when it cannot.
+    Checks the method can run on the model's device (and under torch.compile when `compile`) first
+    (Method.check_runnable), so nothing is modified when it cannot: MethodUnavailable.
     """
     method = get_method(method_name)
-    reason = method.unavailable_reason(model_device(model))
-    if reason is not None:
-        raise MethodUnavailable(reason)
+    method.check_runnable(model_device(model), compile=compile)
     return method.convert(model, config), method

@@ -13,8 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from falqon_bench.figures.data import points_table
-from falqon_bench.store import load_run
+from falqon_bench.readers.figures.data import points_table
+from falqon_bench.data.store import load_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 LORA_METHODS = ("bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora")

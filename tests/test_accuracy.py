@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from falqon_bench.accuracy_summary import best_of_grid
+from falqon_bench.readers.accuracy_summary import best_of_grid
 from falqon_bench.cli import app
-from falqon_bench.corpora import entropy_rate, sample_chain, synthetic_corpus
+from falqon_bench.measure.corpora import entropy_rate, sample_chain, synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_RESULTS = REPO / "results" / "accuracy-synthetic-cpu"
@@ -46,8 +46,8 @@ def test_dry_run_lists_one_point_per_method_lr_and_seed(tmp_path):
     text += '"f+sr" = [1e-3, 1e-2]\n'
     result = invoke("run", write(tmp_path, text), "--dry-run")
     assert result.exit_code == 0, result.output
-    from falqon_bench.suite import load_suite
-    from falqon_bench.sweep import expand_suite
+    from falqon_bench.suites.suite import load_suite
+    from falqon_bench.suites.sweep import expand_suite
 
     points = expand_suite(load_suite(write(tmp_path, text)))
     assert len(points) == 2 + 4 and len({p["point_id"] for p in points}) == 6
@@ -104,7 +104,7 @@ def test_synthetic_floor_is_the_task_chains_entropy_rate():
     corpus = synthetic_corpus(0)
     g = torch.Generator().manual_seed(1)
     chain_seed = 0
-    from falqon_bench.corpora import markov_chain, shifted_chain
+    from falqon_bench.measure.corpora import markov_chain, shifted_chain
 
     gg = torch.Generator().manual_seed(chain_seed)
     base = markov_chain(64, gg)
@@ -118,8 +118,8 @@ def test_synthetic_floor_is_the_task_chains_entropy_rate():
 
 
 def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):
-    from falqon_bench.corpora import file_corpus
-    from falqon_bench.errors import BenchInputError
+    from falqon_bench.measure.corpora import file_corpus
+    from falqon_bench.data.errors import BenchInputError
 
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(20)))

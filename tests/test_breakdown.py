@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from falqon_bench.breakdown import MAX_KERNEL_ROWS, classify, profile_step, residual, summarize
-from falqon_bench.schema import BREAKDOWN_CATEGORIES
+from falqon_bench.measure.breakdown import MAX_KERNEL_ROWS, classify, profile_step, residual, summarize
+from falqon_bench.data.schema import BREAKDOWN_CATEGORIES
 
 BF16, FP8, F32 = "c10::BFloat16", "c10::Float8_e4m3fn", "float"
 NVJET = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
@@ -183,7 +183,7 @@ def _fake_event(name, start, end, device="CPU", kernels=(), shapes=None, dtypes=
 def _profile_with_cupti_duplicate(with_correlation_ids: bool):
     from types import SimpleNamespace
 
-    from falqon_bench.breakdown import STEP_LABEL
+    from falqon_bench.measure.breakdown import STEP_LABEL
 
     gemm = _fake_event("nvjet_sm90_tst_256x128", 10, 110, device="CUDA", linked=7)
     add = _fake_event("vectorized_elementwise_kernel", 120, 140, device="CUDA", linked=8)
@@ -206,7 +206,7 @@ def _profile_with_cupti_duplicate(with_correlation_ids: bool):
 def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once(with_correlation_ids):
     """On the H100 one bf16 GEMM per three steps also appeared under CUPTI's 'Activity Buffer Request'
     pseudo-op; counting it twice made bf16 kernel sums exceed gpu_ms by ~11%."""
-    from falqon_bench.breakdown import _collect_rows
+    from falqon_bench.measure.breakdown import _collect_rows
 
     rows, total_us = _collect_rows(_profile_with_cupti_duplicate(with_correlation_ids), rank=8, on_gpu=True)
     linked = [r for r in rows if r["op"] is not None]

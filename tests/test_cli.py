@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from falqon_core.methods import method_names
 from fixtures.methods import register_needs_gpu_method
 from falqon_bench.cli import app, parse_overrides
-from falqon_bench.errors import BenchInputError
-from falqon_bench.schema import REQUIRED_KEYS, point_id
-from falqon_bench.store import RunWriter
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.data.schema import REQUIRED_KEYS, point_id
+from falqon_bench.data.store import RunWriter
 
 COMMANDS = ["run", "list", "env", "export", "merge", "report", "compare", "kernels"]
 
@@ -121,7 +121,7 @@ def test_compare_exits_1_on_regression_else_0_and_passes_factor_and_overrides(tm
         calls.append((base, new, factor, overrides))
         return Result()
 
-    fake_module(monkeypatch, "falqon_bench.gate", compare_runs=compare_runs)
+    fake_module(monkeypatch, "falqon_bench.readers.gate", compare_runs=compare_runs)
     result = invoke("compare", "base", "new", "--factor", "1.05", "--override", "falqon/*=1.2", "--override", "*/llama-7b.up/*=1.3")
     assert result.exit_code == code, result.output
     assert [(str(b), str(n), f, o) for b, n, f, o in calls] == [("base", "new", 1.05, {"falqon/*": 1.2, "*/llama-7b.up/*": 1.3})]
@@ -131,7 +131,7 @@ def test_compare_bad_input_exits_2(monkeypatch):
     def compare_runs(base, new, factor, overrides):
         raise BenchInputError("base ran on H100, new on H200: compare runs from the same GPU model")
 
-    fake_module(monkeypatch, "falqon_bench.gate", compare_runs=compare_runs)
+    fake_module(monkeypatch, "falqon_bench.readers.gate", compare_runs=compare_runs)
     result = invoke("compare", "a", "b")
     assert result.exit_code == 2 and "same GPU model" in result.stderr
     result = invoke("compare", "a", "b", "--override", "nofactor")
@@ -147,7 +147,7 @@ def test_parse_overrides_splits_on_the_last_equals_sign():
 def test_report_defaults_to_the_newest_run_under_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
-    fake_module(monkeypatch, "falqon_bench.report", render_report=lambda runs, out: calls.append((runs, out)) or tmp_path / "rep")
+    fake_module(monkeypatch, "falqon_bench.readers.report", render_report=lambda runs, out: calls.append((runs, out)) or tmp_path / "rep")
     write_run(tmp_path / "results" / "only-run")
     result = invoke("report")
     assert result.exit_code == 0, result.output
@@ -156,7 +156,7 @@ def test_report_defaults_to_the_newest_run_under_results(tmp_path, monkeypatch):
 
 def test_report_without_any_run_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fake_module(monkeypatch, "falqon_bench.report", render_report=lambda runs, out: None)
+    fake_module(monkeypatch, "falqon_bench.readers.report", render_report=lambda runs, out: None)
     result = invoke("report")
     assert result.exit_code == 2 and "no runs under results" in result.stderr
 
@@ -174,11 +174,11 @@ def test_kernels_only_rejects_an_unknown_group_naming_the_allowed_ones():
 
 
 def test_kernels_only_keeps_the_named_groups_shapes(monkeypatch, tmp_path):
-    from falqon_bench import envinfo
-    from falqon_bench.kernel_bench import LLAMA_7B
+    from falqon_bench.measure import envinfo
+    from falqon_bench.measure.kernel_bench import LLAMA_7B
 
     seen = {}
-    fake_module(monkeypatch, "falqon_bench.kernel_bench", LLAMA_7B=LLAMA_7B,
+    fake_module(monkeypatch, "falqon_bench.measure.kernel_bench", LLAMA_7B=LLAMA_7B,
                 run_kernel_bench=lambda out, shapes: seen.setdefault("shapes", shapes) and out)  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(envinfo, "device_name", lambda device: "Fake GPU")

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 
 _CHILD = """
 import json, sys, torch
-from falqon_bench.schema import point_id
-from falqon_bench.worker import MeasureContext, measure_point
+from falqon_bench.data.schema import point_id
+from falqon_bench.measure.worker import MeasureContext, measure_point
 point = dict(suite="test", method=sys.argv[1], layer="test.2048", K=2048, N=2048, rank=16, tokens=2048,
              compile=True, cache="warm", dtype="bfloat16", options={})
 point["point_id"] = point_id(point)

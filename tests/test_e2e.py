@@ -1,6 +1,6 @@
-"""falqon_bench.e2e: whole-model DDP fine-tuning under torchrun, tested on CPU with gloo and 2 processes.
+"""falqon_bench.measure.e2e: whole-model DDP fine-tuning under torchrun, tested on CPU with gloo and 2 processes.
 
-The runner's e2e suite kind runs here, one process per rank (`torchrun -m falqon_bench.e2e SUITE`).
+The runner's e2e suite kind runs here, one process per rank (`torchrun -m falqon_bench.measure.e2e SUITE`).
 The FALQON proxy update rewrites fp8 buffers on every rank; they stay bit-identical only because DDP
 all-reduces B's gradient first. The tests check the sync flag is true in a normal run AND false when the
 all-reduce is skipped (and that the fp8 bytes did change), so the check cannot pass vacuously.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from falqon_bench import e2e
-from falqon_bench.schema import REQUIRED_KEYS
+from falqon_bench.measure import e2e
+from falqon_bench.data.schema import REQUIRED_KEYS
 from fixtures.methods import register_needs_gpu_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,14 +51,14 @@ def free_port() -> int:
 
 
 def torchrun(suite: Path, out: Path, *args: str, nproc: int = 2) -> list[dict]:
-    """Launch `python -m torch.distributed.run -m falqon_bench.e2e SUITE` on CPU (gloo) and return the rows it wrote."""
+    """Launch `python -m torch.distributed.run -m falqon_bench.measure.e2e SUITE` on CPU (gloo) and return the rows it wrote."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "falqon_bench.e2e", str(suite), "--out", str(out), *args,
+        "-m", "falqon_bench.measure.e2e", str(suite), "--out", str(out), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -152,8 +152,8 @@ def test_a_layer_suite_and_an_unknown_model_are_refused_with_exit_2(tmp_path, ca
 
 
 def test_real_llama_configs_come_from_falqon_bench_layers():
-    from falqon_bench.layers import resolve_layer
-    from falqon_bench.models import llama_config
+    from falqon_bench.suites.layers import resolve_layer
+    from falqon_bench.suites.models import llama_config
 
     config = llama_config("llama-3-8b", num_layers=1)
     (up,) = [s for s in resolve_layer("llama-3-8b") if s.name.endswith(".up")]

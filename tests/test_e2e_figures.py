@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from falqon_bench.figures.e2e import markdown_table, render_e2e_section, summary_table
+from falqon_bench.readers.figures.e2e import markdown_table, render_e2e_section, summary_table
 
 
 def _row(method, mode, tps, status="ok", **extra):
@@ -44,7 +44,7 @@ def test_section_writes_the_figure_and_is_empty_without_e2e_rows(tmp_path):
 
 
 def test_gpu_busy_counts_overlapping_kernels_once():
-    from falqon_bench.e2e_step import covered_time
+    from falqon_bench.measure.e2e_step import covered_time
 
     assert covered_time([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25  # [0,15) + [20,30)
     assert covered_time([]) == 0
@@ -54,12 +54,12 @@ def test_prepare_model_applies_liger_only_when_asked(monkeypatch):
     import sys
     import types
 
-    from falqon_bench.e2e_step import prepare_model
+    from falqon_bench.measure.e2e_step import prepare_model
 
     calls = []
-    fake = types.ModuleType("falqon_bench.fast_stacks")
+    fake = types.ModuleType("falqon_bench.measure.fast_stacks")
     fake.apply_liger = calls.append
-    monkeypatch.setitem(sys.modules, "falqon_bench.fast_stacks", fake)
+    monkeypatch.setitem(sys.modules, "falqon_bench.measure.fast_stacks", fake)
     model = object()
     prepare_model(model, {"liger": False})
     assert calls == []
@@ -70,7 +70,7 @@ def test_prepare_model_applies_liger_only_when_asked(monkeypatch):
 def test_an_e2e_only_report_has_no_layer_figures_and_inlines_its_own(tmp_path):
     """A whole-model row is not a linear layer: the layer figures (Fig. 1/3/4, floor, winners) showed e2e step
     times as 'cost of a block's linear layers'. Now an e2e-only report holds the e2e section and its figure alone."""
-    from falqon_bench.report import render_report
+    from falqon_bench.readers.report import render_report
 
     out = render_report([Path(__file__).resolve().parents[1] / "results" / "e2e-llama7b-h200"], tmp_path / "r")
     assert sorted(p.name for p in out.glob("*.png")) == ["e2e.png"]

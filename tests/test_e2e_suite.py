@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from falqon_bench.cli import app
-from falqon_bench.schema import E2E_KEYS, REQUIRED_KEYS
+from falqon_bench.data.schema import E2E_KEYS, REQUIRED_KEYS
 from falqon_core.methods import method_names, register_method
 from falqon_core.methods.base import Method, StepCost
 
@@ -177,8 +177,8 @@ def test_a_model_dir_asking_for_remote_code_is_always_refused(tmp_path, flag):
 
 
 def test_shipped_e2e_suite_is_llama_7b_every_method_and_mode():
-    from falqon_bench.suite import load_suite
-    from falqon_bench.sweep import expand_suite
+    from falqon_bench.suites.suite import load_suite
+    from falqon_bench.suites.sweep import expand_suite
 
     suite = load_suite("e2e")
     points = expand_suite(suite)

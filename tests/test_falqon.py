@@ -24,7 +24,7 @@ from bounds import gemm_accum_unit
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, quantize_fp8
 from falqon_core.methods import AdapterConfig, get_method
-from falqon_core.methods.falqon import Falqon, FalqonLinear, fp8_gemm_fits
+from falqon_core.methods.falqon import FalqonLinear, fp8_gemm_fits
 from falqon_core.training import attach_falqon_hook
 
 E4M3_REL, E4M3_SUB = 2.0**-4, 2.0**-10
@@ -274,14 +274,14 @@ def test_topk_schedule_switches_after_warmup_steps_and_is_reported():
     model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
     method = get_method("falqon")
     model = method.convert(model, AdapterConfig(rank=8, options={"topk": 6, "topk_after": 2, "warmup_steps": 3}))
-    assert Falqon.describe_k(model) == {"0": None, "2": None}
+    assert method.describe(model) == {"topk": {"0": None, "2": None}}
     used = []
     for _ in range(5):
         for layer in (model[0], model[2]):
             with torch.no_grad():
                 layer.lora_B.normal_()
         method.after_optimizer_step(model)
-        used.append(Falqon.describe_k(model))
+        used.append(method.describe(model)["topk"])
     assert [u["0"] for u in used] == [6, 6, 6, 2, 2] and used == [{"0": k, "2": k} for k in (6, 6, 6, 2, 2)]
     assert model[0].proxy_update().numel() == 2
 
@@ -325,9 +325,7 @@ def test_step_cost_counts_melded_forward_dx_db_and_keeps_padded_odd_rank_and_tok
     sgd = 3 * 4 * N * r  # the timed step's SGD on B: read B, dB, write B (fp32, as the reference's B)
     update = 2 * 4 * N * r + r * K + 2 * k * K + 4 * k * r  # rank + zero B, read A8, W8 rows, B rows
     assert cost.quant_bytes == casts + transposes + sgd + update
-    method = get_method("falqon")
-    method.convert(nn.Linear(K, N), AdapterConfig(rank=r, options={"cache_weight_t": True, "topk": 4}))
-    cached = method.step_cost(K, N, r, M)
+    cached = get_method("falqon").step_cost(K, N, r, M, {"cache_weight_t": True, "topk": 4})
     assert cached.quant_bytes == casts + 2 * M * N + sgd + 2 * 4 * N * r + r * K + 3 * 4 * K + 4 * 4 * r
 
 
@@ -352,8 +350,7 @@ def test_step_cost_follows_the_gemms_and_transposes_the_layer_really_runs():
     with torch.no_grad():
         model.lora_B.normal_()
     assert model.proxy_update().numel() == 2  # the k every update uses
-    base = method.step_cost(K, N, 16, M)
-    method.options = {}
+    base = method.step_cost(K, N, 16, M, {"topk_after": 2})
     full = method.step_cost(K, N, 16, M)
     assert full.quant_bytes - base.quant_bytes == (2 * 16 * K + 4 * 16 * 16) - (2 * 2 * K + 4 * 2 * 16)
 

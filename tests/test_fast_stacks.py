@@ -1,4 +1,4 @@
-"""The fast stacks (falqon_bench.fast_stacks): liger-kernel's patches keep the methods' layers and leave other
+"""The fast stacks (falqon_bench.measure.fast_stacks): liger-kernel's patches keep the methods' layers and leave other
 models alone, the patched model computes the same loss and adapter gradients (GPU), and liger and Unsloth
 are refused with a one-line reason where they cannot run."""
 
@@ -10,9 +10,9 @@ import importlib.util
 import pytest
 import torch
 
-from falqon_bench import fast_stacks
-from falqon_bench.errors import BenchInputError
-from falqon_bench.models import load_model_dir, make_model
+from falqon_bench.measure import fast_stacks
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.suites.models import load_model_dir, make_model
 from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
 from falqon_core.methods import AdapterConfig
 

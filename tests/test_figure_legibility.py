@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from falqon_bench.figures import (
+from falqon_bench.readers.figures import (
     render_breakdown_figure,
     render_floor_figure,
     render_gpu_speedup_figure,
@@ -20,9 +20,9 @@ from falqon_bench.figures import (
     render_rank_throughput_figure,
     render_total_cost_figure,
 )
-from falqon_bench.figures.data import label_for, points_table
-from falqon_bench.figures.floor import has_floor
-from falqon_bench.store import load_run
+from falqon_bench.readers.figures.data import label_for, points_table
+from falqon_bench.readers.figures.floor import has_floor
+from falqon_bench.data.store import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {

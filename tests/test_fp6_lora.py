@@ -26,7 +26,7 @@ import io
 import pytest
 import torch
 
-from falqon_bench.timing import capture_graph
+from falqon_bench.measure.timing import capture_graph
 
 from falqon_core.convert import convert_model
 from falqon_core.methods import AdapterConfig, MethodUnavailable, fp6_lora, get_method
@@ -307,8 +307,7 @@ def test_step_cost_counts_two_fp6_dequantizations_for_floatx_and_one_for_fpx():
     ref = get_method("bf16_lora").step_cost(K, N, r, M)
     method = get_method("fp6_lora")
     for backend, passes in (("floatx", 2), ("fpx", 1)):
-        method.backend = backend
-        cost = method.step_cost(K, N, r, M)
+        cost = method.step_cost(K, N, r, M, {"fp6_backend": backend})
         assert cost.quant_bytes - ref.quant_bytes == passes * dequant
         assert cost.gemm_flops == ref.gemm_flops
 

@@ -21,7 +21,7 @@ import pytest
 from fixtures.results import H100, make_point, write_run
 from typer.testing import CliRunner
 
-from falqon_bench import report
+from falqon_bench.readers import report
 from falqon_bench.cli import app
 
 SEED = 15

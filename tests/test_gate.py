@@ -8,9 +8,9 @@ import pytest
 from fixtures.results import H100, H200, make_point, write_run
 from rich.table import Table
 
-from falqon_bench.errors import BenchInputError
-from falqon_bench.gate import compare_runs, median_ci, point_key
-from falqon_bench.store import ResultsError
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.readers.gate import compare_runs, median_ci, point_key
+from falqon_bench.data.store import ResultsError
 
 LAYER = "llama-7b.attn"
 REPO_BASELINES = Path(__file__).resolve().parents[1] / "results" / "baselines"
@@ -176,9 +176,9 @@ def test_to_table_lists_every_point(tmp_path):
 def test_each_committed_baseline_is_a_complete_run_of_the_gate_suite_on_its_gpu(baseline):
     """GPU CI runs suites/gate.toml and compares with results/baselines/<gpu>.jsonl: a baseline made
     from another suite (or an older gate.toml) would leave every CI point 'missing', gating nothing."""
-    from falqon_bench.store import device_slug, load_points_file
-    from falqon_bench.suite import load_suite
-    from falqon_bench.sweep import expand_suite
+    from falqon_bench.data.store import device_slug, load_points_file
+    from falqon_bench.suites.suite import load_suite
+    from falqon_bench.suites.sweep import expand_suite
 
     run = load_points_file(baseline)
     wanted = {p["point_id"] for p in expand_suite(load_suite("gate"))}

@@ -1,10 +1,9 @@
 """The import rules of docs/architecture.md hold in the code.
 
 - falqon_core (formats, kernels, methods) never imports falqon_bench, anywhere.
-- Readers (report, figures, gate, identity, safe_markup, accuracy_summary) and the stored-data modules
-  (schema, store, pytest_benchmark_format, derived, errors) import, at module level, neither torch nor
-  falqon_core nor a measuring module; their falqon_bench imports at module level are other readers or
-  stored-data modules, so the rule holds transitively.
+- Every module of falqon_bench/readers/ and falqon_bench/data/ imports, at module level, neither torch nor
+  falqon_core nor a module of measure/ or suites/; its falqon_bench imports at module level are other
+  readers/ or data/ modules, so the rule holds transitively.
 - Proof at run time: `falqon-bench report` of a committed run, and compare/export/merge, run in a fresh
   interpreter end with neither torch nor falqon_core in sys.modules.
 """
@@ -24,13 +23,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "falqon_bench"
 
-STORED_DATA = ["schema", "store", "pytest_benchmark_format", "derived", "errors"]
-READERS = ["report", "gate", "identity", "safe_markup", "accuracy_summary", "figures"] + [
-    f"figures.{p.stem}" for p in sorted((BENCH / "figures").glob("*.py")) if p.stem != "__init__"
-]
+
+
+def modules_under(folder: str) -> list[str]:
+    """Dotted names (relative to falqon_bench) of every module in a folder of falqon_bench, packages included."""
+    root = BENCH / folder
+    return sorted(
+        ".".join(p.relative_to(BENCH).with_suffix("").parts[:-1] if p.stem == "__init__" else p.relative_to(BENCH).with_suffix("").parts)
+        for p in root.rglob("*.py")
+    )
+
+
+STORED_DATA = modules_under("data")
+READERS = modules_under("readers")
 READ_SIDE = STORED_DATA + READERS
-MEASURING = ["runner", "worker", "timing", "breakdown", "roofline", "workload", "e2e_step", "accuracy_run",
-             "kernel_bench", "envinfo"]  # fmt: skip
+MEASURING = modules_under("measure") + modules_under("suites")
 FORBIDDEN_ROOTS = ("torch", "falqon_core", "triton", "torchao", "bitsandbytes", "peft", "transformers")
 
 COMMITTED_REPORT_RUN = ROOT / "results" / "e2e-llama7b-h200"  # small committed run: the report renders in seconds
@@ -45,7 +52,7 @@ def module_path(name: str) -> Path:
 def imported_modules(tree: ast.AST, module_level_only: bool) -> list[tuple[int, str]]:
     """(line, dotted name) of every import; module_level_only skips function bodies and `if TYPE_CHECKING:`.
 
-    `from falqon_bench import roofline` yields falqon_bench.roofline, so a submodule import is seen too.
+    `from falqon_bench.measure import roofline` yields falqon_bench.measure.roofline, so a submodule import is seen too.
     """
     found: list[tuple[int, str]] = []
 
@@ -88,7 +95,7 @@ def test_falqon_core_never_imports_falqon_bench():
 def test_read_side_module_imports_no_torch_core_or_measuring_module_at_module_level(module):
     path = module_path(module)
     assert path.exists(), f"{module} is listed as a reader or stored-data module but {path} does not exist"
-    allowed_bench = {f"falqon_bench.{m}" for m in READ_SIDE} | {"falqon_bench"}
+    allowed_bench = {f"falqon_bench.{m}" for m in READ_SIDE} | {"falqon_bench", "falqon_bench.data", "falqon_bench.readers"}
     offenders = []
     for line, name in imported_modules(parse(path), module_level_only=True):
         root = name.split(".")[0]
@@ -96,16 +103,19 @@ def test_read_side_module_imports_no_torch_core_or_measuring_module_at_module_le
             offenders.append(f"{line}: {name} (heavy library: import it inside the function that needs it)")
         elif root == "falqon_bench" and name not in allowed_bench:
             parent = name.rpartition(".")[0]
-            if parent not in allowed_bench - {"falqon_bench"}:  # `from falqon_bench.store import RunData` is fine
+            if parent not in allowed_bench - {"falqon_bench", "falqon_bench.data", "falqon_bench.readers"}:  # `from falqon_bench.data.store import RunData` is fine
                 offenders.append(f"{line}: {name} (not a reader or stored-data module)")
     assert not offenders, f"{path.relative_to(ROOT)} imports at module level:\n" + "\n".join(offenders)
 
 
-def test_measuring_modules_listed_exist():
-    """The forbidden list names real modules; a rename would silently turn the rule off."""
-    missing = [m for m in MEASURING if not module_path(m).exists()]
-    assert not missing, f"measuring modules listed in this test no longer exist: {missing}"
+def test_the_folders_hold_the_parts():
+    """Each side is a folder: the lists above are found, not typed, so a new module is checked at once."""
+    assert {"data.schema", "data.store", "data.derived"} <= set(STORED_DATA)
+    assert {"readers.report", "readers.gate", "readers.figures.data"} <= set(READERS)
+    assert {"measure.runner", "measure.worker", "measure.timing", "suites.suite"} <= set(MEASURING)
     assert not set(MEASURING) & set(READ_SIDE)
+    top_level = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
+    assert top_level == ["cli"], f"falqon_bench/ holds only cli.py on top of its folders; found {top_level}"
 
 
 READER_SCRIPT = textwrap.dedent(
@@ -165,6 +175,6 @@ def test_cli_imports_every_falqon_bench_module_inside_its_command():
         f"{line}: {name}"
         for line, name in imported_modules(parse(BENCH / "cli.py"), module_level_only=True)
         if name.split(".")[0] in FORBIDDEN_ROOTS
-        or (name.split(".")[0] == "falqon_bench" and not name.startswith("falqon_bench.errors"))
+        or (name.split(".")[0] == "falqon_bench" and not name.startswith("falqon_bench.data.errors"))
     ]
     assert not offenders, "falqon_bench/cli.py imports at module level:\n" + "\n".join(offenders)

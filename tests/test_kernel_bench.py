@@ -7,9 +7,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from falqon_bench import kernel_bench as kb
-from falqon_bench.schema import REQUIRED_KEYS
-from falqon_bench.store import load_run
+from falqon_bench.measure import kernel_bench as kb
+from falqon_bench.data.schema import REQUIRED_KEYS
+from falqon_bench.data.store import load_run
 
 TINY = kb.KernelShapes(quantize=((8, 64),), proxy=((16, 64, 4, 4),), gemm=((32, 64, 64, 8),))
 PEAKS = {"copy_gb_per_s": 1000.0, "fp8_tflops": 500.0}
@@ -44,7 +44,7 @@ def test_with_a_fake_timer_every_point_has_the_required_keys(tmp_path):
         assert p["gpu_timing"] == "events" and p["kernel_ms"] == {} and p["error"] is None
         assert p["method"].startswith("kernel.") and p["cache"] in ("warm", "cold")
     assert len({p["point_id"] for p in run.points}) == len(run.points)
-    assert run.manifest["status"] == "done" and run.manifest["peaks"] == PEAKS
+    assert run.manifest["status"] == "complete" and run.manifest["peaks"] == PEAKS
 
     by_method = {(p["method"], p["cache"]): p for p in run.points}
     q = by_method[("kernel.quantize_e4m3_tensorwise.triton", "warm")]

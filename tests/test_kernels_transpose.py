@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from falqon_bench import kernel_bench as kb
-from falqon_bench.store import load_run
+from falqon_bench.measure import kernel_bench as kb
+from falqon_bench.data.store import load_run
 from falqon_core import fp8
 from falqon_core.kernels import transpose_fp8, transpose_fp8_reference, transpose_fp8_triton
 from falqon_core.methods import falqon as falqon_mod

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from falqon_bench.errors import BenchInputError
-from falqon_bench.models import check_model_dir, llama_config, make_model
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.suites.models import check_model_dir, llama_config, make_model
 
 
 def _save_tiny(tmp_path, safe: bool):

@@ -17,15 +17,15 @@ from pytest_benchmark.storage.file import FileStorage
 from typer.testing import CliRunner
 
 from falqon_bench.cli import app
-from falqon_bench.gate import compare_runs
-from falqon_bench.pytest_benchmark_format import (
+from falqon_bench.readers.gate import compare_runs
+from falqon_bench.data.pytest_benchmark_format import (
     SampleReplay,
     benchmark_id,
     export_pytest_benchmark,
     is_pytest_benchmark_json,
     sample_stats,
 )
-from falqon_bench.store import load_results
+from falqon_bench.data.store import load_results
 from fixtures.results import H100, make_point, write_cpu_run, write_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from falqon_core.convert import convert_model
-from falqon_core.methods import AdapterConfig, Method, UnknownMethodError, get_method, method_names
+from falqon_core.methods import AdapterConfig, Method, MethodUnavailable, UnknownMethodError, get_method, method_names
 from falqon_core.methods.base import StepCost
 
 README_METHODS = {"bf16_lora", "qlora_nf4", "fp8_lora", "fp8_base_lora", "fp6_lora", "halo_lora", "falqon"}
@@ -42,8 +42,57 @@ def test_every_method_reports_a_step_cost(name):
 def test_every_method_gives_a_reason_or_none_for_cpu(name):
     reason = get_method(name).unavailable_reason("cpu")
     assert reason is None or (isinstance(reason, str) and reason.strip())
-    if get_method(name).needs_cuda:
-        assert reason
+
+
+class _CudaOnly(Method):
+    """A method whose only contract is needs_cuda (not registered: the registry is shared by every test)."""
+
+    name = "cuda_only_probe"
+    summary = built_on = "test"
+    needs_cuda = True
+
+    def convert(self, model, config):
+        raise AssertionError("convert must not run on a device the method cannot use")
+
+    def step_cost(self, K, N, rank, tokens, options=None):
+        return StepCost({"bf16": 1.0}, 0.0)
+
+
+def test_needs_cuda_refuses_the_cpu_before_convert_touches_the_model(monkeypatch):
+    from falqon_core import convert as convert_module
+
+    method = _CudaOnly()
+    assert "needs a CUDA GPU" in method.unavailable_reason("cpu")
+    with pytest.raises(MethodUnavailable, match="cuda_only_probe needs a CUDA GPU"):
+        method.check_runnable("cpu")
+    monkeypatch.setattr(convert_module, "get_method", lambda name: method)
+    with pytest.raises(MethodUnavailable, match="needs a CUDA GPU"):
+        convert_model(torch.nn.Linear(16, 16), "cuda_only_probe", AdapterConfig(rank=4))
+
+
+def test_compile_is_refused_for_a_method_that_does_not_support_it():
+    method = _CudaOnly()
+    method.needs_cuda, method.supports_compile = False, False
+    method.check_runnable("cpu")
+    with pytest.raises(MethodUnavailable, match="does not support torch.compile"):
+        method.check_runnable("cpu", compile=True)
+
+
+@pytest.mark.parametrize("name", ["bf16_lora", "falqon", "halo_lora", "fp6_lora"])
+def test_convert_leaves_no_state_on_the_method_that_step_cost_could_read(name):
+    """step_cost depends on its arguments only: a convert with non-default options changes neither the
+    method's attributes nor its cost (the registry hands every caller the same instance)."""
+    method = get_method(name)
+    before = method.step_cost(64, 96, 16, 32)
+    options = {"falqon": {"topk": 2, "cache_weight_t": True}, "halo_lora": {"max_block": 32},
+               "fp6_lora": {"fp6_backend": "floatx", "fp6_format": "e2m3"}}.get(name, {})  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False))
+    method.convert(model, AdapterConfig(rank=16, options=options))
+    assert vars(method) == {}, f"{name} keeps {sorted(vars(method))} from its last convert"
+    assert method.step_cost(64, 96, 16, 32) == before
+    cost_options = {"fp6_lora": {"fp6_backend": "fpx"}}.get(name, options)  # on CPU auto is floatx already
+    if cost_options:
+        assert method.step_cost(64, 96, 16, 32, cost_options) != before, "the options change the cost"
 
 
 def test_unknown_method_name_lists_the_allowed_names():

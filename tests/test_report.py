@@ -6,7 +6,7 @@ import pytest
 from fixtures.results import FAILED, FAILED_ERROR, H100, H200, write_cpu_run, write_fixture_runs
 from matplotlib.container import BarContainer
 
-from falqon_bench.figures import (
+from falqon_bench.readers.figures import (
     render_breakdown_figure,
     render_floor_figure,
     render_gpu_speedup_figure,
@@ -14,10 +14,10 @@ from falqon_bench.figures import (
     render_rank_throughput_figure,
     render_total_cost_figure,
 )
-from falqon_bench.figures.data import label_for, points_table
-from falqon_bench.figures.style import FAILED_GID
-from falqon_bench.report import render_report
-from falqon_bench.store import ResultsError, load_run
+from falqon_bench.readers.figures.data import label_for, points_table
+from falqon_bench.readers.figures.style import FAILED_GID
+from falqon_bench.readers.report import render_report
+from falqon_bench.data.store import ResultsError, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["fig1_overhead.png", "fig1_rank_throughput.png", "fig3_total_cost.png", "fig4_breakdown.png", "fig5_gpus.png", "floor.png", "winners.png"]
@@ -196,7 +196,7 @@ def test_fig5_compares_only_points_every_gpu_ran(tmp_path):
     """A compiled variant measured on one GPU only must not make that GPU's group look faster."""
     import pandas as pd
 
-    from falqon_bench.figures.gpus import points_on_every_device, speedups
+    from falqon_bench.readers.figures.gpus import points_on_every_device, speedups
 
     rows = []
     for device, extra in (("H100", False), ("H200", True)):
@@ -218,8 +218,8 @@ def test_a_profiler_kernel_sum_is_marked_and_never_beats_a_replay_time(tmp_path)
     table marks it and best-of-eager/compile prefers a replayed time even when the kernel sum is lower."""
     from fixtures.results import make_point, write_run
 
-    from falqon_bench.figures.data import KERNEL_SUM_MARK, best_of_compile, method_sort_key
-    from falqon_bench.report import perf_table
+    from falqon_bench.readers.figures.data import KERNEL_SUM_MARK, best_of_compile, method_sort_key
+    from falqon_bench.readers.report import perf_table
 
     eager = make_point("falqon", "llama-7b.attn", 64, gpu_samples=[0.40] * 5, floor_ms=0.3)
     compiled = make_point("falqon", "llama-7b.attn", 64, compile=True, gpu_samples=[0.39], floor_ms=0.3)
@@ -237,7 +237,7 @@ def test_a_profiler_kernel_sum_is_marked_and_never_beats_a_replay_time(tmp_path)
 def test_breakdown_check_shows_the_residual_per_method_and_counts_points_beyond_5_percent(tmp_path):
     from fixtures.results import make_point, write_run
 
-    from falqon_bench.report import breakdown_check
+    from falqon_bench.readers.report import breakdown_check
 
     def point(method, rank, gpu, kernel_sum, dropped=False):
         p = make_point(method, "llama-7b.attn", rank, gpu_samples=[gpu] * 5, kernel_ms={"gemm_bf16": kernel_sum}, floor_ms=0.3)

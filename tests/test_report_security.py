@@ -19,7 +19,7 @@ from fixtures.results import H100, make_point
 from typer.testing import CliRunner
 
 from falqon_bench.cli import app
-from falqon_bench.identity import (
+from falqon_bench.data.identity import (
     KNOWN_LAYER_SHAPES,
     KNOWN_METHODS,
     KNOWN_MODELS,
@@ -27,8 +27,8 @@ from falqon_bench.identity import (
     layer_problem,
     method_problem,
 )
-from falqon_bench.safe_markup import content_security_policy, md_text
-from falqon_bench.store import RunWriter
+from falqon_bench.readers.safe_markup import content_security_policy, md_text
+from falqon_bench.data.store import RunWriter
 
 SCRIPT = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 PAYLOADS = [
@@ -224,9 +224,9 @@ def test_unknown_and_invalid_names_are_shown_escaped_and_marked(poisoned_report)
 
 
 def test_a_known_layer_name_with_another_shape_is_marked(tmp_path):
-    from falqon_bench.figures.data import points_table
-    from falqon_bench.report import identity_check, perf_table
-    from falqon_bench.store import load_run
+    from falqon_bench.readers.figures.data import points_table
+    from falqon_bench.readers.report import identity_check, perf_table
+    from falqon_bench.data.store import load_run
 
     points = [make_point("bf16_lora", "llama-7b.up", 16, gpu_samples=[1.0] * 5, K=4096, N=11008),
               make_point("falqon", "llama-7b.up", 16, gpu_samples=[0.5] * 5, K=64, N=64)]
@@ -273,8 +273,8 @@ def test_md_text_renders_back_to_the_same_text_in_one_table_cell():
 
 
 def test_a_run_id_that_climbs_out_of_reports_stays_inside_it(tmp_path, monkeypatch):
-    from falqon_bench.report import _report_name, render_report
-    from falqon_bench.store import RunData
+    from falqon_bench.readers.report import _report_name, render_report
+    from falqon_bench.data.store import RunData
 
     monkeypatch.chdir(tmp_path)
     run_dir = _write(tmp_path / "results" / "r", _manifest("../../escape", "CPU"), _points("CPU", 0)[:8])
@@ -288,8 +288,8 @@ def test_a_run_id_that_climbs_out_of_reports_stays_inside_it(tmp_path, monkeypat
 
 def test_known_names_match_the_method_registry_and_the_layer_tables():
     """identity.py is torch-free, so it holds copies: they must equal what the code registers."""
-    from falqon_bench.layers import named_layers
-    from falqon_bench.models import MODEL_NAMES
+    from falqon_bench.suites.layers import named_layers
+    from falqon_bench.suites.models import MODEL_NAMES
     from falqon_core.methods import get_method, method_names
 
     # the project's own methods (tests register throwaway ones from tests/fixtures into the same registry)
@@ -300,7 +300,7 @@ def test_known_names_match_the_method_registry_and_the_layer_tables():
 
 
 def test_the_name_checks_and_the_escaping_import_no_torch():
-    code = ("import json, sys, falqon_bench.identity, falqon_bench.safe_markup; "
+    code = ("import json, sys, falqon_bench.data.identity, falqon_bench.readers.safe_markup; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'falqon_core'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -2,7 +2,7 @@
 
 import pytest
 
-from falqon_bench.roofline import floor_ms, measure_peaks, pct_of_floor
+from falqon_bench.measure.roofline import floor_ms, measure_peaks, pct_of_floor
 from falqon_core.methods.base import StepCost
 
 PEAKS = {"device": "made-up GPU", "bf16_tflops": 500.0, "fp8_tflops": 1000.0, "copy_gb_per_s": 3000.0}

@@ -14,10 +14,10 @@ from torch import nn
 
 from falqon_core.methods import Method, method_names, register_method
 from falqon_core.methods.base import StepCost
-from falqon_bench.runner import CPU_WARNING, RunOptions, print_summary, run_suite
-from falqon_bench.schema import REQUIRED_KEYS
-from falqon_bench.store import load_run
-from falqon_bench.suite import load_suite
+from falqon_bench.measure.runner import CPU_WARNING, RunOptions, print_summary, run_suite
+from falqon_bench.data.schema import REQUIRED_KEYS
+from falqon_bench.data.store import load_run
+from falqon_bench.suites.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -46,7 +46,7 @@ class _TinyFullFineTune(Method):
                 m.weight.requires_grad_(True)
         return model
 
-    def step_cost(self, K, N, rank, tokens):
+    def step_cost(self, K, N, rank, tokens, options=None):
         return StepCost(gemm_flops={"bf16": 6.0 * tokens * K * N}, quant_bytes=0.0)
 
 
@@ -237,7 +237,7 @@ def test_hung_and_crashed_workers_cost_only_their_point_and_a_fresh_worker_conti
 
 
 def test_resume_refuses_a_directory_of_another_suite_or_without_a_run(tmp_path):
-    from falqon_bench.errors import BenchInputError
+    from falqon_bench.data.errors import BenchInputError
 
     run_suite(load_suite(write_suite(tmp_path / "a.toml", ["tiny_full_ft"], name="a")), RunOptions(out_dir=tmp_path / "run", isolate=False))
     other = load_suite(write_suite(tmp_path / "b.toml", ["tiny_full_ft"], name="b"))
@@ -249,7 +249,7 @@ def test_resume_refuses_a_directory_of_another_suite_or_without_a_run(tmp_path):
 
 def test_resume_refuses_a_run_of_another_device_and_leaves_its_manifest_alone(tmp_path):
     """A committed GPU run must not be resumed on another machine: it would mix devices and overwrite its env."""
-    from falqon_bench.errors import BenchInputError
+    from falqon_bench.data.errors import BenchInputError
 
     suite = load_suite(write_suite(tmp_path / "a.toml", ["tiny_full_ft"], name="a"))
     first = run_suite(suite, RunOptions(results_root=tmp_path / "results", isolate=False))
@@ -282,7 +282,7 @@ def test_lock_clocks_without_nvml_is_recorded_not_fatal(tmp_path):
 
 
 def test_throttle_reasons_decode_to_names_and_clock_drop_ignores_idle_gpus():
-    from falqon_bench.envinfo import clock_dropped, decode_throttle_reasons
+    from falqon_bench.measure.envinfo import clock_dropped, decode_throttle_reasons
 
     assert decode_throttle_reasons(0x1 | 0x4 | 0x40) == ["gpu_idle", "sw_power_cap", "hw_thermal_slowdown"]
     assert decode_throttle_reasons(1 << 40) == [hex(1 << 40)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from falqon_bench.layers import MODEL_NAMES, named_layers
-from falqon_bench.suite import load_suite
-from falqon_bench.sweep import expand_suite
+from falqon_bench.suites.layers import MODEL_NAMES, named_layers
+from falqon_bench.suites.suite import load_suite
+from falqon_bench.suites.sweep import expand_suite
 
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "shapes.toml"
 EAGER_LORA = {"bf16_lora", "qlora_nf4", "fp8_base_lora", "halo_lora", "falqon"}

@@ -6,9 +6,9 @@ import os
 import pandas as pd
 import pytest
 
-import falqon_bench.store as store
-from falqon_bench.schema import REQUIRED_KEYS, point_id
-from falqon_bench.store import ResultsError, RunWriter, export_points, load_run, merge_runs
+import falqon_bench.data.store as store
+from falqon_bench.data.schema import REQUIRED_KEYS, point_id
+from falqon_bench.data.store import ResultsError, RunWriter, export_points, load_run, merge_runs
 
 
 def row(rank: int, status: str = "ok", device: str = "NVIDIA H100 80GB HBM3", **extra) -> dict:

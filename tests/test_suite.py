@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from falqon_bench.cli import app
-from falqon_bench.errors import BenchInputError
-from falqon_bench.layers import resolve_layer
-from falqon_bench.suite import find_key_line, known_suites, load_suite, validate_suite
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.suites.layers import resolve_layer
+from falqon_bench.suites.suite import find_key_line, known_suites, load_suite, validate_suite
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """\

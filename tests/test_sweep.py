@@ -2,10 +2,10 @@
 
 import pytest
 
-from falqon_bench.errors import BenchInputError
-from falqon_bench.schema import point_id
-from falqon_bench.suite import load_suite, validate_suite
-from falqon_bench.sweep import expand_suite, filter_methods, parse_shard, shard_points
+from falqon_bench.data.errors import BenchInputError
+from falqon_bench.data.schema import point_id
+from falqon_bench.suites.suite import load_suite, validate_suite
+from falqon_bench.suites.sweep import expand_suite, filter_methods, parse_shard, shard_points
 
 TINY = [{"name": "a", "K": 32, "N": 48}, {"name": "b", "K": 64, "N": 32}]
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from falqon_bench.timing import CaptureError, l2_flusher, summarize, time_cudagraph, time_wall, warm_up
+from falqon_bench.measure.timing import CaptureError, l2_flusher, summarize, time_cudagraph, time_wall, warm_up
 
 
 def test_summarize_gives_numpy_linear_percentiles_of_known_samples():
@@ -100,7 +100,7 @@ def test_a_step_that_syncs_the_host_cannot_be_captured():
     the process (the runner replaces such a worker), which would break later tests here."""
     code = (
         "import torch\n"
-        "from falqon_bench.timing import CaptureError, time_cudagraph\n"
+        "from falqon_bench.measure.timing import CaptureError, time_cudagraph\n"
         "x = torch.ones(8, device='cuda')\n"
         "try:\n"
         "    time_cudagraph(lambda: x.sum().item(), device='cuda', warmup_ms=1, budget_ms=1, min_samples=1)\n"
@@ -120,7 +120,7 @@ def test_l2_flush_buffer_is_at_least_twice_the_l2():
 
 def test_a_capture_failure_names_the_first_error_in_the_chain_and_where_it_was_raised():
     """CUDA reports a broken capture at capture_end; the message must carry the error raised in the step."""
-    from falqon_bench.timing import describe_capture_failure
+    from falqon_bench.measure.timing import describe_capture_failure
 
     def step_of_a_method():
         raise RuntimeError("CUDA error: operation would make the legacy stream depend on a capturing blocking stream\nmore")

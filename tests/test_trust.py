@@ -22,9 +22,9 @@ from matplotlib.colors import to_hex
 from typer.testing import CliRunner
 
 from falqon_bench.cli import app
-from falqon_bench.figures.data import label_for, points_table
-from falqon_bench.figures.style import SPLIT_COLORS
-from falqon_bench.store import RunWriter, load_run
+from falqon_bench.readers.figures.data import label_for, points_table
+from falqon_bench.readers.figures.style import SPLIT_COLORS
+from falqon_bench.data.store import RunWriter, load_run
 
 
 def invoke(*args: str):
@@ -122,7 +122,7 @@ def test_results_of_another_schema_version_are_refused(run_dir, tmp_path, where)
 
 
 def test_every_committed_result_set_passes_the_row_check():
-    from falqon_bench.store import find_runs, load_results
+    from falqon_bench.data.store import find_runs, load_results
 
     root = Path(__file__).resolve().parents[1] / "results"
     sets = find_runs(root) + sorted((root / "baselines").glob("*.jsonl"))
@@ -258,8 +258,8 @@ def mode_points(device: str) -> list[dict]:
 
 def test_fig5_never_mixes_eager_and_compiled_under_one_label(tmp_path):
     """8a313ae drew fp8_lora as 'best of eager/compile': a geometric mean over 3 eager and 1 compiled point."""
-    from falqon_bench.figures import render_gpu_speedup_figure
-    from falqon_bench.figures.gpus import speedups
+    from falqon_bench.readers.figures import render_gpu_speedup_figure
+    from falqon_bench.readers.figures.gpus import speedups
 
     runs = [load_run(write_run(tmp_path, d, d, mode_points(d))) for d in (H100, H200)]
     df = points_table(runs)
@@ -275,7 +275,7 @@ def test_fig5_never_mixes_eager_and_compiled_under_one_label(tmp_path):
 
 
 def test_fig3_totals_eager_and_compiled_separately(tmp_path):
-    from falqon_bench.figures.total_cost import block_costs
+    from falqon_bench.readers.figures.total_cost import block_costs
 
     pts = [make_point("fp8_lora", layer, 64, gpu_samples=[ms] * 5, compile=compiled)
            for layer, compiled, ms in (("m.attn", False, 2.0), ("m.attn", True, 1.0), ("m.up", False, 3.0))]
@@ -286,7 +286,7 @@ def test_fig3_totals_eager_and_compiled_separately(tmp_path):
 
 
 def test_bf16_lora_elementwise_time_is_not_painted_as_quantization_overhead(tmp_path):
-    from falqon_bench.figures import render_overhead_figure
+    from falqon_bench.readers.figures import render_overhead_figure
 
     point = make_point("bf16_lora", "llama-7b.attn", 64, gpu_samples=[1.0] * 5,
                        kernel_ms={"gemm_bf16": 0.6, "lora_gemm": 0.1, "elementwise": 0.25, "quantize": 0.0})
@@ -301,8 +301,8 @@ def test_bf16_lora_elementwise_time_is_not_painted_as_quantization_overhead(tmp_
 
 
 def test_cpu_report_has_no_floor_figure_and_no_speedup_inside_the_noise(tmp_path):
-    from falqon_bench.figures.data import speedup_text
-    from falqon_bench.report import render_report
+    from falqon_bench.readers.figures.data import speedup_text
+    from falqon_bench.readers.report import render_report
 
     out = render_report([write_cpu_run(tmp_path / "results")], tmp_path / "rep")
     assert not (out / "floor.png").exists() and "floor.png" not in (out / "report.md").read_text()
@@ -317,7 +317,7 @@ def test_cpu_report_has_no_floor_figure_and_no_speedup_inside_the_noise(tmp_path
 
 def test_rank_plot_names_each_method_once_and_draws_compile_dashed_and_hollow():
     """8a313ae: 16 legend entries, compiled variants in the eager colour and style."""
-    from falqon_bench.figures import render_rank_throughput_figure
+    from falqon_bench.readers.figures import render_rank_throughput_figure
 
     run = load_run(Path(__file__).resolve().parents[1] / "results" / "overhead-h100")
     df = points_table([run])

@@ -7,10 +7,10 @@ import math
 import numpy as np
 from matplotlib.colors import to_hex
 
-from falqon_bench.figures.data import label_for, points_table
-from falqon_bench.figures.style import variant_color
-from falqon_bench.figures.winners import render_winners_figure, winners_table
-from falqon_bench.store import load_run
+from falqon_bench.readers.figures.data import label_for, points_table
+from falqon_bench.readers.figures.style import variant_color
+from falqon_bench.readers.figures.winners import render_winners_figure, winners_table
+from falqon_bench.data.store import load_run
 from fixtures.results import H200, make_point, write_run
 
 LAYERS = {"llama-7b.attn": (4096, 4096), "llama-3-8b.kv": (4096, 1024)}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from falqon_core.methods.base import AdapterConfig, Method, MethodUnavailable
+from falqon_core.methods.base import AdapterConfig, MethodUnavailable
 
 BF16_BYTES = 2
 FP8_BYTES = 1
@@ -163,42 +163,3 @@ def lora_elementwise_bytes(K: int, N: int, tokens: int, elem_bytes: int = BF16_B
 def sgd_update_bytes(K: int, N: int, rank: int, elem_bytes: int = BF16_BYTES) -> float:
     """The timed step's SGD update of A (r x K) and B (N x r): read param and grad, write param."""
     return 3.0 * elem_bytes * rank * (K + N)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# memory
-
-
-def tensor_storage_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really holds: a traceable tensor subclass (torchao) counts its inner tensors
-    (packed data + scales), a plain tensor numel * element_size."""
-    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
-        inner_names, _ = t.__tensor_flatten__()
-        return sum(tensor_storage_bytes(getattr(t, name)) for name in inner_names)
-    return t.numel() * t.element_size()
-
-
-def quant_state_bytes(weight: torch.Tensor) -> int:
-    """Bytes of a bitsandbytes 4-bit weight's quantization statistics (absmax, nested absmax, code book)."""
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return 0
-    tensors = [v for v in state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)]
-    return sum(v.numel() * v.element_size() for v in tensors)
-
-
-def model_memory_bytes(method: Method, model: nn.Module) -> dict[str, int]:
-    """weights (incl. quantized storage, scales and quantization statistics), adapters, AdamW state (bytes)."""
-    trainable = method.trainable_parameters(model)
-    trainable_ids = {id(p) for p in trainable}
-    seen: dict[int, torch.Tensor] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen.setdefault(id(t), t)
-    weights = adapters = 0
-    for t in seen.values():
-        if id(t) in trainable_ids:
-            adapters += tensor_storage_bytes(t)
-        else:
-            weights += tensor_storage_bytes(t) + quant_state_bytes(t)
-    n_trainable = sum(p.numel() for p in trainable)
-    return {"weights": weights, "adapters": adapters, "optimizer_state": 2 * 4 * n_trainable}

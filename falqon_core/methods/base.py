@@ -8,6 +8,7 @@ layers with adapter rank r. The suite builds a one-layer model, converts it, and
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,6 +74,16 @@ class Method(abc.ABC):
     needs_fp8_tensor_cores: ClassVar[bool] = False  # on CUDA, refuse GPUs older than sm_89 (Ada/Hopper)
     supports_compile: ClassVar[bool] = True
 
+    def check_runnable(self, device: torch.device | str, compile: bool = False) -> None:
+        """The one availability check (the runner before it starts a worker; convert_model before it touches a
+        model): raise MethodUnavailable with unavailable_reason's text, or when `compile` is asked of a method
+        whose supports_compile is False."""
+        reason = self.unavailable_reason(device)
+        if reason is None and compile and not self.supports_compile:
+            reason = f"{self.name} does not support torch.compile (supports_compile = False)"
+        if reason is not None:
+            raise MethodUnavailable(reason)
+
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         """None when the method can run on `device`; otherwise a one-line reason with what to install."""
         device = torch.device(device)
@@ -93,8 +104,17 @@ class Method(abc.ABC):
         """
 
     @abc.abstractmethod
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
-        """FLOPs and quantization bytes of one fwd+bwd+update step of a K->N layer at this rank, M=tokens."""
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
+        """FLOPs and quantization bytes of one fwd+bwd+update step of a K->N layer at this rank, M=tokens.
+
+        `options` are the AdapterConfig.options the layer was converted with (None: the method's defaults);
+        the cost depends on nothing else, in particular not on an earlier convert.
+        """
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """What the run should record about a converted model beyond the timings (a results row's method_info),
+        e.g. FALQON's k per layer or fp6_lora's backend. Read from `model`, not from the method. Default: {}."""
+        return {}
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The tensors an optimizer updates (the adapters)."""
@@ -107,22 +127,39 @@ class Method(abc.ABC):
         """
 
     def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        """Bytes held by frozen weights, adapters, and optimizer state (AdamW: 2 fp32 moments per trainable element)."""
-        trainable = {id(p) for p in self.trainable_parameters(model)}
+        """Bytes held by frozen weights, adapters and optimizer state (AdamW: 2 fp32 moments per trainable element).
+
+        Weights count what their storage really holds: a quantized tensor subclass (torchao float8 / fp6,
+        bitsandbytes NF4) its packed data, scales and quantization statistics, not its logical bf16 shape.
+        """
+        trainable = self.trainable_parameters(model)
+        trainable_ids = {id(p) for p in trainable}
+        seen: dict[int, torch.Tensor] = {}
+        for t in list(model.parameters()) + list(model.buffers()):
+            seen.setdefault(id(t), t)
         weights = adapters = 0
-        for t in _all_tensors(model):
-            nbytes = t.numel() * t.element_size()
-            if id(t) in trainable:
-                adapters += nbytes
+        for t in seen.values():
+            if id(t) in trainable_ids:
+                adapters += tensor_storage_bytes(t)
             else:
-                weights += nbytes
-        n_trainable = sum(p.numel() for p in self.trainable_parameters(model))
+                weights += tensor_storage_bytes(t) + quant_state_bytes(t)
+        n_trainable = sum(p.numel() for p in trainable)
         return {"weights": weights, "adapters": adapters, "optimizer_state": 2 * 4 * n_trainable}
 
 
-def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters and buffers, each once (a tensor subclass counts by its own element size)."""
-    seen: dict[int, torch.Tensor] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen.setdefault(id(t), t)
-    return list(seen.values())
+def tensor_storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a traceable tensor subclass (torchao) counts its inner tensors
+    (packed data + scales), a plain tensor numel * element_size."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        inner_names, _ = t.__tensor_flatten__()
+        return sum(tensor_storage_bytes(getattr(t, name)) for name in inner_names)
+    return t.numel() * t.element_size()
+
+
+def quant_state_bytes(weight: torch.Tensor) -> int:
+    """Bytes of a bitsandbytes 4-bit weight's quantization statistics (absmax, nested absmax, code book)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return 0
+    tensors = [v for v in state.as_dict(packed=False).values() if isinstance(v, torch.Tensor)]
+    return sum(v.numel() * v.element_size() for v in tensors)

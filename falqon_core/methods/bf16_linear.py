@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from falqon_core.methods import register_method
 from falqon_core.methods._lora_common import (
     freeze_all,
     frozen_base_flops,
-    model_memory_bytes,
     select_target_linears,
 )
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
@@ -29,9 +31,6 @@ class Bf16Linear(Method):
         freeze_all(model)
         return model
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """bf16: forward Y = X.W^T and dX = dY.W (2 * 2 M N K); no cast or elementwise pass (0 bytes)."""
         return StepCost(gemm_flops={"bf16": frozen_base_flops(K, N, tokens)}, quant_bytes=0.0)
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        return model_memory_bytes(self, model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from falqon_core.methods import register_method
@@ -10,7 +13,6 @@ from falqon_core.methods._lora_common import (
     add_lora_adapters,
     frozen_base_flops,
     lora_elementwise_bytes,
-    model_memory_bytes,
     select_target_linears,
     sgd_update_bytes,
 )
@@ -29,7 +31,7 @@ class Bf16Lora(Method):
         model = model.to(config.dtype)
         return add_lora_adapters(model, config, select_target_linears(model, config.target_modules))
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """All GEMMs bf16: frozen base forward + dX (4 M N K) and the six adapter GEMMs (6 M r (K + N)).
 
         quant_bytes: no cast; PEFT's scale-and-add of the adapter output and its backward
@@ -38,6 +40,3 @@ class Bf16Lora(Method):
         flops = frozen_base_flops(K, N, tokens) + adapter_flops(K, N, rank, tokens)
         moved = lora_elementwise_bytes(K, N, tokens) + sgd_update_bytes(K, N, rank)
         return StepCost(gemm_flops={"bf16": flops}, quant_bytes=moved)
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        return model_memory_bytes(self, model)

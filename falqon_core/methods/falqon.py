@@ -337,10 +337,6 @@ def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, FalqonLinear)]
 
 
-def _is_target(name: str, targets: tuple[str, ...] | None) -> bool:
-    return targets is None or any(name == t or name.endswith("." + t) for t in targets)
-
-
 @register_method
 class Falqon(Method):
     """FALQON (NeurIPS 2025): melded fp8 [W; A], B folded into W8 by the row-wise proxy update.
@@ -356,28 +352,20 @@ class Falqon(Method):
     supports_compile = True
     needs_fp8_tensor_cores = True
 
-    def __init__(self) -> None:
-        self.options: dict[str, Any] = {}  # from the last convert; step_cost reads topk and cache_weight_t
-
     def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         """Swap every target nn.Linear for a FalqonLinear and freeze everything but the B matrices."""
+        from falqon_core.methods._lora_common import freeze_all, select_target_linears, set_submodule
+
         parse_options(config.options)  # fail before touching the model
-        self.options = dict(config.options)
-        targets = [
-            (name, m)
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and _is_target(name, config.target_modules)
-        ]
-        if not targets:
-            raise ValueError(f"falqon found no nn.Linear to convert (target_modules={config.target_modules})")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, linear in targets:
-            layer = FalqonLinear.from_config(linear, config)
-            if not name:  # the model is itself one nn.Linear
-                return layer
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
+        if isinstance(model, nn.Linear) and config.target_modules is None:  # the model is itself one nn.Linear
+            freeze_all(model)
+            return FalqonLinear.from_config(model, config)
+        names = select_target_linears(model, config.target_modules)
+        modules = dict(model.named_modules())
+        new_layers = {name: FalqonLinear.from_config(modules[name], config) for name in names}  # all checks first
+        freeze_all(model)
+        for name, layer in new_layers.items():
+            set_submodule(model, name, layer)
         return model
 
     def after_optimizer_step(self, model: nn.Module) -> None:
@@ -386,12 +374,11 @@ class Falqon(Method):
             for _, layer in falqon_layers(model):
                 layer.proxy_update()
 
-    @staticmethod
-    def describe_k(model: nn.Module) -> dict[str, int | None]:
-        """Layer name -> k of its last proxy update (None before the first), so a run can report its k."""
-        return {name: layer.last_k for name, layer in falqon_layers(model)}
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """{'topk': layer name -> k of its last proxy update (None before the first)}, so a run reports its k."""
+        return {"topk": {name: layer.last_k for name, layer in falqon_layers(model)}}
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: dict[str, Any] | None = None) -> StepCost:
         """Minimum work of one FALQON step (fwd + bwd + SGD on B + proxy update) at M = tokens.
 
         GEMMs: forward M x (N+r) x K, dX M x K x N and dB N x r x M, counted at the unpadded r and M (the
@@ -406,12 +393,13 @@ class Falqon(Method):
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
         W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows. k is the steady-state k: the
         `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
+        `options` are the layer's AdapterConfig.options (topk, topk_after, cache_weight_t, merge).
         """
-        M, r = tokens, rank
-        k = min(int(self.options.get("topk_after") or self.options.get("topk") or r), N)
-        cached = bool(self.options.get("cache_weight_t", False))
+        M, r, options = tokens, rank, options or {}
+        k = min(int(options.get("topk_after") or options.get("topk") or r), N)
+        cached = bool(options.get("cache_weight_t", False))
         bf16, f32, e = 2, 4, 1  # bytes per element
-        if self.options.get("merge") == "grid":  # every row is read and written back
+        if options.get("merge") == "grid":  # every row is read and written back
             k = N
         flops = {"fp8": 0.0, "bf16": 0.0}
         fwd_fp8, dx_fp8, db_fp8 = fp8_gemm_fits(K, N), fp8_gemm_fits(N, K), True

@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,6 @@ from falqon_core.methods._lora_common import (
     linear_shapes,
     lora_elementwise_bytes,
     lora_layers,
-    model_memory_bytes,
     select_target_linears,
     sgd_update_bytes,
 )
@@ -332,10 +333,13 @@ class _FrozenWeightLinearFn(torch.autograd.Function):
 class FrozenQuantizedLinear(nn.Linear):
     """nn.Linear whose frozen weight may be a torchao quantized tensor without autograd support.
 
-    fp6_backend: 'fpx' or 'floatx' once fp6_lora has quantized it, None before.
+    fp6_backend: 'fpx' or 'floatx' once fp6_lora has quantized it, None before; fp6_backend_reason why that
+    backend; fp6_format 'e3m2' or 'e2m3'.
     """
 
     fp6_backend: str | None = None
+    fp6_backend_reason: str | None = None
+    fp6_format: str | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FrozenQuantizedLinear:
@@ -376,8 +380,9 @@ def first_target_device(model: nn.Module, names: list[str]) -> torch.device:
 class Fp6Lora(Method):
     """PEFT LoRA, then each wrapped base layer becomes a FrozenQuantizedLinear holding W in FP6 (fpx or floatx).
 
-    The backend a run used is on each base layer (`fp6_backend`) and in `describe(model)`; step_cost counts
-    the backend of the last convert (before any, the one auto would pick on this machine's GPU, or CPU).
+    The backend a run used is on each base layer (`fp6_backend`, with `fp6_backend_reason` and `fp6_format`)
+    and in `describe(model)`; step_cost counts the backend the options ask for (auto: the one auto picks for
+    that shape on this machine's GPU, or CPU).
     """
 
     name = "fp6_lora"
@@ -388,11 +393,6 @@ class Fp6Lora(Method):
     built_on = "PEFT + torchao floatx encode/decode (fp6-llm GEMM when torchao ships fpx)"
     needs_cuda = False  # the floatx backend runs anywhere; fpx needs CUDA and is chosen only there
     supports_compile = False  # torch.compile over the custom backward + torchao tensor subclass is not verified
-
-    def __init__(self) -> None:
-        self.backend: str | None = None  # of the last convert
-        self.backend_reason: str | None = None
-        self.format: str = "e3m2"
 
     def unavailable_reason(self, device: torch.device | str) -> str | None:
         device = torch.device(device)
@@ -423,29 +423,32 @@ class Fp6Lora(Method):
             for _, base in fp6_base_layers(model):
                 quantize_weight_floatx(base, ebits, mbits)
         for _, base in fp6_base_layers(model):
-            base.fp6_backend = backend
-        self.backend, self.backend_reason = backend, why
-        self.format = config.options.get("fp6_format", "e3m2")
+            base.fp6_backend, base.fp6_backend_reason = backend, why
+            base.fp6_format = config.options.get("fp6_format", "e3m2")
         return model
 
     def describe(self, model: nn.Module) -> dict[str, str | dict[str, str] | None]:
         """The backend the converted layers use (one name, or layer -> name if they differ), why, and the format."""
-        used = {name: base.fp6_backend for name, base in fp6_base_layers(model)}
+        layers = fp6_base_layers(model)
+        used = {name: base.fp6_backend for name, base in layers}
         backends = set(used.values())
+        first = layers[0][1] if layers else None
         return {
             "fp6_backend": backends.pop() if len(backends) == 1 else used,
-            "fp6_backend_reason": self.backend_reason,
-            "fp6_format": self.format,
+            "fp6_backend_reason": first.fp6_backend_reason if first else None,
+            "fp6_format": first.fp6_format if first else None,
         }
 
-    def default_backend(self, K: int, N: int) -> str:
-        """The backend of the last convert, else what auto would pick for a K -> N layer on this machine's GPU."""
-        if self.backend is not None:
-            return self.backend
+    def default_backend(self, K: int, N: int, options: Mapping[str, Any] | None = None) -> str:
+        """The backend options['fp6_backend'] names, else what auto would pick for a K -> N layer on this
+        machine's GPU (CPU without one)."""
+        requested = (options or {}).get("fp6_backend", "auto")
+        if requested != "auto":
+            return requested
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return "fpx" if fpx_unavailable_reason(device, {"layer": (K, N)}) is None else "floatx"
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """bf16 tensor-core math: base forward and dX (4 M N K), adapters (6 M r (K + N)).
 
         quant_bytes, floatx: W dequantized to bf16 in forward and again for dX (2 x fp6_dequant_bytes: read
@@ -453,13 +456,7 @@ class Fp6Lora(Method):
         (its fp6 read is GEMM operand traffic), backward dequantizes once for dX (1 x fp6_dequant_bytes).
         Both: PEFT's scale-and-add and its backward; the SGD update of A, B.
         """
-        passes = 1 if self.default_backend(K, N) == "fpx" else 2
+        passes = 1 if self.default_backend(K, N, options) == "fpx" else 2
         moved = passes * fp6_dequant_bytes(K, N) + lora_elementwise_bytes(K, N, tokens) + sgd_update_bytes(K, N, rank)
         flops = frozen_base_flops(K, N, tokens) + adapter_flops(K, N, rank, tokens)
         return StepCost(gemm_flops={"bf16": flops}, quant_bytes=moved)
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        """The FP6 weight counts its packed codes and scales (floatx: 3 bytes per 4 codes + 2 N + the 128-byte
-        code table; fpx: torchao's packed data and scales), not its logical bf16 shape."""
-        return model_memory_bytes(self, model)
-

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+from typing import Any
 
 from falqon_core.methods import register_method
 from falqon_core.methods._lora_common import (
     adapter_flops,
     frozen_base_flops,
     lora_elementwise_bytes,
-    model_memory_bytes,
     sgd_update_bytes,
 )
 from falqon_core.methods.base import StepCost
@@ -29,7 +29,7 @@ class Fp8BaseLora(Fp8Lora):
 
     adapters_in_fp8 = False
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """fp8: base forward + dX (4 M N K); bf16: the six adapter GEMMs (6 M r (K + N)).
 
         quant_bytes: bf16 -> fp8 casts of X, W and dY for the base GEMMs (read 2 + write 1 byte each),
@@ -41,6 +41,3 @@ class Fp8BaseLora(Fp8Lora):
             gemm_flops={"fp8": frozen_base_flops(K, N, tokens), "bf16": adapter_flops(K, N, rank, tokens)},
             quant_bytes=moved,
         )
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        return model_memory_bytes(self, model)

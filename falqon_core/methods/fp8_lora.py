@@ -4,6 +4,8 @@ nn.Linear including lora_A and lora_B (dynamic tensorwise e4m3 for X and W, e5m2
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +19,6 @@ from falqon_core.methods._lora_common import (
     linear_module_names,
     linear_shapes,
     lora_elementwise_bytes,
-    model_memory_bytes,
     require_dims_multiple_of,
     select_target_linears,
     sgd_update_bytes,
@@ -123,7 +124,7 @@ class Fp8Lora(Method):
         model = convert_to_float8_training(model, module_filter_fn=only_base, config=Float8LinearConfig())
         return pad_tokens_of_float8_linears(model)
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """All GEMMs fp8: base forward + dX (4 M N K) and the six adapter GEMMs (6 M r (K + N)).
 
         quant_bytes (bf16 -> fp8 casts, read 2 + write 1 byte per element, each operand once):
@@ -142,7 +143,3 @@ class Fp8Lora(Method):
         )
         moved = casts + lora_elementwise_bytes(K, N, tokens) + sgd_update_bytes(K, N, rank)
         return StepCost(gemm_flops={"fp8": flops}, quant_bytes=moved)
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        """torchao float8 training keeps bf16 weights and casts them each step, so weights count at bf16."""
-        return model_memory_bytes(self, model)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,7 +50,6 @@ from falqon_core.methods._lora_common import (
     cast_bytes,
     freeze_all,
     frozen_base_flops,
-    model_memory_bytes,
     select_target_linears,
     set_submodule,
     sgd_update_bytes,
@@ -208,13 +208,9 @@ class HaloLora(Method):
     supports_compile = True
     needs_fp8_tensor_cores = True
 
-    def __init__(self) -> None:
-        self.options: dict[str, Any] = {}  # from the last convert; step_cost reads max_block
-
     def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         """Swap every target nn.Linear for a HaloLinear; only lora_A and lora_B stay trainable."""
         parse_options(config.options)  # fail before touching the model
-        self.options = dict(config.options)
         if isinstance(model, nn.Linear) and config.target_modules is None:
             freeze_all(model)
             return HaloLinear.from_config(model, config)
@@ -230,7 +226,7 @@ class HaloLora(Method):
             set_submodule(model, name, layer)
         return model
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """Minimum work of one fwd + bwd + SGD step at M = tokens.
 
         fp8 GEMMs: forward y (M N K) and dX (M K N) = 4 M N K. bf16: the six LoRA GEMMs (6 M r (K + N)) and the
@@ -240,7 +236,7 @@ class HaloLora(Method):
         The tensorwise kernel reads x (and dY) twice, once per launch, so it moves 5 bytes per element where
         this floor counts 3: the gap shows up in `% of floor`.
         """
-        max_block = int(self.options.get("max_block", MAX_BLOCK))
+        max_block = int((options or {}).get("max_block", MAX_BLOCK))
         b_k, b_n = hadamard_block_size(K, max_block), hadamard_block_size(N, max_block)
         M = tokens
         rotations = 2.0 * M * K * b_k + 2.0 * M * N * b_n
@@ -248,6 +244,3 @@ class HaloLora(Method):
         moved = cast_bytes(M * K, BF16_BYTES, FP8_BYTES) + cast_bytes(M * N, BF16_BYTES, FP8_BYTES)
         moved += sgd_update_bytes(K, N, rank)
         return StepCost(gemm_flops=flops, quant_bytes=float(moved))
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        return model_memory_bytes(self, model)

@@ -3,6 +3,9 @@ BF16 compute, BF16 LoRA adapters through PEFT."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,7 +16,6 @@ from falqon_core.methods._lora_common import (
     add_lora_adapters,
     frozen_base_flops,
     lora_elementwise_bytes,
-    model_memory_bytes,
     select_target_linears,
     set_submodule,
     sgd_update_bytes,
@@ -94,7 +96,7 @@ class QloraNf4(Method):
         model.is_loaded_in_4bit = True
         return add_lora_adapters(model, config, targets)
 
-    def step_cost(self, K: int, N: int, rank: int, tokens: int) -> StepCost:
+    def step_cost(self, K: int, N: int, rank: int, tokens: int, options: Mapping[str, Any] | None = None) -> StepCost:
         """All GEMMs bf16: base forward + dX on the dequantized W (4 M N K) and the adapters (6 M r (K + N)).
 
         quant_bytes: W dequantized NF4 -> bf16 once in forward and once for dX (2 x nf4_dequant_bytes,
@@ -111,7 +113,3 @@ class QloraNf4(Method):
             + sgd_update_bytes(K, N, rank)
         )
         return StepCost(gemm_flops={"bf16": flops}, quant_bytes=moved)
-
-    def memory_bytes(self, model: nn.Module) -> dict[str, int]:
-        """NF4 storage (K N / 2 bytes) plus absmax statistics counted as weights (see model_memory_bytes)."""
-        return model_memory_bytes(self, model)

@@ -53,7 +53,7 @@ tar -czf "$OUT/accuracy-runs.tar.gz" --exclude=base -C "$WORK" runs suites
 {
 echo
 echo "================ summary ================"
-python -m falqon_bench.accuracy_summary "$RUNS/accuracy-text" || true
+python -m falqon_bench.readers.accuracy_summary "$RUNS/accuracy-text" || true
 python - "$RUNS/falqon-variant-overhead/points.jsonl" <<'PY' || true
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

@@ -83,7 +83,7 @@ done
 
 python - "$OUT" "${PARTS[@]}" <<'PY'
 import json, sys, tarfile
-from falqon_bench.figures.e2e import e2e_rows, summary_table
+from falqon_bench.readers.figures.e2e import e2e_rows, summary_table
 
 out, parts = sys.argv[1], sys.argv[2:]
 rows = []

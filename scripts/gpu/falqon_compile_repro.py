@@ -4,7 +4,7 @@ import traceback
 
 import torch
 
-from falqon_bench.models import make_model
+from falqon_bench.suites.models import make_model
 from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
 from falqon_core.methods.base import AdapterConfig
 

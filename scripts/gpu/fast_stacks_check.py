@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from falqon_bench import fast_stacks
-from falqon_bench.models import llama_config, make_model
+from falqon_bench.measure import fast_stacks
+from falqon_bench.suites.models import llama_config, make_model
 from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
 from falqon_core.methods import AdapterConfig
 

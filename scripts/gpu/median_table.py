@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from falqon_bench.gate import point_key
-from falqon_bench.store import load_results
+from falqon_bench.readers.gate import point_key
+from falqon_bench.data.store import load_results
 
 
 def median_rows(run_path: Path, bench_json: Path, tolerance: float) -> list[dict]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from falqon_bench.figures.data import best_of_compile, points_table
-from falqon_bench.figures.winners import winners_table
-from falqon_bench.store import ResultsError, load_run
+from falqon_bench.readers.figures.data import best_of_compile, points_table
+from falqon_bench.readers.figures.winners import winners_table
+from falqon_bench.data.store import ResultsError, load_run
 
 MIN_TOKENS = 2048
 HEADLINE = ("llama-7b.attn", "llama-7b.up", "llama-7b.down")

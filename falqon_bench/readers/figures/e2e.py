@@ -1,0 +1,162 @@
+"""The e2e section of a report: whole-model fine-tuning per method and execution mode (suite kind "e2e").
+
+One figure, four panels: tokens/s per method and mode (higher is better); peak device memory per method;
+GPU time of one step split into forward / backward / optimizer / post-step per method (CUDA events, eager
+mode); the training loss of every step per method (eager mode, else the first mode that ran). Plus a table:
+method, mode, tokens/s, ratio to the best bf16_lora mode, step ms (p10-p90), GPU busy, peak GiB, convert s.
+Reads result rows only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from falqon_bench.readers.figures.data import BASELINE_METHOD, METHOD_ORDER
+from falqon_bench.readers.figures.style import empty_panel, variant_color
+
+MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
+PHASES = ("forward", "backward", "optimizer", "post_step")
+PHASE_COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#55a868", "post_step": "#c44e52"}
+MODE_HATCH = {"eager": "", "compile": "//", "cuda_graph": "..", "compile_cuda_graph": "xx"}
+GIB = 2.0**30
+FIGURE_NAME = "e2e.png"
+
+
+def e2e_rows(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The e2e rows of a run (kind "e2e"), the last row of each point_id (a resumed run may hold retries)."""
+    last: dict[str, dict[str, Any]] = {}
+    for p in points:
+        if p.get("kind") == "e2e":
+            last[p["point_id"]] = p
+    return list(last.values())
+
+
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
+
+
+def _ok(rows: list[dict[str, Any]], method: str, mode: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in rows if r["method"] == method and r.get("status") == "ok" and (mode is None or r.get("mode") == mode)]
+
+
+def _preferred(rows: list[dict[str, Any]], method: str, key: str) -> dict[str, Any] | None:
+    """The method's eager row holding `key`, else its first ok row that holds it."""
+    mine = [r for r in _ok(rows, method) if r.get(key)]
+    return next((r for r in mine if r.get("mode") == "eager"), mine[0] if mine else None)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per row (method order, then mode order): the numbers of the e2e table, None where not measured."""
+    base = [r["tokens_per_s"] for r in _ok(rows, BASELINE_METHOD) if r.get("tokens_per_s")]
+    best_base = max(base) if base else None
+    out = []
+    for method in _methods(rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: MODES.index(r.get("mode")) if r.get("mode") in MODES else 9)
+        for r in mine:
+            ok = r.get("status") == "ok"
+            tps = r.get("tokens_per_s") if ok else None
+            out.append({
+                "method": method, "mode": r.get("mode"), "status": r.get("status"), "error": r.get("error"),
+                "tokens_per_s": tps, "vs_bf16_best": (tps / best_base) if tps and best_base else None,
+                "wall_ms": r.get("wall_ms") if ok else None, "wall_p10_ms": r.get("wall_p10_ms"), "wall_p90_ms": r.get("wall_p90_ms"),
+                "gpu_busy": r.get("gpu_busy"), "peak_gib": (r["peak_mem_bytes"] / GIB) if r.get("peak_mem_bytes") else None,
+                "convert_s": r.get("convert_s"), "host_ms": r.get("host_ms") if ok else None,
+            })  # fmt: skip
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str) -> str:
+    """The summary table in markdown; every text cell goes through `cell` (the report's escaping)."""
+    head = "| method | mode | tokens/s | vs best bf16_lora | step ms (p10-p90) | host ms | GPU busy | peak GiB | convert s |"
+    lines = [head, "|" + "---|" * 9]
+    for t in summary_table(rows):
+        if t["status"] != "ok":
+            lines.append(f"| {cell(t['method'])} | {cell(t['mode'])} | error: {cell(t['error'])} |  |  |  |  |  |  |")
+            continue
+        step = f"{_fmt(t['wall_ms'], '.1f')} ({_fmt(t['wall_p10_ms'], '.1f')}-{_fmt(t['wall_p90_ms'], '.1f')})"
+        lines.append(
+            f"| {cell(t['method'])} | {cell(t['mode'])} | {_fmt(t['tokens_per_s'], ',.0f')} | {_fmt(t['vs_bf16_best'], '.2f')}x | "
+            f"{step} | {_fmt(t['host_ms'], '.1f')} | {_fmt(t['gpu_busy'], '.0%')} | {_fmt(t['peak_gib'], '.1f')} | {_fmt(t['convert_s'], '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figure:
+    """The four panels (see the module docstring) of the e2e rows of one device."""
+    fig = Figure(figsize=(14, 9), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    fig.suptitle(f"End-to-end fine-tuning step per method ({device}){title_note}", fontsize=12)
+    methods = _methods(rows)
+    x = np.arange(len(methods))
+
+    ax = axes[0]
+    modes = [m for m in MODES if any(r.get("mode") == m for r in rows)]
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        values = [(_ok(rows, m, mode) or [{}])[0].get("tokens_per_s") or 0.0 for m in methods]
+        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode, hatch=MODE_HATCH.get(mode, ""),
+               color=[variant_color(m) for m in methods], edgecolor="black", linewidth=0.5)
+    ax.set_title("tokens/s by execution mode (higher is better; missing bar = failed)")
+    ax.set_ylabel("tokens / s")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    peaks = [max((r.get("peak_mem_bytes") or 0) for r in _ok(rows, m)) / GIB if _ok(rows, m) else 0.0 for m in methods]
+    if any(peaks):
+        ax.bar(x, peaks, color=[variant_color(m) for m in methods], edgecolor="black", linewidth=0.5)
+        ax.set_title("peak device memory (max over modes)")
+        ax.set_ylabel("GiB")
+    else:
+        empty_panel(ax, "no device memory recorded (CPU run)")
+
+    ax = axes[2]
+    bottom = np.zeros(len(methods))
+    splits = {p: np.array([((_preferred(rows, m, "split_ms") or {}).get("split_ms") or {}).get(p, 0.0) for m in methods]) for p in PHASES}
+    if any(v.any() for v in splits.values()):
+        for phase, values in splits.items():
+            ax.bar(x, values, bottom=bottom, color=PHASE_COLORS[phase], label=phase.replace("_", "-"), edgecolor="black", linewidth=0.3)
+            bottom += values
+        ax.legend(fontsize=8)
+        ax.set_title("GPU time per step by phase (CUDA events, eager)")
+    else:
+        empty_panel(ax, "no phase split (CPU run, or no eager/compile point)")
+    ax.set_ylabel("ms per step")
+
+    ax = axes[3]
+    drawn = False
+    for m in methods:
+        r = _preferred(rows, m, "loss_per_step")
+        if r:
+            ax.plot(range(1, len(r["loss_per_step"]) + 1), r["loss_per_step"], label=f"{m} ({r.get('mode')})", color=variant_color(m))
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=8)
+        ax.set_title("training loss per step")
+        ax.set_xlabel("step")
+    else:
+        empty_panel(ax, "no loss recorded")
+    for a in axes[:3]:
+        a.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
+    return fig
+
+
+def render_e2e_section(points: Iterable[dict[str, Any]], out_dir: Path, dpi: int, cell: Callable[[Any], str]) -> str:
+    """Write e2e.png into out_dir and return the report's markdown section ('' when there are no e2e rows)."""
+    rows = e2e_rows(points)
+    if not rows:
+        (Path(out_dir) / FIGURE_NAME).unlink(missing_ok=True)
+        return ""
+    fig = render_e2e_figure(rows)
+    fig.savefig(Path(out_dir) / FIGURE_NAME, dpi=dpi, metadata={"Software": None})
+    caption = "End-to-end fine-tuning: tokens/s, memory, step split, loss"
+    return f"\n## End to end\n\n### {caption}\n\n![{caption}]({FIGURE_NAME})\n\n{markdown_table(rows, cell)}"

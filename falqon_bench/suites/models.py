@@ -1,0 +1,161 @@
+"""Where a whole model comes from: a named LLaMA-architecture config (random weights) or a local Hugging Face directory.
+
+The e2e and accuracy suites fine-tune whole models. Nothing is ever downloaded: named models are built from
+transformers configs with random init; a local directory is loaded with `local_files_only=True`.
+
+Loading a directory someone else made is loading their code if we let it: a pickled checkpoint
+(`pytorch_model.bin`, `*.pt`) can run arbitrary Python when unpickled, and `auto_map` in config.json asks
+transformers to import the directory's own modeling code. So by default only safetensors weights load and
+remote code is never trusted; a pickled checkpoint needs `allow_pickle=True` (the CLI's `--allow-pickle`),
+and a directory that needs remote code is refused outright (`trust_remote_code` is never passed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from falqon_bench.data.errors import BenchInputError
+
+if TYPE_CHECKING:  # torch stays out of readers that only need the names
+    import torch
+    from torch import nn
+
+TINY_LLAMA = "tiny-llama"
+SMALL_LLAMA = "small-llama"
+# LLaMA-architecture sizes of falqon_bench.suites.layers, plus a 70B-class config for "does it fit" runs
+LLAMA_MODELS = ("llama-7b", "llama-13b", "llama-3-8b", "llama-70b")
+MODEL_NAMES = (TINY_LLAMA, SMALL_LLAMA, *LLAMA_MODELS)
+
+SAFE_WEIGHT_SUFFIXES = (".safetensors",)
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def is_model_dir(spec: str | Path) -> bool:
+    """A model spec names a local directory (rather than a built-in config) when it is an existing path."""
+    return Path(spec).is_dir()
+
+
+def llama_config(model_name: str, num_layers: int | None = None):
+    """The transformers LlamaConfig of a named model; `num_layers` overrides the depth (e.g. to fit memory).
+
+    tiny-llama (hidden 64, 2 layers, vocab 256) is for CPU tests; small-llama (hidden 256, 4 layers, vocab 512)
+    is the CPU-trainable base of the accuracy suite; the rest are the published LLaMA sizes.
+    """
+    from transformers import LlamaConfig
+
+    if model_name == TINY_LLAMA:
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=256, max_position_embeddings=2048,
+        )
+    elif model_name == SMALL_LLAMA:
+        config = LlamaConfig(
+            hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048,
+        )
+    elif model_name == "llama-70b":
+        config = LlamaConfig(
+            hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        )
+    elif model_name in LLAMA_MODELS:
+        from falqon_bench.suites.layers import _llama_family_configs
+
+        config = LlamaConfig(**_llama_family_configs()[model_name].to_dict())
+    else:
+        raise BenchInputError(
+            f"unknown model {model_name!r}; allowed: {', '.join(MODEL_NAMES)}, or the path of a local Hugging Face "
+            "model directory (config.json + *.safetensors)"
+        )
+    if num_layers is not None:
+        if int(num_layers) < 1:
+            raise BenchInputError(f"layers must be >= 1 (got {num_layers})")
+        config.num_hidden_layers = int(num_layers)
+    return config
+
+
+def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Refuse a model directory that would run code on load; return the directory.
+
+    Raises BenchInputError (exit 2 in the CLI) when config.json is missing or unreadable, when it asks for
+    remote code (`auto_map`), or when its only weights are pickled and `allow_pickle` is False.
+    """
+    root = Path(path)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise BenchInputError(f"{root}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchInputError(f"{config_file}: unreadable config.json ({e})") from None
+    if not isinstance(config, dict):
+        raise BenchInputError(f"{config_file}: config.json must hold a JSON object")
+    if "auto_map" in config:
+        raise BenchInputError(
+            f"{config_file}: the model asks for remote code (auto_map = {sorted(config['auto_map'])}); "
+            "falqon-bench never runs a model directory's own Python (trust_remote_code is always off). "
+            "Use a model whose architecture ships with transformers (e.g. LlamaForCausalLM)."
+        )
+    files = [p for p in root.iterdir() if p.is_file()]
+    safe = [p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIXES)]
+    pickled = [p for p in files if p.name.endswith(PICKLED_WEIGHT_SUFFIXES)]
+    if not safe and not pickled:
+        raise BenchInputError(f"{root}: no weights found (expected *.safetensors)")
+    if not safe and not allow_pickle:
+        raise BenchInputError(
+            f"{root}: holds only pickled weights ({', '.join(sorted(p.name for p in pickled))}); unpickling a file "
+            "can run arbitrary code, so it is refused by default. Convert it to safetensors, or pass "
+            "--allow-pickle (allow_pickle = true) if you trust whoever made it."
+        )
+    return root
+
+
+def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype", allow_pickle: bool = False,
+                   num_layers: int | None = None) -> "nn.Module":
+    """A causal LM from a checked local directory (`check_model_dir`), never from a hub, never remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = check_model_dir(path, allow_pickle)
+    has_safetensors = any(p.name.endswith(SAFE_WEIGHT_SUFFIXES) for p in root.iterdir())
+    config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    if num_layers is not None:
+        config.num_hidden_layers = int(num_layers)
+    model = AutoModelForCausalLM.from_pretrained(
+        root, config=config, local_files_only=True, trust_remote_code=False,
+        use_safetensors=has_safetensors, torch_dtype=dtype,
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def build_model(config, device: "torch.device", dtype: "torch.dtype", seed: int = 0) -> "nn.Module":
+    """LlamaForCausalLM with random init, made directly on `device` in `dtype`; same seed -> same weights everywhere."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype)
+
+
+def make_model(spec: str, device: "torch.device", dtype: "torch.dtype", num_layers: int | None = None,
+               seed: int = 0, allow_pickle: bool = False) -> "nn.Module":
+    """The one entry point: a named config (random weights, `seed`) or a local model directory (checked).
+
+    The model is for fine-tuning, so its forward builds no KV cache (`use_cache = False`): with the default, a
+    training forward of a transformers LLaMA fills a DynamicCache it never reads (extra copies and memory in every
+    step, and torch.compile recompiles on the cache's state).
+    """
+    if is_model_dir(spec):
+        model = load_model_dir(spec, device, dtype, allow_pickle=allow_pickle, num_layers=num_layers)
+    else:
+        model = build_model(llama_config(spec, num_layers), device, dtype, seed=seed)
+    model.config.use_cache = False
+    return model
