@@ -60,6 +60,7 @@ from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, tran
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
+from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
@@ -195,6 +196,9 @@ class FalqonLinear(nn.Module):
         seed_t = torch.tensor(int(seed), dtype=torch.int64, device=melded.device) if rounding == "stochastic" else None
         self.register_buffer("rounding_seed", seed_t)
         self.lost_stats: torch.Tensor | None = None  # made on the first tracked update
+        # set by falqon_groups.stack_layers when this layer's tensors are slices of a group's stacks
+        self.proxy_group: Any = None
+        self.proxy_group_index: int | None = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
         else:
@@ -219,6 +223,11 @@ class FalqonLinear(nn.Module):
         """The k the next proxy update uses: `topk` for the first `warmup_steps` updates, then `topk_after`."""
         return self.topk if self.updates_done < self.warmup_steps else self.topk_after
 
+    def uses_plain_update(self) -> bool:
+        """True when the next proxy update is the reference one (top-k, round-to-nearest, all of B zeroed,
+        nothing tracked): the update proxy_update_ (and the batched one of falqon_groups) computes."""
+        return self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         out = MeldedLinearFunction.apply(
@@ -236,7 +245,7 @@ class FalqonLinear(nn.Module):
         k is chosen on the host from the update count; a captured graph replays the k it was captured with.
         """
         k = self.next_k()
-        if self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost:
+        if self.uses_plain_update():
             rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
         else:
             if self.track_lost and self.lost_stats is None:
@@ -372,19 +381,22 @@ class Falqon(Method):
             raise ValueError(f"falqon found no nn.Linear to convert (target_modules={config.target_modules})")
         for p in model.parameters():
             p.requires_grad_(False)
+        converted = []
         for name, linear in targets:
             layer = FalqonLinear.from_config(linear, config)
             if not name:  # the model is itself one nn.Linear
                 return layer
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
+            converted.append(layer)
+        stack_layers(converted)  # layers of one shape share stacked tensors: one batched proxy update each
         return model
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """Run the row-wise proxy update on every FalqonLinear (no host sync)."""
+        """Run the row-wise proxy update on every FalqonLinear (no host sync): one batched update per group of
+        stacked layers of one shape (falqon_core.methods.falqon_groups), the per-layer update for the others."""
         with torch.no_grad():
-            for _, layer in falqon_layers(model):
-                layer.proxy_update()
+            run_proxy_updates(layer for _, layer in falqon_layers(model))
 
     @staticmethod
     def describe_k(model: nn.Module) -> dict[str, int | None]:
