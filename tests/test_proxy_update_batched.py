@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from falqon_core import fp8
-from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels.proxy_update import proxy_update_reference_, proxy_update_triton_
 from falqon_core.kernels.proxy_update_batched import (
     proxy_update_batched_,
@@ -124,7 +123,12 @@ def convert(options=None, rank=5):
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
+    """The proxy updates (per layer and batched) take their Triton kernels; the forward keeps its torch reference
+    (the Triton forward under the interpreter would only make these tests slow)."""
+    from falqon_core.methods import falqon, falqon_groups
+
+    monkeypatch.setattr(falqon, "proxy_update_", proxy_update_triton_)
+    monkeypatch.setattr(falqon_groups, "proxy_update_batched_", proxy_update_batched_triton_)
 
 
 def train_steps(method, model, steps, lr=0.05, per_layer=False):
