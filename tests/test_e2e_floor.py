@@ -6,8 +6,9 @@ multi-tensor AdamW, FALQON's Triton kernels, inductor's fused kernels, bitsandby
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
-from transformers import LlamaConfig
 
 from falqon_bench.e2e_floor import (
     STEP_CLASSES,
@@ -66,8 +67,9 @@ def test_class_split_sums_every_kernel_once_per_step():
         kernel_class_ms(kernels, steps=0)
 
 
-CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=256)
+# the fields of a transformers LlamaConfig that the floor reads (head_dim None: hidden / heads, as LlamaConfig)
+CONFIG = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, head_dim=None)
 PEAKS = {"bf16_tflops": 1000.0, "fp8_tflops": 2000.0, "copy_gb_per_s": 2000.0}
 
 
@@ -104,3 +106,25 @@ def test_floor_of_a_real_method_uses_its_step_cost_and_needs_peaks_and_a_split()
     assert e2e_floor_ms(falqon, CONFIG, 16, 4096, None, classes) is None  # CPU run: no peaks
     assert e2e_floor_ms(falqon, CONFIG, 16, 4096, PEAKS, None) is None  # no profile
     assert e2e_floor_ms(falqon, CONFIG, 16, 4096, {"bf16_tflops": 1000.0, "copy_gb_per_s": 2000.0}, classes) is None  # no fp8 peak
+
+
+def _row(method, mode, wall, classes=None, floor=None):
+    return {"kind": "e2e", "point_id": f"{method}-{mode}", "method": method, "mode": mode, "status": "ok", "wall_ms": wall,
+            "gpu_ms": sum((classes or {}).values()) or None, "kernel_class_ms": classes,
+            "floor_ms": floor and floor["total"], "floor_parts_ms": floor}
+
+
+def test_report_floor_table_shows_the_split_the_floor_and_the_distance_to_it():
+    from falqon_bench.figures.e2e import floor_table
+
+    classes = {"gemm": 150.0, "quantize": 30.0, "attention": 20.0, "optimizer": 2.0, "proxy_update": 1.5,
+               "elementwise": 60.0, "other": 0.5}
+    floor = {"linears": 100.0, "lm_head": 3.0, "measured_rest": 82.5, "total": 185.5}
+    rows = [_row("falqon", "cuda_graph", 285.0, classes, floor), _row("bf16_lora", "compile", 281.0, classes, None),
+            _row("qlora_nf4", "eager", 380.0)]
+    table = floor_table(rows)
+    lines = table.strip().splitlines()
+    assert len(lines) == 4  # header, rule, the two profiled rows (bf16_lora first: method order)
+    assert lines[2].startswith("| bf16_lora | compile | 264.0 | 150.0 | 30.0 | 20.0 | 2.0 | 1.5 | 60.0 | 0.5 | - | -x |")
+    assert "| 185.5 (100.0 + 3.0 + 82.5) | 1.54x |" in lines[3]
+    assert floor_table([_row("falqon", "eager", 300.0)]) == ""
