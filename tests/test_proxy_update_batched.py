@@ -205,6 +205,13 @@ def test_grouped_update_is_one_batched_call_per_group(triton_path, monkeypatch):
     assert sorted(calls) == [2, 4]
 
 
+def test_batched_update_can_be_switched_off_and_is_checked():
+    _, model = convert({"batched_update": False})
+    assert all(layer.proxy_group is None for _, layer in falqon_layers(model))
+    with pytest.raises(ValueError, match="batched_update must be true or false"):
+        convert({"batched_update": "yes"})
+
+
 def test_variants_keep_their_per_layer_update():
     _, model = convert({"rounding": "stochastic"})
     assert all(layer.proxy_group is None for _, layer in falqon_layers(model))

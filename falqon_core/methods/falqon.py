@@ -46,6 +46,9 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
   merge           "topk" (default) or "grid" (every row with an entry that changes under round-to-nearest)
   keep_unmerged   zero only the merged rows of B (default False: all of B, as the reference)
   seed            seed of the stochastic rounding's counter-based RNG (default 0)
+
+Batched update (a Falqon.convert option, not a layer's): batched_update (default true) stacks layers of one shape
+so that one proxy update serves them all (falqon_core.methods.falqon_groups); false keeps one update per layer.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed",
+    "rounding", "merge", "keep_unmerged", "seed", "batched_update",
 )
 ROUNDINGS = ("nearest", "stochastic")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
@@ -320,6 +323,8 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
             kwargs[name] = options[name]
     if "keep_unmerged" in options:
         kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
+    if "batched_update" in options and not isinstance(options["batched_update"], bool):
+        raise ValueError(f"falqon option batched_update must be true or false, got {options['batched_update']!r}")
     if "seed" in options:
         if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
             raise ValueError(f"falqon option seed must be an integer, got {options['seed']!r}")
@@ -389,7 +394,8 @@ class Falqon(Method):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             converted.append(layer)
-        stack_layers(converted)  # layers of one shape share stacked tensors: one batched proxy update each
+        if config.options.get("batched_update", True):
+            stack_layers(converted)  # layers of one shape share stacked tensors: one batched proxy update each
         return model
 
     def after_optimizer_step(self, model: nn.Module) -> None:

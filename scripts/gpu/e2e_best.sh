@@ -9,7 +9,8 @@
 # Points run in order of what the closing note needs most, one `falqon-bench run` per method (a run directory
 # each, peaks measured once per run): falqon compile_cuda_graph and cuda_graph, bf16_lora compile_cuda_graph,
 # halo_lora and qlora_nf4 cuda_graph, fp8_lora eager, then the other mode of bf16_lora, halo_lora and qlora_nf4.
-# One failing point is one error row; a point not reached before the deadline is listed as such. Each point: 10
+# Last, if time is left: falqon cuda_graph with one proxy update per layer (batched_update = false), the A/B of the
+# batched update. One failing point is one error row; a point not reached before the deadline is listed as such. Each point: 10
 # steps (4 eager warm-up, then capture; 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (every run
 # directory) and prints two tables: tokens/s per method and mode, and GPU ms per kernel class with the floor.
 set -euo pipefail
@@ -37,12 +38,13 @@ CHUNKS=(
   "bf16_lora:cuda_graph"
   "halo_lora:compile_cuda_graph"
   "qlora_nf4:compile_cuda_graph"
+  "falqon:cuda_graph:batched_update = false"
 )
 ROOT="$OUT/e2e-best"
 mkdir -p "$ROOT"
 
-write_suite() {  # name method modes_csv -> suite path
-  local name=$1 method=$2 modes=$3
+write_suite() {  # name method modes_csv [method options, TOML inline] -> suite path
+  local name=$1 method=$2 modes=$3 options=${4:-}
   local device=cuda model=llama-7b layers=32 seq=2048 batch=2 steps=10 warmup=4 profile=2
   if [ "$SMOKE" = 1 ]; then
     device=cpu model=tiny-llama layers=2 seq=32 steps=3 warmup=1 profile=0
@@ -68,6 +70,7 @@ rank = 16
 lr = 1e-4
 methods = ["$method"]
 modes = [${toml_modes%, }]
+options = {$method = {$options}}
 TOML
   echo "$path"
 }
@@ -76,14 +79,15 @@ START=$SECONDS
 i=0
 for chunk in "${CHUNKS[@]}"; do
   i=$((i + 1))
-  method=${chunk%%:*} modes=${chunk#*:}
+  IFS=: read -r method modes options <<< "$chunk"
   name=$(printf '%02d-%s-%s' "$i" "$method" "${modes//,/-}")
+  [ -z "$options" ] || name="$name-${options%% *}"
   left=$((LIMIT_S - (SECONDS - START)))
   if [ "$left" -lt 45 ]; then
     echo "=== $name: not reached (${left} s left of ${LIMIT_S} s)" | tee -a "$ROOT/not_reached.txt"
     continue
   fi
-  suite=$(write_suite "$name" "$method" "$modes")
+  suite=$(write_suite "$name" "$method" "$modes" "$options")
   echo "=== $name ($left s left)"
   rc=0
   timeout --signal=INT --kill-after=20 "$left" \
@@ -105,6 +109,9 @@ for points in sorted(root.glob("*/points.jsonl")):
 rows = e2e_rows(rows)
 f = lambda v, spec: "-" if v is None else format(v, spec)
 print(f"\n{'method':12} {'mode':19} {'tokens/s':>9} {'vs bf16':>7} {'step ms':>8} {'GPU ms':>7} {'busy':>5} {'launch':>6} {'peak GiB':>8} {'conv s':>6}")
+for r in rows:  # the A/B point: falqon with one proxy update per layer
+    if (r.get("options") or {}).get("method_options", {}).get("batched_update") is False:
+        r["mode"] = f"{r['mode']}/per-layer"
 by_id = {(r["method"], r.get("mode")): r for r in rows}
 for t in summary_table(rows):
     r = by_id.get((t["method"], t["mode"]), {})
