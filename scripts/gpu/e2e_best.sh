@@ -76,6 +76,9 @@ TOML
 }
 
 START=$SECONDS
+if [ "$SMOKE" = 0 ]; then  # the batched proxy update on this GPU: bit-identical to per-layer, capturable (~30 s)
+  timeout 90 python -m pytest -q -m gpu tests/test_proxy_update_batched.py 2>&1 | tail -3 | tee "$ROOT/gpu_tests.txt" || true
+fi
 i=0
 for chunk in "${CHUNKS[@]}"; do
   i=$((i + 1))
