@@ -37,7 +37,7 @@ KERNELS = {
     "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
     "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",
-    "_merge_rows_batched_kernel": "proxy_update",
+    "_merge_rows_variant_kernel": "proxy_update",
     "_merge_rows_kernel": "proxy_update",
     "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>(at::cuda::detail::TensorInfo<float, unsigned int>)": "proxy_update",
     "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "elementwise",
@@ -57,7 +57,7 @@ def test_each_kernel_of_a_step_lands_in_its_class(name):
 
 def test_class_split_sums_every_kernel_once_per_step():
     kernels = [("nvjet_a", 3000.0), ("nvjet_b", 1000.0), ("_partial_amax_kernel", 400.0), ("flash_fwd_kernel", 600.0),
-               ("_merge_rows_batched_kernel", 200.0), ("weird", 100.0)]
+               ("_merge_rows_kernel", 200.0), ("weird", 100.0)]
     split = kernel_class_ms(kernels, steps=2)
     assert list(split) == list(STEP_CLASSES)
     assert split == pytest.approx({"gemm": 2.0, "quantize": 0.2, "attention": 0.3, "optimizer": 0.0,

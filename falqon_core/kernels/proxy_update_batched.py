@@ -9,20 +9,19 @@ and one update is: L1 norms of every row of every B (L x N) -> one topk per laye
 ONE Triton launch merging all L x k rows (W8[l, rows] = sat_e4m3(W8[l, rows] + B[l, rows] @ A8[l])) -> B = 0.
 
 Same arithmetic as the per-layer update (falqon_core.kernels.proxy_update): the same torch ops rank the rows
-and the merge sums over r in the same order j = 0..r-1 in fp32, so each layer's result is bit-identical to
-what the per-layer Triton path gives it. No host sync: capturable in a CUDA graph.
+and the same kernel (_merge_rows_kernel, whose grid has a layer axis; the per-layer update runs it with L = 1)
+merges them, so each layer's result is bit-identical to what the per-layer Triton path gives it. No host sync:
+capturable in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
-# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast
-from falqon_core.kernels.proxy_update import _BLOCK_COLS, _BLOCK_ROWS, proxy_update_reference_
+# the merge kernel is the per-layer update's own, run over a layer axis (grid dimension 2)
+from falqon_core.kernels.proxy_update import _BLOCK_COLS, _BLOCK_ROWS, _merge_rows_kernel, proxy_update_reference_
 
 
 def top_rows_by_l1_batched(b: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,41 +56,6 @@ def proxy_update_batched_reference_(melded: torch.Tensor, b: torch.Tensor, k: in
     return torch.stack(rows) if rows else torch.empty((0, k), dtype=torch.int64, device=b.device)
 
 
-@triton.jit
-def _merge_rows_batched_kernel(
-    w_ptr, b_ptr, rows_ptr, k, n_cols, rank, n_out,
-    stride_wl, stride_w, stride_bl, stride_b, stride_b_col,
-    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-):
-    """One tile of one layer: W[l, rows[l, i], cols] = sat_cast(W[l, rows[l, i], cols] + sum_j B[l, rows[l, i], j] * A[l, j, cols]).
-
-    Grid: (cdiv(k, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS), L). A8 of layer l is rows n_out.. of melded[l].
-    The inner loop is _merge_rows_kernel's, line for line (same order of the fp32 sums).
-    """
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    layer = tl.program_id(2).to(tl.int64)
-    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i_mask = i < k
-    rows = tl.load(rows_ptr + layer * k + i, mask=i_mask, other=0).to(tl.int64)
-    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    c_mask = cols < n_cols
-    w_layer = w_ptr + layer * stride_wl
-    a_ptr = w_layer + n_out * stride_w
-    b_rows = b_ptr + layer * stride_bl + rows * stride_b
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j in range(0, rank):
-        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_ptr + j * stride_w + cols, mask=c_mask, other=0.0).to(tl.float32)
-        acc += b_j[:, None] * a_j[None, :]
-    mask = i_mask[:, None] & c_mask[None, :]
-    w_ptrs = w_layer + rows[:, None] * stride_w + cols[None, :]
-    merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-    q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
-    tl.store(w_ptrs, q, mask=mask)
-
-
 @tc.opaque_to_compile
 @torch.no_grad()
 def proxy_update_batched_triton_(
@@ -108,9 +72,11 @@ def proxy_update_batched_triton_(
         fp8_max, mant_bits, min_exp = tc.format_constants(melded.dtype)
         block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
         grid = (triton.cdiv(k, block_rows), triton.cdiv(n_cols, _BLOCK_COLS), n_layers)
-        _merge_rows_batched_kernel[grid](
-            melded, b, rows, k, n_cols, b.shape[2], b.shape[1],
-            melded.stride(0), melded.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        n_out = b.shape[1]
+        adapters = melded[:, n_out:]  # A8 of layer l: the rows after its W8 rows
+        _merge_rows_kernel[grid](
+            melded, adapters, b, rows, k, n_cols, b.shape[2],
+            melded.stride(0), melded.stride(1), adapters.stride(0), adapters.stride(1), b.stride(0), b.stride(1), b.stride(2),
             FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
             SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
             BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
