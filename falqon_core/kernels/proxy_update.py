@@ -111,20 +111,31 @@ def proxy_update_triton_(
     """
     _check_inputs(w8, a8, b, k)
     rows = top_rows_by_l1(b, k)
-    if k > 0:
-        fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
-        block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
-        grid = (triton.cdiv(k, block_rows), triton.cdiv(w8.shape[1], _BLOCK_COLS), 1)
-        _merge_rows_kernel[grid](
-            w8, a8, b, rows, k, w8.shape[1], a8.shape[0],
-            0, w8.stride(0), 0, a8.stride(0), 0, b.stride(0), b.stride(1),
-            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
-            SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
-            num_warps=4,
-        )
+    merge_rows_(w8[None], a8[None], b[None], rows[None], software_round)
     b.zero_()
     return rows
+
+
+def merge_rows_(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, software_round: bool | None) -> None:
+    """One launch of _merge_rows_kernel over L layers: W[l, rows[l]] = sat_cast(W[l, rows[l]] + B[l, rows[l]] @ A[l]).
+
+    w: L x (>= N) x K fp8, a: L x (>= r) x K fp8, b: L x N x r (r = b's last dim is the sum's length), rows: L x k
+    int64; rows of w and a have stride 1 along K. The per-layer update passes L = 1 views.
+    """
+    n_layers, k = rows.shape
+    if k == 0 or n_layers == 0:
+        return
+    fp8_max, mant_bits, min_exp = tc.format_constants(w.dtype)
+    block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
+    grid = (triton.cdiv(k, block_rows), triton.cdiv(w.shape[2], _BLOCK_COLS), n_layers)
+    _merge_rows_kernel[grid](
+        w, a, b, rows.contiguous(), k, w.shape[2], b.shape[2],
+        w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
+        SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
+        num_warps=4,
+    )
 
 
 def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:

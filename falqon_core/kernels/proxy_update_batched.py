@@ -17,11 +17,10 @@ capturable in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import triton
 
 from falqon_core.kernels import _triton_common as tc
 # the merge kernel is the per-layer update's own, run over a layer axis (grid dimension 2)
-from falqon_core.kernels.proxy_update import _BLOCK_COLS, _BLOCK_ROWS, _merge_rows_kernel, proxy_update_reference_
+from falqon_core.kernels.proxy_update import merge_rows_, proxy_update_reference_
 
 
 def top_rows_by_l1_batched(b: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,21 +66,8 @@ def proxy_update_batched_triton_(
     """
     _check_batched(melded, b, k)
     rows = top_rows_by_l1_batched(b, k)
-    n_layers, _, n_cols = melded.shape
-    if k > 0 and n_layers > 0:
-        fp8_max, mant_bits, min_exp = tc.format_constants(melded.dtype)
-        block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
-        grid = (triton.cdiv(k, block_rows), triton.cdiv(n_cols, _BLOCK_COLS), n_layers)
-        n_out = b.shape[1]
-        adapters = melded[:, n_out:]  # A8 of layer l: the rows after its W8 rows
-        _merge_rows_kernel[grid](
-            melded, adapters, b, rows, k, n_cols, b.shape[2],
-            melded.stride(0), melded.stride(1), adapters.stride(0), adapters.stride(1), b.stride(0), b.stride(1), b.stride(2),
-            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
-            SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
-            num_warps=4,
-        )
+    n, r = b.shape[1], b.shape[2]
+    merge_rows_(melded, melded[:, n : n + r], b, rows, software_round)  # A8 of layer l: the r rows after its W8
     b.zero_()
     return rows
 
