@@ -52,6 +52,8 @@ E2E_KEYS: dict[str, str] = {
     "split_ms": "median GPU ms per phase {forward, backward, optimizer, post_step} from CUDA events (eager, compile)",
     "gpu_busy": "profiler kernel time / wall time over profile_steps steps (1 = the GPU never idles)",
     "kernel_launches": "GPU kernels per step seen by the profiler",
+    "kernel_class_ms": "profiler kernel ms per step by class {gemm, quantize, attention, optimizer, proxy_update, elementwise, other}",
+    "floor_parts_ms": "floor of the step, ms: {linears (roofline), lm_head (roofline), measured_rest, total = floor_ms}",
     "convert_s": "seconds to convert the model to the method (FALQON: its SVD init)",
     "loss_per_step": "training loss of every step, warm-up included (mean over ranks)",
     "loss_first": "loss of the first step",

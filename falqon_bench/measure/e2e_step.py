@@ -11,7 +11,9 @@ work (FALQON's proxy update). Modes:
 What a row holds besides schema.REQUIRED_KEYS (see schema.E2E_KEYS): tokens_per_s, step wall time
 (wall_ms median, p10/p90), host_ms (time to issue a step, ms), split_ms (forward / backward / optimizer /
 post_step GPU time per step from CUDA events, eager and compile only), gpu_ms and gpu_busy (profiler
-kernel time per step, and over wall time), peak_mem_bytes, convert_s, loss_per_step.
+kernel time per step, and over wall time), kernel_class_ms (that kernel time by class: GEMM, quantize, attention,
+optimizer, proxy update, elementwise, other) and floor_ms / floor_parts_ms (falqon_bench.measure.e2e_floor),
+peak_mem_bytes, convert_s, loss_per_step.
 """
 
 from __future__ import annotations
@@ -253,10 +255,11 @@ def profile_steps(step: Callable[[torch.Tensor], torch.Tensor], batches: list[to
     overlapping on two streams are not counted twice. CPU: nothing to measure.
     """
     if n <= 0 or device.type != "cuda":
-        return {"gpu_ms": None, "gpu_busy": None, "kernel_launches": None}
+        return {"gpu_ms": None, "gpu_busy": None, "kernel_launches": None, "kernel_class_ms": None}
     from torch.profiler import ProfilerActivity, profile
 
     from falqon_bench.measure.breakdown import _unique_device_kernels
+    from falqon_bench.measure.e2e_floor import kernel_class_ms
 
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -265,11 +268,13 @@ def profile_steps(step: Callable[[torch.Tensor], torch.Tensor], batches: list[to
             step(batches[i % len(batches)])
         _sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
-    intervals = [(k.time_range.start, k.time_range.end) for k in _unique_device_kernels(list(prof.events()))]
+    kernels = _unique_device_kernels(list(prof.events()))
+    intervals = [(k.time_range.start, k.time_range.end) for k in kernels]
     busy_us = covered_time(intervals)
     kernel_ms = sum(stop - start for start, stop in intervals) / 1e3
+    classes = kernel_class_ms(((k.name, k.time_range.end - k.time_range.start) for k in kernels), n)
     return {"gpu_ms": kernel_ms / n, "gpu_busy": busy_us / 1e3 / wall_ms if wall_ms > 0 else None,
-            "kernel_launches": len(intervals) / n}
+            "kernel_launches": len(intervals) / n, "kernel_class_ms": classes}
 
 
 def measurements_to_row(row: dict[str, Any], measured: dict[str, Any], point: dict[str, Any], split: dict | None) -> None:
@@ -284,8 +289,25 @@ def measurements_to_row(row: dict[str, Any], measured: dict[str, Any], point: di
         row.update(gpu_ms=measured["gpu_ms"], gpu_samples_ms=[measured["gpu_ms"]], gpu_timing="profiler")
     row["gpu_busy"] = measured["gpu_busy"]
     row["kernel_launches"] = measured["kernel_launches"]
+    row["kernel_class_ms"] = measured.get("kernel_class_ms")
     row["loss_per_step"] = measured["losses"]
     row["loss_first"], row["loss_last"] = measured["losses"][0], measured["losses"][-1]
+
+
+def record_floor(row: dict[str, Any], training: Training, point: dict[str, Any], peaks: dict | None) -> None:
+    """floor_ms and floor_parts_ms of the row (falqon_bench.measure.e2e_floor); left null without peaks or a kernel split,
+    and noted in floor_error when the floor itself fails (the measurement stands)."""
+    from falqon_bench.measure.e2e_floor import e2e_floor_ms
+
+    try:
+        parts = e2e_floor_ms(training.method, training.base.config, int(point["rank"]), int(point["tokens"]), peaks,
+                             row.get("kernel_class_ms"), point["options"].get("method_options") or {})
+    except Exception as e:  # a method without a step_cost, a config without LLaMA's fields
+        row["floor_error"] = one_line(e)
+        return
+    if parts is not None:
+        row["floor_parts_ms"] = parts
+        row["floor_ms"] = parts["total"]
 
 
 def e2e_base_row(point: dict[str, Any], device: torch.device, world_size: int, backend: str) -> dict[str, Any]:
@@ -316,6 +338,7 @@ def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
             measured = run_steps(training, make_batches(point, vocab, device), point, device)
             measurements_to_row(row, measured, point, training.clock.split())
             row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+            record_floor(row, training, point, getattr(ctx, "peaks", None))
         if not all(math.isfinite(v) for v in row["loss_per_step"]):
             row.update(error_type="NonFiniteLoss", error=f"loss is not finite: {row['loss_per_step'][:4]}...")
         else:

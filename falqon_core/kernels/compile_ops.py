@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from falqon_core.kernels import _triton_common as tc
-from falqon_core.kernels import melded, proxy_update, quantize, transpose
+from falqon_core.kernels import melded, proxy_update, proxy_update_batched, quantize, transpose
 
 
 def _launcher(fn):
@@ -115,6 +115,21 @@ def _proxy_update_call(w8, a8, b, k, *, software_round=None):
     return proxy_update_(w8, a8, b, k, software_round)
 
 
+@torch.library.custom_op("falqon::proxy_update_batched_", mutates_args=("melded", "b"))
+def proxy_update_batched_(melded: torch.Tensor, b: torch.Tensor, k: int, software_round: Optional[bool] = None) -> torch.Tensor:
+    """In place on melded (L x (N + r_pad) x K: merged rows of W8) and b (L x N x r: zeroed); returns rows (L x k)."""
+    return _launcher(proxy_update_batched.proxy_update_batched_triton_)(melded, b, k, software_round=software_round)
+
+
+@proxy_update_batched_.register_fake
+def _(melded, b, k, software_round=None):
+    return melded.new_empty((melded.shape[0], k), dtype=torch.int64)
+
+
+def _proxy_update_batched_call(melded, b, k, *, software_round=None):
+    return proxy_update_batched_(melded, b, k, software_round)
+
+
 # launcher -> the op torch.compile calls instead (and how to map its result back to the launcher's)
 tc.register_compile_op(quantize.partial_amax, partial_amax)
 tc.register_compile_op(quantize.cast_tensorwise_from_partials, cast_tensorwise_from_partials)
@@ -122,3 +137,4 @@ tc.register_compile_op(quantize._quantize_rowwise_triton, quantize_rowwise)
 tc.register_compile_op(melded._melded_triton, melded_gemm, unpack=_melded_unpack)
 tc.register_compile_op(transpose.transpose_fp8_triton, transpose_fp8)
 tc.register_compile_op(proxy_update.proxy_update_triton_, _proxy_update_call)
+tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy_update_batched_call)

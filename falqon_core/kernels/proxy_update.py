@@ -51,29 +51,34 @@ def proxy_update_reference_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor,
 @triton.jit
 def _merge_rows_kernel(
     w_ptr, a_ptr, b_ptr, rows_ptr, k, n_cols, rank,
-    stride_w, stride_a, stride_b, stride_b_col,
+    stride_wl, stride_w, stride_al, stride_a, stride_bl, stride_b, stride_b_col,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """W[rows[i], cols] = sat_cast(W[rows[i], cols] + sum_j B[rows[i], j] * A[j, cols]) for one tile.
+    """W[l, rows[l, i], cols] = sat_cast(W[l, rows[l, i], cols] + sum_j B[l, rows[l, i], j] * A[l, j, cols]), one tile.
 
-    Grid: (cdiv(k, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS)). rows are distinct, so tiles never overlap.
+    Grid: (cdiv(k, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS), L): L layers of one shape (rows: L x k; the per-layer
+    update is L = 1). rows are distinct within a layer, so tiles never overlap. The sum over j runs in order
+    0..r-1 in fp32, whatever L is: the batched update is bit-identical to the per-layer one.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
     i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     i_mask = i < k
-    rows = tl.load(rows_ptr + i, mask=i_mask, other=0).to(tl.int64)
+    rows = tl.load(rows_ptr + layer * k + i, mask=i_mask, other=0).to(tl.int64)
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
-    b_rows = b_ptr + rows * stride_b
+    w_layer = w_ptr + layer * stride_wl
+    a_layer = a_ptr + layer * stride_al
+    b_rows = b_ptr + layer * stride_bl + rows * stride_b
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     for j in range(0, rank):
         b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_ptr + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
+        a_j = tl.load(a_layer + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
         acc += b_j[:, None] * a_j[None, :]
     mask = i_mask[:, None] & c_mask[None, :]
-    w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+    w_ptrs = w_layer + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
     q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
     tl.store(w_ptrs, q, mask=mask)
@@ -106,20 +111,31 @@ def proxy_update_triton_(
     """
     _check_inputs(w8, a8, b, k)
     rows = top_rows_by_l1(b, k)
-    if k > 0:
-        fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
-        block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
-        grid = (triton.cdiv(k, block_rows), triton.cdiv(w8.shape[1], _BLOCK_COLS))
-        _merge_rows_kernel[grid](
-            w8, a8, b, rows, k, w8.shape[1], a8.shape[0],
-            w8.stride(0), a8.stride(0), b.stride(0), b.stride(1),
-            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
-            SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-            BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
-            num_warps=4,
-        )
+    merge_rows_(w8[None], a8[None], b[None], rows[None], software_round)
     b.zero_()
     return rows
+
+
+def merge_rows_(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, software_round: bool | None) -> None:
+    """One launch of _merge_rows_kernel over L layers: W[l, rows[l]] = sat_cast(W[l, rows[l]] + B[l, rows[l]] @ A[l]).
+
+    w: L x (>= N) x K fp8, a: L x (>= r) x K fp8, b: L x N x r (r = b's last dim is the sum's length), rows: L x k
+    int64; rows of w and a have stride 1 along K. The per-layer update passes L = 1 views.
+    """
+    n_layers, k = rows.shape
+    if k == 0 or n_layers == 0:
+        return
+    fp8_max, mant_bits, min_exp = tc.format_constants(w.dtype)
+    block_rows = min(_BLOCK_ROWS, triton.next_power_of_2(k))
+    grid = (triton.cdiv(k, block_rows), triton.cdiv(w.shape[2], _BLOCK_COLS), n_layers)
+    _merge_rows_kernel[grid](
+        w, a, b, rows.contiguous(), k, w.shape[2], b.shape[2],
+        w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
+        SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
+        num_warps=4,
+    )
 
 
 def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:

@@ -46,6 +46,9 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
   merge           "topk" (default) or "grid" (every row with an entry that changes under round-to-nearest)
   keep_unmerged   zero only the merged rows of B (default False: all of B, as the reference)
   seed            seed of the stochastic rounding's counter-based RNG (default 0)
+
+Batched update (a Falqon.convert option, not a layer's): batched_update (default true) stacks layers of one shape
+so that one proxy update serves them all (falqon_core.methods.falqon_groups); false keeps one update per layer.
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, tran
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
+from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed",
+    "rounding", "merge", "keep_unmerged", "seed", "batched_update",
 )
 ROUNDINGS = ("nearest", "stochastic")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
@@ -195,6 +199,9 @@ class FalqonLinear(nn.Module):
         seed_t = torch.tensor(int(seed), dtype=torch.int64, device=melded.device) if rounding == "stochastic" else None
         self.register_buffer("rounding_seed", seed_t)
         self.lost_stats: torch.Tensor | None = None  # made on the first tracked update
+        # set by falqon_groups.stack_layers when this layer's tensors are slices of a group's stacks
+        self.proxy_group: Any = None
+        self.proxy_group_index: int | None = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
         else:
@@ -219,6 +226,11 @@ class FalqonLinear(nn.Module):
         """The k the next proxy update uses: `topk` for the first `warmup_steps` updates, then `topk_after`."""
         return self.topk if self.updates_done < self.warmup_steps else self.topk_after
 
+    def uses_plain_update(self) -> bool:
+        """True when the next proxy update is the reference one (top-k, round-to-nearest, all of B zeroed,
+        nothing tracked): the update proxy_update_ (and the batched one of falqon_groups) computes."""
+        return self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         out = MeldedLinearFunction.apply(
@@ -236,7 +248,7 @@ class FalqonLinear(nn.Module):
         k is chosen on the host from the update count; a captured graph replays the k it was captured with.
         """
         k = self.next_k()
-        if self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost:
+        if self.uses_plain_update():
             rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
         else:
             if self.track_lost and self.lost_stats is None:
@@ -311,6 +323,8 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
             kwargs[name] = options[name]
     if "keep_unmerged" in options:
         kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
+    if "batched_update" in options and not isinstance(options["batched_update"], bool):
+        raise ValueError(f"falqon option batched_update must be true or false, got {options['batched_update']!r}")
     if "seed" in options:
         if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
             raise ValueError(f"falqon option seed must be an integer, got {options['seed']!r}")
@@ -366,13 +380,15 @@ class Falqon(Method):
         freeze_all(model)
         for name, layer in new_layers.items():
             set_submodule(model, name, layer)
+        if config.options.get("batched_update", True):
+            stack_layers(list(new_layers.values()))  # layers of one shape share stacked tensors: one batched proxy update each
         return model
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """Run the row-wise proxy update on every FalqonLinear (no host sync)."""
+        """Run the row-wise proxy update on every FalqonLinear (no host sync): one batched update per group of
+        stacked layers of one shape (falqon_core.methods.falqon_groups), the per-layer update for the others."""
         with torch.no_grad():
-            for _, layer in falqon_layers(model):
-                layer.proxy_update()
+            run_proxy_updates(m for m in model.modules() if isinstance(m, FalqonLinear))  # no names: less host time
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """{'topk': layer name -> k of its last proxy update (None before the first)}, so a run reports its k."""

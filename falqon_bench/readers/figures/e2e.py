@@ -3,7 +3,8 @@
 One figure, four panels: tokens/s per method and mode (higher is better); peak device memory per method;
 GPU time of one step split into forward / backward / optimizer / post-step per method (CUDA events, eager
 mode); the training loss of every step per method (eager mode, else the first mode that ran). Plus a table:
-method, mode, tokens/s, ratio to the best bf16_lora mode, step ms (p10-p90), GPU busy, peak GiB, convert s.
+method, mode, tokens/s, ratio to the best bf16_lora mode, step ms (p10-p90), GPU busy, peak GiB, convert s; and,
+for profiled GPU rows, the step's kernel time by class with its floor (floor_table).
 Reads result rows only.
 """
 
@@ -90,6 +91,37 @@ def markdown_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str)
     return "\n".join(lines) + "\n"
 
 
+CLASS_COLUMNS = ("gemm", "quantize", "attention", "optimizer", "proxy_update", "elementwise", "other")
+
+
+def floor_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str) -> str:
+    """Markdown: per ok row with a profile, its GPU ms per step by kernel class, the floor of the step (converted
+    linears and LM head at the roofline + the measured attention/elementwise/optimizer/other) and step time over
+    that floor; '' when no row has a kernel split (CPU runs)."""
+    profiled = [r for r in rows if r.get("status") == "ok" and r.get("kernel_class_ms")]
+    if not profiled:
+        return ""
+    order = {m: i for i, m in enumerate(_methods(rows))}
+    profiled.sort(key=lambda r: (order.get(r["method"], 99), MODES.index(r["mode"]) if r.get("mode") in MODES else 9))
+    names = [c.replace("_", " ") for c in CLASS_COLUMNS]
+    head = ("| method | mode | GPU ms | " + " | ".join(names) + " | floor ms (linears + head + rest) | step / floor |")
+    lines = [head, "|" + "---|" * (len(CLASS_COLUMNS) + 5)]
+    for r in profiled:
+        split = r["kernel_class_ms"]
+        parts = r.get("floor_parts_ms") or {}
+        floor = r.get("floor_ms")
+        floor_cell = "-" if floor is None else (
+            f"{floor:.1f} ({_fmt(parts.get('linears'), '.1f')} + {_fmt(parts.get('lm_head'), '.1f')} + "
+            f"{_fmt(parts.get('measured_rest'), '.1f')})")
+        ratio = (r["wall_ms"] / floor) if floor and r.get("wall_ms") else None
+        lines.append(
+            f"| {cell(r['method'])} | {cell(r.get('mode'))} | {_fmt(r.get('gpu_ms'), '.1f')} | "
+            + " | ".join(_fmt(split.get(c), ".1f") for c in CLASS_COLUMNS)
+            + f" | {floor_cell} | {_fmt(ratio, '.2f')}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figure:
     """The four panels (see the module docstring) of the e2e rows of one device."""
     fig = Figure(figsize=(14, 9), layout="constrained")
@@ -159,4 +191,10 @@ def render_e2e_section(points: Iterable[dict[str, Any]], out_dir: Path, dpi: int
     fig = render_e2e_figure(rows)
     fig.savefig(Path(out_dir) / FIGURE_NAME, dpi=dpi, metadata={"Software": None})
     caption = "End-to-end fine-tuning: tokens/s, memory, step split, loss"
-    return f"\n## End to end\n\n### {caption}\n\n![{caption}]({FIGURE_NAME})\n\n{markdown_table(rows, cell)}"
+    section = f"\n## End to end\n\n### {caption}\n\n![{caption}]({FIGURE_NAME})\n\n{markdown_table(rows, cell)}"
+    floors = floor_table(rows, cell)
+    if floors:
+        section += ("\n### Where the GPU time of a step goes, and its floor\n\nms per step by kernel class (profiler); the "
+                    "floor is the converted linears and the LM head at the measured peaks plus the measured attention, "
+                    "elementwise, optimizer and other kernels.\n\n" + floors)
+    return section
