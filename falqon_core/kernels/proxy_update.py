@@ -6,10 +6,16 @@ W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place; then B.zero_(). Zeroing B
 kernel: several programs read the same B rows (one per column block of W), so a program zeroing them
 would race with the others. No host sync anywhere: capturable in a CUDA graph.
 
-Exactness: B[rows] @ A8 is summed over r in order j = 0..r-1 in fp32; torch's matmul may sum in
-another order, so the fp32 sums can differ in the last bits and the fp8 results by at most 1 ulp where
-a sum lies within that difference of a rounding boundary. With B in bf16 each product b*a is exact in
-fp32 (8 + 4 significant bits), so whenever the partial sums are exact in fp32 the result is bit-exact.
+The product B[rows] @ A8 is a tl.dot over blocks of 32 ranks (fp32 "ieee": CUDA-core FMAs, no TF32), not a
+loop over single ranks: the loop's r dependent global loads per program made the kernel latency-bound
+(~0.65 us per rank at K = 4096 on an H200: 42 us of a 383 us step at r = 64, 156 us at r = 256), while
+the k x r x K FMAs themselves take ~8 us at r = 256 (docs/perf-notes.md, "Where the time goes").
+A tl.dot needs at least 16 rows, so a program covers max(BLOCK_ROWS, 16) row slots, the extra ones masked.
+
+Exactness: the fp32 sums over r may run in another order than torch's matmul (and than the old loop),
+so they can differ in the last bits and the fp8 results by at most 1 ulp where a sum lies within that
+difference of a rounding boundary. With B in bf16 each product b*a is exact in fp32 (8 + 4 significant
+bits), so whenever the partial sums are exact in fp32 the result is bit-exact in any order.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from falqon_core.kernels._triton_common import saturating_cast
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
 _BLOCK_COLS = 128
+# ranks per tl.dot step of the merge; a tl.dot wants >= 16 rows, so a program has at least that many row slots
+_BLOCK_RANK: tl.constexpr = tl.constexpr(32)
+_MIN_DOT_ROWS: tl.constexpr = tl.constexpr(16)
 
 
 def top_rows_by_l1(b: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,6 +58,23 @@ def proxy_update_reference_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor,
 
 
 @triton.jit
+def _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS: tl.constexpr,
+                  BLOCK_COLS: tl.constexpr):
+    """sum_j B[rows, j] * A[j, cols] in fp32 (ROWS x BLOCK_COLS): tl.dot over blocks of _BLOCK_RANK ranks.
+
+    b_rows: ROWS pointers to the selected rows of B (masked rows read as 0); A8 is upcast to fp32 exactly.
+    """
+    acc = tl.zeros([ROWS, BLOCK_COLS], dtype=tl.float32)
+    for j0 in range(0, rank, _BLOCK_RANK):
+        j = j0 + tl.arange(0, _BLOCK_RANK)
+        j_mask = j < rank
+        b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=i_mask[:, None] & j_mask[None, :], other=0.0)
+        a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = tl.dot(b_blk.to(tl.float32), a_blk.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _merge_rows_kernel(
     w_ptr, a_ptr, b_ptr, rows_ptr, k, n_cols, rank,
     stride_w, stride_a, stride_b, stride_b_col,
@@ -61,17 +87,15 @@ def _merge_rows_kernel(
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i_mask = i < k
+    ROWS: tl.constexpr = BLOCK_ROWS if BLOCK_ROWS > _MIN_DOT_ROWS else _MIN_DOT_ROWS
+    slot = tl.arange(0, ROWS)
+    i = pid_r * BLOCK_ROWS + slot
+    i_mask = (i < k) & (slot < BLOCK_ROWS)
     rows = tl.load(rows_ptr + i, mask=i_mask, other=0).to(tl.int64)
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     b_rows = b_ptr + rows * stride_b
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j in range(0, rank):
-        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_ptr + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
-        acc += b_j[:, None] * a_j[None, :]
+    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
@@ -277,17 +301,15 @@ def _merge_rows_variant_kernel(
     flag_ptr, merge="grid") and per-row lost-update counts (atomic adds into counts_ptr, N x 2 int32)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i_mask = i < k
+    ROWS: tl.constexpr = BLOCK_ROWS if BLOCK_ROWS > _MIN_DOT_ROWS else _MIN_DOT_ROWS
+    slot = tl.arange(0, ROWS)
+    i = pid_r * BLOCK_ROWS + slot
+    i_mask = (i < k) & (slot < BLOCK_ROWS)
     rows = tl.load(rows_ptr + i, mask=i_mask, other=0).to(tl.int64)
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     b_rows = b_ptr + rows * stride_b
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j in range(0, rank):
-        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_ptr + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
-        acc += b_j[:, None] * a_j[None, :]
+    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
