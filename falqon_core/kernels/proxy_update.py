@@ -1,8 +1,8 @@
 """FALQON's row-wise proxy update: merge the top-k rows of B into the fp8 backbone, then zero B.
 
-Triton path (CUDA): row L1 norms of B and torch.topk pick the rows exactly as the reference does (same
-torch ops, so the same rows); then ONE Triton kernel computes, for the k selected rows,
-W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place; then B.zero_(). Zeroing B is not fused into the
+Triton path (CUDA): row L1 norms of B (torch's ops, the same fp32 values as the reference) and a
+one-program Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
+ONE Triton kernel computes, for the k selected rows, W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place; then B.zero_(). Zeroing B is not fused into the
 kernel: several programs read the same B rows (one per column block of W), so a program zeroing them
 would race with the others. No host sync anywhere: capturable in a CUDA graph.
 
@@ -28,6 +28,7 @@ from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
+from falqon_core.kernels.topk import topk_indices, topk_indices_reference
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
@@ -38,8 +39,17 @@ _MIN_DOT_ROWS: tl.constexpr = tl.constexpr(16)
 
 
 def top_rows_by_l1(b: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (k,) of the k rows of B (N x r) with the largest L1 norm, unsorted (torch.topk)."""
-    return torch.topk(b.float().abs().sum(dim=1), k, sorted=False).indices
+    """Indices (k,) of the k rows of B (N x r) with the largest L1 norm, in no promised order.
+
+    The norms are torch's (so the same fp32 values as before); the selection is topk_indices (one Triton
+    program on CUDA, torch.topk elsewhere): the same set as top_rows_by_l1_reference.
+    """
+    return topk_indices(b.float().abs().sum(dim=1), k)
+
+
+def top_rows_by_l1_reference(b: torch.Tensor, k: int) -> torch.Tensor:
+    """top_rows_by_l1 with torch.topk on every device (what the reference update uses)."""
+    return topk_indices_reference(b.float().abs().sum(dim=1), k)
 
 
 @torch.no_grad()
@@ -49,7 +59,7 @@ def proxy_update_reference_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor,
     w8: N x K fp8 (the backbone rows of the melded matrix), a8: r x K fp8 (its adapter rows),
     b: N x r. Both share one scale s, so the update is done in fp8 units (W8 += B . A8). Returns rows (k,).
     """
-    rows = top_rows_by_l1(b, k)
+    rows = top_rows_by_l1_reference(b, k)
     merged = w8.index_select(0, rows).float() + b.index_select(0, rows).float() @ a8.float()
     # fp8 has no index_copy_ kernel on every backend: copy the raw bytes
     w8.view(torch.uint8).index_copy_(0, rows, fp8.saturating_cast(merged, w8.dtype).view(torch.uint8))
