@@ -4,7 +4,8 @@ Triton path (CUDA): row L1 norms of B (torch's ops, the same fp32 values as the 
 one-program Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
 ONE Triton kernel computes, for the k selected rows, W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in
 place; then B.zero_(). Zeroing B is not fused into the kernel: several programs read the same B rows
-(one per column block of W), so a program zeroing them would race with the others. No host sync anywhere: capturable in a CUDA graph.
+(one per column block of W), so a program zeroing them would race with the others. No host sync
+anywhere: capturable in a CUDA graph.
 
 The product B[rows] @ A8 is a tl.dot over blocks of 32 ranks (fp32 "ieee": CUDA-core FMAs, no TF32), not a
 loop over single ranks: the loop's r dependent global loads per program made the kernel latency-bound
