@@ -6,9 +6,10 @@
 # (results/shapes-h200, the committed run of the code before the levers) next to now. At most 6 minutes.
 # Run from the repo root:   OUT=/path/to/out bash scripts/gpu/cliffs.sh
 # CPU dry run (tiny shapes, 2-3 minutes on 2 cores):   OUT=/tmp/x bash scripts/gpu/cliffs.sh --cpu-smoke
-# Under $OUT: summary.txt (the table), gpu-tests.txt, cliffs-runs.tar.gz (the run dir: append-only
-# points.jsonl, so a re-run with the same $OUT resumes). One failing point, method or stage never stops the
-# rest; a capped sweep keeps every point it finished (falqon's points run first).
+# Under $OUT, three files: summary.txt (the table), gpu-tests.txt, cliffs-runs.tar.gz (the run dir, with both).
+# The run dir itself is under $CLIFFS_WORK (default /tmp/cliffs-work; append-only points.jsonl, so a re-run
+# with the same $CLIFFS_WORK resumes). One failing point, method or stage never stops the rest; a capped
+# sweep keeps every point it finished (falqon's points run first).
 # Time caps (seconds, env): TESTS_TIMEOUT_S (default 75), SWEEP_TIMEOUT_S (default 250).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -17,7 +18,8 @@ mkdir -p "$OUT"
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 CLI=(python -m falqon_bench.cli)
-RUNS="$OUT/runs"
+WORK="${CLIFFS_WORK:-/tmp/cliffs-work}"
+RUNS="$WORK/runs"
 mkdir -p "$RUNS"
 SWEEP="$RUNS/cliffs"
 SUITE=suites/cliffs.toml
@@ -62,6 +64,6 @@ timeout --signal=INT --kill-after=20 "${SWEEP_TIMEOUT_S:-250}" "${CLI[@]}" run "
 echo "=== $(date -u +%T) summary (before: $BEFORE)"
 python scripts/gpu/cliffs_summary.py "$SWEEP" "$BEFORE" > "$OUT/summary.txt" 2>&1 || echo "(summary failed)"
 cp "$OUT/summary.txt" "$OUT/gpu-tests.txt" "$RUNS/" 2>/dev/null || true
-tar -czf "$OUT/cliffs-runs.tar.gz" -C "$OUT" runs
+tar -czf "$OUT/cliffs-runs.tar.gz" -C "$WORK" runs
 cat "$OUT/summary.txt"
 echo "=== $(date -u +%T) done: $OUT/cliffs-runs.tar.gz"
