@@ -25,7 +25,7 @@ import triton.language as tl
 from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_partials
 from falqon_core.kernels.quantize import _scale_args, _software_round, quantize_fp8_reference
 from falqon_core.kernels.transpose import padded_length, transpose_fp8_reference
 
@@ -73,11 +73,8 @@ def _cast_transpose_kernel(
     columns past n_rows zero) and, with WRITE_ROWS, to out (n_rows x n_cols, bytes). Tiles are walked in the
     reverse of launch 1's order, so the first ones read are those launch 1 left in L2."""
     pid = tl.program_id(0)
-    p = tl.arange(0, PARTIALS_BLOCK)
-    amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
-    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
+    scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                                SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     col_blocks = tl.cdiv(n_cols, BLOCK_C)
     n_tiles = tl.cdiv(n_rows_out, BLOCK_R) * col_blocks
     for i in range(pid, n_tiles, tl.num_programs(0)):
