@@ -72,6 +72,8 @@ LAUNCHERS = {
     "melded_gemm": ("falqon_core.kernels.melded", "_melded_triton"),
     "transpose_fp8": ("falqon_core.kernels.transpose", "transpose_fp8_triton"),
     "proxy_update_": ("falqon_core.kernels.proxy_update", "proxy_update_triton_"),
+    "partial_amax_2d": ("falqon_core.kernels.quantize_transpose", "partial_amax_2d"),
+    "cast_transpose_from_partials": ("falqon_core.kernels.quantize_transpose", "cast_transpose_from_partials"),
 }
 
 
@@ -105,3 +107,17 @@ def test_transpose_op_fake_gives_the_padded_shape():
         x = torch.empty(77, 64, dtype=torch.float8_e4m3fn)
         assert tuple(compile_ops.transpose_fp8(x, 16).shape) == (64, 80)
         assert tuple(compile_ops.transpose_fp8(x).shape) == (64, 77)
+
+
+def test_cast_transpose_op_fake_gives_the_padded_transpose_and_an_empty_row_copy_when_not_kept():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from falqon_core.kernels import compile_ops
+
+    with FakeTensorMode():
+        x = torch.empty(77, 48, dtype=torch.bfloat16)
+        partials = torch.empty(4, dtype=torch.float32)
+        out, out_t, scale = compile_ops.cast_transpose_from_partials(x, partials, torch.float8_e5m2, 16, False)
+        assert tuple(out.shape) == (0,) and tuple(out_t.shape) == (48, 80) and scale.dim() == 0
+        out, _, _ = compile_ops.cast_transpose_from_partials(x, partials, torch.float8_e5m2, 16, True)
+        assert tuple(out.shape) == (77, 48) and out.dtype == torch.float8_e5m2

@@ -18,6 +18,8 @@ from falqon_core.kernels.hadamard import block_hadamard_quantize, block_hadamard
 from falqon_core.kernels.melded import melded_matmul_triton
 from falqon_core.kernels.proxy_update import proxy_update_triton_
 from falqon_core.kernels.quantize import quantize_fp8_triton
+from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8_triton
+from falqon_core.kernels.topk import topk_indices_triton
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
 
@@ -36,11 +38,13 @@ def _inputs() -> dict[str, tuple]:
         "melded gemm": (lambda a, s, w, ws_: melded_matmul_triton(a, s, w, ws_, 48), (x8, xs, w8, ws)),
         "transpose": (transpose_fp8_triton, (x8,)),
         "proxy update": (lambda w, a, bb: (proxy_update_triton_(w, a, bb, 4), w), (w8[:48].clone(), a8, b)),
+        "quantize transpose": (lambda t: quantize_transpose_fp8_triton(t, fp8.E5M2, 16)[:2], (x[:30],)),
+        "topk select": (lambda v: topk_indices_triton(v, 5), (torch.rand(40, generator=g),)),
     }
 
 
 # FALQON's launchers are torch.library custom ops under compile (falqon_core.kernels.compile_ops)
-AS_CUSTOM_OPS = ("quantize tensorwise", "quantize rowwise", "melded gemm", "transpose", "proxy update")
+AS_CUSTOM_OPS = ("quantize tensorwise", "quantize rowwise", "melded gemm", "transpose", "proxy update", "quantize transpose")
 
 
 def _flat(out) -> list[torch.Tensor]:

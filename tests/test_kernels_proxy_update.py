@@ -49,7 +49,12 @@ def fp8_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / fp8.ulp(torch.maximum(a.abs(), b.abs()), fp8.E4M3).float()
 
 
-@pytest.mark.parametrize("n,k_dim,r,k", [(40, 300, 8, 5), (64, 129, 16, 17), (20, 64, 4, 20)])
+@pytest.mark.parametrize(
+    "n,k_dim,r,k",
+    # the merge's tl.dot runs over blocks of 32 ranks and at least 16 row slots: ranks below, at, across and
+    # not a multiple of that block (40, 100, 256), and k below 16 rows (masked slots) and above it
+    [(40, 300, 8, 5), (64, 129, 16, 17), (20, 64, 4, 20), (70, 200, 40, 33), (24, 130, 100, 3), (300, 64, 256, 40)],
+)
 def test_triton_update_is_bit_exact_when_sums_are_exact_in_fp32(n, k_dim, r, k):
     (w_t, b_t, rows_t), (w_r, b_r, rows_r) = run_both(*exact_inputs(n, k_dim, r, k), k)
     assert same_rows(rows_t, rows_r)

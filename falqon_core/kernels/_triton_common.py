@@ -189,3 +189,16 @@ def scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL: tl.c
     else:
         scale = tl.math.div_rn(amax, fp8_max)
     return tl.maximum(scale, min_scale)
+
+
+@triton.jit
+def scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                        SCALE_BY_RECIPROCAL: tl.constexpr, PARTIALS_BLOCK: tl.constexpr):
+    """Launch 2 of a tensorwise quantization: the dequant scale from the max of launch 1's partial amaxes
+    (a few hundred fp32 values, read from L2 by every program); program 0 also stores it to scale_ptr."""
+    p = tl.arange(0, PARTIALS_BLOCK)
+    amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
+    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    if tl.program_id(0) == 0:
+        tl.store(scale_ptr, scale)
+    return scale

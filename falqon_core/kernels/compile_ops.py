@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from falqon_core.kernels import _triton_common as tc
-from falqon_core.kernels import melded, proxy_update, proxy_update_batched, quantize, transpose
+from falqon_core.kernels import melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose
 
 
 def _launcher(fn):
@@ -130,6 +130,34 @@ def _proxy_update_batched_call(melded, b, k, *, software_round=None):
     return proxy_update_batched_(melded, b, k, software_round)
 
 
+# ---------------------------------------------------------------- quantize with the transposed write
+
+
+@torch.library.custom_op("falqon::partial_amax_2d", mutates_args=())
+def partial_amax_2d(x: torch.Tensor) -> torch.Tensor:
+    return _launcher(quantize_transpose.partial_amax_2d)(x)
+
+
+@partial_amax_2d.register_fake
+def _(x):
+    return x.new_empty(quantize_transpose._grid(x, x.shape[0], x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("falqon::cast_transpose_from_partials", mutates_args=())
+def cast_transpose_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, pad_to: int, keep_rows: bool,
+    software_round: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launcher(quantize_transpose.cast_transpose_from_partials)(x, partials, dtype, pad_to, keep_rows, software_round)
+
+
+@cast_transpose_from_partials.register_fake
+def _(x, partials, dtype, pad_to, keep_rows, software_round=None):
+    rows_out = transpose.padded_length(x.shape[0], pad_to)
+    return (x.new_empty(tuple(x.shape) if keep_rows else (0,), dtype=dtype),
+            x.new_empty((x.shape[1], rows_out), dtype=dtype), x.new_empty((), dtype=torch.float32))
+
+
 # launcher -> the op torch.compile calls instead (and how to map its result back to the launcher's)
 tc.register_compile_op(quantize.partial_amax, partial_amax)
 tc.register_compile_op(quantize.cast_tensorwise_from_partials, cast_tensorwise_from_partials)
@@ -138,3 +166,5 @@ tc.register_compile_op(melded._melded_triton, melded_gemm, unpack=_melded_unpack
 tc.register_compile_op(transpose.transpose_fp8_triton, transpose_fp8)
 tc.register_compile_op(proxy_update.proxy_update_triton_, _proxy_update_call)
 tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy_update_batched_call)
+tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
+tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)

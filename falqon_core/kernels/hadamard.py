@@ -41,7 +41,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax, scale_from_partials
 
 MAX_BLOCK = 128
 MIN_BLOCK = 16
@@ -208,11 +208,8 @@ def _rotate_cast_tensorwise_kernel(
 ):
     """Launch 2 (tensorwise): scale from max(partials); out = sat_cast(x H_K / scale), grid-stride over tiles."""
     pid = tl.program_id(0)
-    p = tl.arange(0, PARTIALS_BLOCK)
-    amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
-    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
+    scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                                SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     h = _load_hadamard(h_ptr, BLOCK)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows = (t // tiles_per_row).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

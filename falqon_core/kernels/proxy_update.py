@@ -1,15 +1,22 @@
 """FALQON's row-wise proxy update: merge the top-k rows of B into the fp8 backbone, then zero B.
 
-Triton path (CUDA): row L1 norms of B and torch.topk pick the rows exactly as the reference does (same
-torch ops, so the same rows); then ONE Triton kernel computes, for the k selected rows,
-W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place; then B.zero_(). Zeroing B is not fused into the
-kernel: several programs read the same B rows (one per column block of W), so a program zeroing them
-would race with the others. No host sync anywhere: capturable in a CUDA graph.
+Triton path (CUDA): row L1 norms of B (torch's ops, the same fp32 values as the reference) and a
+one-program Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
+ONE Triton kernel computes, for the k selected rows, W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in
+place; then B.zero_(). Zeroing B is not fused into the kernel: several programs read the same B rows
+(one per column block of W), so a program zeroing them would race with the others. No host sync
+anywhere: capturable in a CUDA graph.
 
-Exactness: B[rows] @ A8 is summed over r in order j = 0..r-1 in fp32; torch's matmul may sum in
-another order, so the fp32 sums can differ in the last bits and the fp8 results by at most 1 ulp where
-a sum lies within that difference of a rounding boundary. With B in bf16 each product b*a is exact in
-fp32 (8 + 4 significant bits), so whenever the partial sums are exact in fp32 the result is bit-exact.
+The product B[rows] @ A8 is a tl.dot over blocks of 32 ranks (fp32 "ieee": CUDA-core FMAs, no TF32), not a
+loop over single ranks: the loop's r dependent global loads per program made the kernel latency-bound
+(~0.65 us per rank at K = 4096 on an H200: 42 us of a 383 us step at r = 64, 156 us at r = 256), while
+the k x r x K FMAs themselves take ~8 us at r = 256 (docs/perf-notes.md, "Where the time goes").
+A tl.dot needs at least 16 rows, so a program covers max(BLOCK_ROWS, 16) row slots, the extra ones masked.
+
+Exactness: the fp32 sums over r may run in another order than torch's matmul (and than the old loop),
+so they can differ in the last bits and the fp8 results by at most 1 ulp where a sum lies within that
+difference of a rounding boundary. With B in bf16 each product b*a is exact in fp32 (8 + 4 significant
+bits), so whenever the partial sums are exact in fp32 the result is bit-exact in any order.
 """
 
 from __future__ import annotations
@@ -22,15 +29,28 @@ from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
+from falqon_core.kernels.topk import topk_indices, topk_indices_reference
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
 _BLOCK_COLS = 128
+# ranks per tl.dot step of the merge; a tl.dot wants >= 16 rows, so a program has at least that many row slots
+_BLOCK_RANK: tl.constexpr = tl.constexpr(32)
+_MIN_DOT_ROWS: tl.constexpr = tl.constexpr(16)
 
 
 def top_rows_by_l1(b: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (k,) of the k rows of B (N x r) with the largest L1 norm, unsorted (torch.topk)."""
-    return torch.topk(b.float().abs().sum(dim=1), k, sorted=False).indices
+    """Indices (k,) of the k rows of B (N x r) with the largest L1 norm, in no promised order.
+
+    The norms are torch's (so the same fp32 values as before); the selection is topk_indices (one Triton
+    program on CUDA, torch.topk elsewhere): the same set as top_rows_by_l1_reference.
+    """
+    return topk_indices(b.float().abs().sum(dim=1), k)
+
+
+def top_rows_by_l1_reference(b: torch.Tensor, k: int) -> torch.Tensor:
+    """top_rows_by_l1 with torch.topk on every device (what the reference update uses)."""
+    return topk_indices_reference(b.float().abs().sum(dim=1), k)
 
 
 @torch.no_grad()
@@ -40,12 +60,29 @@ def proxy_update_reference_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor,
     w8: N x K fp8 (the backbone rows of the melded matrix), a8: r x K fp8 (its adapter rows),
     b: N x r. Both share one scale s, so the update is done in fp8 units (W8 += B . A8). Returns rows (k,).
     """
-    rows = top_rows_by_l1(b, k)
+    rows = top_rows_by_l1_reference(b, k)
     merged = w8.index_select(0, rows).float() + b.index_select(0, rows).float() @ a8.float()
     # fp8 has no index_copy_ kernel on every backend: copy the raw bytes
     w8.view(torch.uint8).index_copy_(0, rows, fp8.saturating_cast(merged, w8.dtype).view(torch.uint8))
     b.zero_()
     return rows
+
+
+@triton.jit
+def _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS: tl.constexpr,
+                  BLOCK_COLS: tl.constexpr):
+    """sum_j B[rows, j] * A[j, cols] in fp32 (ROWS x BLOCK_COLS): tl.dot over blocks of _BLOCK_RANK ranks.
+
+    b_rows: ROWS pointers to the selected rows of B (masked rows read as 0); A8 is upcast to fp32 exactly.
+    """
+    acc = tl.zeros([ROWS, BLOCK_COLS], dtype=tl.float32)
+    for j0 in range(0, rank, _BLOCK_RANK):
+        j = j0 + tl.arange(0, _BLOCK_RANK)
+        j_mask = j < rank
+        b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=i_mask[:, None] & j_mask[None, :], other=0.0)
+        a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = tl.dot(b_blk.to(tl.float32), a_blk.to(tl.float32), acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -58,25 +95,23 @@ def _merge_rows_kernel(
     """W[l, rows[l, i], cols] = sat_cast(W[l, rows[l, i], cols] + sum_j B[l, rows[l, i], j] * A[l, j, cols]), one tile.
 
     Grid: (cdiv(k, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS), L): L layers of one shape (rows: L x k; the per-layer
-    update is L = 1). rows are distinct within a layer, so tiles never overlap. The sum over j runs in order
-    0..r-1 in fp32, whatever L is: the batched update is bit-identical to the per-layer one.
+    update is L = 1). rows are distinct within a layer, so tiles never overlap. The sum over j is the same
+    fp32 tl.dot over rank blocks (_merged_delta) whatever L is: the batched update is bit-identical to the per-layer one.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     layer = tl.program_id(2).to(tl.int64)
-    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i_mask = i < k
+    ROWS: tl.constexpr = BLOCK_ROWS if BLOCK_ROWS > _MIN_DOT_ROWS else _MIN_DOT_ROWS
+    slot = tl.arange(0, ROWS)
+    i = pid_r * BLOCK_ROWS + slot
+    i_mask = (i < k) & (slot < BLOCK_ROWS)
     rows = tl.load(rows_ptr + layer * k + i, mask=i_mask, other=0).to(tl.int64)
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     w_layer = w_ptr + layer * stride_wl
     a_layer = a_ptr + layer * stride_al
     b_rows = b_ptr + layer * stride_bl + rows * stride_b
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j in range(0, rank):
-        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_layer + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
-        acc += b_j[:, None] * a_j[None, :]
+    acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_layer + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
@@ -293,17 +328,15 @@ def _merge_rows_variant_kernel(
     flag_ptr, merge="grid") and per-row lost-update counts (atomic adds into counts_ptr, N x 2 int32)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    i = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i_mask = i < k
+    ROWS: tl.constexpr = BLOCK_ROWS if BLOCK_ROWS > _MIN_DOT_ROWS else _MIN_DOT_ROWS
+    slot = tl.arange(0, ROWS)
+    i = pid_r * BLOCK_ROWS + slot
+    i_mask = (i < k) & (slot < BLOCK_ROWS)
     rows = tl.load(rows_ptr + i, mask=i_mask, other=0).to(tl.int64)
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     b_rows = b_ptr + rows * stride_b
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j in range(0, rank):
-        b_j = tl.load(b_rows + j * stride_b_col, mask=i_mask, other=0.0).to(tl.float32)
-        a_j = tl.load(a_ptr + j * stride_a + cols, mask=c_mask, other=0.0).to(tl.float32)
-        acc += b_j[:, None] * a_j[None, :]
+    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)

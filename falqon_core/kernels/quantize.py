@@ -25,7 +25,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax, scale_from_partials
 
 # tensorwise grid-stride kernels: elements per program per iteration, programs per SM
 _TENSORWISE_BLOCK = 4096
@@ -67,11 +67,8 @@ def _cast_tensorwise_kernel(
 ):
     """Reduce the partial amaxes to the scale, then out = sat_cast(x / scale) over a grid-stride loop."""
     pid = tl.program_id(0)
-    p = tl.arange(0, PARTIALS_BLOCK)
-    amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
-    scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
+    scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                                SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     # blocks in the reverse of launch 1's order: the last blocks it read are the ones still in L2
     n_blocks = tl.cdiv(n, BLOCK)
     for i in range(pid, n_blocks, tl.num_programs(0)):

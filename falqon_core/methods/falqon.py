@@ -5,9 +5,10 @@ A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one 
 plus a trainable B (N x r) that the forward never reads:
   forward   x -> e4m3; one fp8 GEMM against [W; A] gives (out = x.W^T, O_A = x.A^T); O_A kept in e4m3.
   backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A (fp8 GEMM). No gradient for W or A.
-            The GEMMs want their operands K-contiguous, so W8^T (K x N, unless cached) and dY8^T (N x M)
-            are made by transpose_fp8 (a tiled Triton byte transpose on CUDA; torch's generic copy of a
-            transposed fp8 tensor is not vectorised).
+            The GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by transpose_fp8
+            (a tiled Triton byte transpose on CUDA; torch's generic copy of a transposed fp8 tensor is not
+            vectorised); dY8^T (N x M) and O_A8^T (r x M) are written by their e5m2/e4m3 cast itself
+            (quantize_transpose_fp8: one pass writes dY8 and dY8^T).
   update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
             of s (W8[rows] += B[rows].A8, saturating re-cast) and B is zeroed; s never changes.
 
@@ -37,7 +38,7 @@ Padding (inside the layer, so a benchmark times what a user runs): the fp8 GEMM 
 its reduction length and output width to be multiples of 16, else fp8.scaled_mm falls back to a bf16
 GEMM. The melded matrix gets zero rows up to N + r_pad (r_pad = r rounded up to 16): the forward GEMM
 then always fits, and the padded O_A columns are exactly zero. The dB GEMM reduces over the tokens M: its
-transposed operands (dY8^T, O_A8^T) are written with zero columns up to M_pad in the transpose pass itself.
+transposed operands (dY8^T, O_A8^T) are written with zero columns up to M_pad by the cast pass itself.
 Aligned ranks and token counts take exactly the unpadded path (no extra rows, no copies).
 
 Variants of the proxy update (defaults = the reference; see falqon_core.kernels.proxy_update and
@@ -61,6 +62,7 @@ from torch import nn
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
+from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
 from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
@@ -111,9 +113,10 @@ class MeldedLinearFunction(torch.autograd.Function):
         x8, x_scale = quantize_fp8(x2d.contiguous(), fp8.E4M3, "tensorwise")
         # melded has N + r_pad rows: o_a is M x r_pad, its columns past r exactly zero (zero rows of A8)
         out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out, fast_accum=fast_accum)
-        oa8, oa_scale = quantize_fp8(o_a.contiguous(), fp8.E4M3, "tensorwise")
-        # the dB GEMM reduces over M, so it wants O_A M-contiguous (r_pad x M_pad, zero columns past M)
-        ctx.save_for_backward(melded, scale, transpose_fp8(oa8, FP8_GEMM_MULTIPLE), oa_scale, weight_t)
+        # the dB GEMM reduces over M, so it wants O_A M-contiguous (r_pad x M_pad, zero columns past M): the
+        # e4m3 cast writes it transposed, reading the strided O_A columns of the GEMM output in place
+        _, oa8_t, oa_scale = quantize_transpose_fp8(o_a, fp8.E4M3, FP8_GEMM_MULTIPLE, keep_rows=False)
+        ctx.save_for_backward(melded, scale, oa8_t, oa_scale, weight_t)
         ctx.n_out = n_out
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
@@ -124,18 +127,21 @@ class MeldedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         melded, scale, oa8_t, oa_scale, weight_t = ctx.saved_tensors
         n_out = ctx.n_out
-        dy8, dy_scale = quantize_fp8(grad_out.contiguous(), fp8.E5M2, "tensorwise")  # M x N e5m2
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_b:  # dY8 (M x N e5m2, for dX) and dY8^T (N x M_pad, for dB) from one cast pass
+            dy8, dy8_t, dy_scale = quantize_transpose_fp8(grad_out, fp8.E5M2, FP8_GEMM_MULTIPLE, keep_rows=need_x)
+        else:
+            dy8, dy_scale = quantize_fp8(grad_out.contiguous(), fp8.E5M2, "tensorwise")  # M x N e5m2
         grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N)
             # N-contiguous: the cached copy, else a transposed copy made here (N x K bytes read + written).
             w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, made
-            # by one transpose (M x N bytes read + written) that also writes the zero columns up to M_pad;
+        if need_b:
+            # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, written
+            # by the cast above with the zero columns up to M_pad (M x N bytes more written, no re-read);
             # e5m2 x e4m3 (CUDA has no e5m2 x e5m2). The product is N x r_pad, sliced back to r
-            dy8_t = transpose_fp8(dy8, FP8_GEMM_MULTIPLE)
             grad_b = fp8_matmul_nt(dy8_t, dy_scale, oa8_t, oa_scale, ctx.b_dtype)[:, : ctx.rank]
         return grad_x, grad_b, None, None, None, None, None
 

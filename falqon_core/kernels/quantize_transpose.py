@@ -1,0 +1,160 @@
+"""Tensorwise fp8 quantization that also writes the transposed copy, in the cast pass itself.
+
+Why: FALQON's dB GEMM reduces over the tokens, so it needs dY8^T (N x M_pad) and O_A8^T (r_pad x M_pad)
+M-contiguous. Quantizing and then transposing (quantize_fp8 + transpose_fp8) reads the fp8 result back
+and costs a launch; for O_A, whose M x r_pad block is a column slice of the melded GEMM's output, it also
+cost a `.contiguous()` copy before the amax. Here:
+  launch 1  per-program max |x| over 2-D tiles of x as it is (any strides: the O_A slice is read in place);
+  launch 2  each program reduces the partials to the scale (as quantize's cast does), casts its tiles and
+            writes them to x8^T (zero columns from M up to M_pad, the fp8 GEMM's multiple of 16) and, when
+            asked, also to x8 (M x C, row-major).
+Bytes per element of an M x C bf16 x: read 2 + 2, write 1 (+ 1 with x8), against 2 + 2 + 1 read and
+1 + 1 written (+ the copy for a strided x) by quantize then transpose; one launch fewer.
+
+Numerics: the same scale (amax is a max, exact in any order; the scale is computed as quantize computes it)
+and the same round-to-nearest-even cast, so x8 and x8^T are bit-identical to quantize_fp8 then
+transpose_fp8 (the reference, and what FALQON ran before).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from falqon_core import fp8
+from falqon_core.kernels import _triton_common as tc
+# jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import saturating_cast, scale_from_partials
+from falqon_core.kernels.quantize import _scale_args, _software_round, quantize_fp8_reference
+from falqon_core.kernels.transpose import padded_length, transpose_fp8_reference
+
+# tiles of x per program step (elements): 64 x 64 keeps the transposed fp8 stores 64-byte rows
+_BLOCK_R = 64
+_BLOCK_C = 64
+_PROGRAMS_PER_SM = 4
+
+
+def quantize_transpose_fp8_reference(
+    x: torch.Tensor, dtype: torch.dtype, pad_to: int = 1, keep_rows: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Torch reference: (x8 M x C or None, x8^T C x M_pad with zero columns past M, 0-dim dequant scale)."""
+    x8, scale = quantize_fp8_reference(x.contiguous(), dtype, "tensorwise")
+    return (x8 if keep_rows else None), transpose_fp8_reference(x8, pad_to), scale
+
+
+@triton.jit
+def _partial_amax_2d_kernel(x_ptr, partial_ptr, n_rows, n_cols, stride_r, stride_c,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partial[pid] = max |x| over the tiles this program visits (grid-stride over the tiles of x)."""
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(n_cols, BLOCK_C)
+    n_tiles = tl.cdiv(n_rows, BLOCK_R) * col_blocks
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows = (t // col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+    tl.store(partial_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _cast_transpose_kernel(
+    x_ptr, partial_ptr, num_partials, out_ptr, out_t_ptr, scale_ptr,
+    n_rows, n_rows_out, n_cols, stride_r, stride_c,
+    fp8_max, inv_max, min_scale,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    WRITE_ROWS: tl.constexpr, PARTIALS_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Scale from max(partials); per tile q = sat_cast(x / scale), stored to out_t (n_cols x n_rows_out, bytes,
+    columns past n_rows zero) and, with WRITE_ROWS, to out (n_rows x n_cols, bytes). Tiles are walked in the
+    reverse of launch 1's order, so the first ones read are those launch 1 left in L2."""
+    pid = tl.program_id(0)
+    scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                                SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    col_blocks = tl.cdiv(n_cols, BLOCK_C)
+    n_tiles = tl.cdiv(n_rows_out, BLOCK_R) * col_blocks
+    for i in range(pid, n_tiles, tl.num_programs(0)):
+        t = n_tiles - 1 - i
+        rows = (t // col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+        y = tl.math.div_rn(x.to(tl.float32), scale)  # padding rows: 0 / scale = +0, the zero byte
+        q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE).to(tl.uint8, bitcast=True)
+        if WRITE_ROWS:
+            tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
+        mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
+        tl.store(out_t_ptr + cols[:, None] * n_rows_out + rows[None, :], tl.trans(q), mask=mask_t)
+
+
+def _grid(x: torch.Tensor, n_rows: int, n_cols: int) -> int:
+    tiles = triton.cdiv(n_rows, _BLOCK_R) * triton.cdiv(n_cols, _BLOCK_C)
+    return max(1, min(tiles, tc.num_sms(x) * _PROGRAMS_PER_SM))
+
+
+@tc.opaque_to_compile
+def partial_amax_2d(x: torch.Tensor) -> torch.Tensor:
+    """Launch 1: per-program max |x| of a 2-D tensor of any strides (fp32, (programs,))."""
+    n_rows, n_cols = x.shape
+    programs = _grid(x, n_rows, n_cols)
+    partials = torch.empty(programs, device=x.device, dtype=torch.float32)
+    _partial_amax_2d_kernel[(programs,)](
+        x, partials, n_rows, n_cols, x.stride(0), x.stride(1), BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4,
+    )
+    return partials
+
+
+@tc.opaque_to_compile
+def cast_transpose_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, pad_to: int, keep_rows: bool,
+    software_round: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 2: (x8 M x C, or an empty tensor without keep_rows; x8^T C x M_pad; 0-dim scale)."""
+    n_rows, n_cols = x.shape
+    rows_out = padded_length(n_rows, pad_to)
+    out = torch.empty((n_rows, n_cols) if keep_rows else (0,), device=x.device, dtype=dtype)
+    out_t = torch.empty((n_cols, rows_out), device=x.device, dtype=dtype)
+    scale = torch.empty((), device=x.device, dtype=torch.float32)
+    programs = _grid(x, rows_out, n_cols)
+    _cast_transpose_kernel[(programs,)](
+        x, partials, partials.numel(), out.view(torch.uint8), out_t.view(torch.uint8), scale,
+        n_rows, rows_out, n_cols, x.stride(0), x.stride(1),
+        **_scale_args(x, dtype),
+        SOFTWARE_ROUND=_software_round(software_round), OUT_DTYPE=tc.triton_fp8_dtype(dtype),
+        WRITE_ROWS=bool(keep_rows), PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
+        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4,
+    )
+    return out, out_t, scale
+
+
+def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
+    tc.check_fp8_dtype(dtype)
+    if x.dim() != 2 or x.numel() == 0 or not x.is_floating_point():
+        raise ValueError(f"quantize_transpose_fp8 needs a non-empty 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
+
+
+def quantize_transpose_fp8_triton(
+    x: torch.Tensor, dtype: torch.dtype, pad_to: int = 1, keep_rows: bool = True, *, software_round: bool | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The two Triton launches behind quantize_transpose_fp8 (same contract as the reference)."""
+    _check(x, dtype)
+    x = x.detach()
+    out, out_t, scale = cast_transpose_from_partials(x, partial_amax_2d(x), dtype, pad_to, keep_rows, software_round)
+    return (out if keep_rows else None), out_t, scale
+
+
+def quantize_transpose_fp8(
+    x: torch.Tensor, dtype: torch.dtype = fp8.E4M3, pad_to: int = 1, keep_rows: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """x (M x C, any strides) -> (x8 M x C or None without keep_rows, x8^T C x M_pad, tensorwise dequant scale).
+
+    M_pad = M rounded up to pad_to; x8^T's columns past M are zero. Triton on CUDA, the reference elsewhere.
+    """
+    if tc.triton_fp8_ok(x):
+        return quantize_transpose_fp8_triton(x, dtype, pad_to, keep_rows)
+    _check(x, dtype)
+    return quantize_transpose_fp8_reference(x, dtype, pad_to, keep_rows)

@@ -1,0 +1,123 @@
+"""quantize_transpose_fp8: one cast pass writes x8 and x8^T, bit-identical to quantize_fp8 then transpose_fp8;
+and a FALQON step that runs it (Triton kernels forced on, under the interpreter) is bit-identical to the
+step on the torch references."""
+
+import pytest
+import torch
+from torch import nn
+
+from falqon_core import fp8
+from falqon_core.kernels import _triton_common as tc
+from falqon_core.kernels.quantize_transpose import (
+    quantize_transpose_fp8, quantize_transpose_fp8_reference, quantize_transpose_fp8_triton,
+)
+from falqon_core.methods.falqon import FalqonLinear
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2], ids=str)
+@pytest.mark.parametrize("shape,pad_to", [((77, 112), 16), ((64, 48), 16), ((130, 70), 1), ((1, 16), 16)])
+def test_cast_pass_writes_x8_and_its_padded_transpose_bit_identical_to_the_reference(shape, pad_to, dtype):
+    x = (torch.randn(*shape) * 30).bfloat16()
+    x[0, 0] = 0.0  # a zero and a tiny value next to the padding zeros
+    x[-1, -1] = 1e-30
+    got = quantize_transpose_fp8_triton(x, dtype, pad_to)
+    want = quantize_transpose_fp8_reference(x, dtype, pad_to)
+    assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    rows_out = -(-shape[0] // pad_to) * pad_to
+    assert got[1].shape == (shape[1], rows_out) and int(got[1][:, shape[0] :].view(torch.uint8).count_nonzero()) == 0
+
+
+def test_reads_a_strided_column_slice_in_place_and_can_skip_the_row_major_copy():
+    """FALQON's O_A is columns N.. of the melded GEMM's M x (N + r_pad) output: a view with row stride N + r_pad."""
+    full = (torch.randn(100, 96 + 32) * 5).bfloat16()
+    o_a = full[:, 96:]
+    assert not o_a.is_contiguous()
+    x8, x8_t, scale = quantize_transpose_fp8_triton(o_a, fp8.E4M3, 16, keep_rows=False)
+    _, want_t, want_scale = quantize_transpose_fp8_reference(o_a, fp8.E4M3, 16)
+    assert x8 is None and same_bytes(x8_t, want_t) and torch.equal(scale, want_scale)
+
+
+def test_saturates_and_scales_like_quantize_fp8():
+    x = torch.tensor([[1e4, -3.0], [0.5, -1e4]], dtype=torch.float32)
+    x8, x8_t, scale = quantize_transpose_fp8_triton(x, fp8.E4M3, 16)
+    ref8, ref_scale = fp8.quantize(x, fp8.E4M3, "tensorwise")
+    assert same_bytes(x8, ref8) and torch.equal(scale, ref_scale) and x8_t.shape == (2, 16)
+
+
+def test_bad_input_raises_a_clear_error():
+    with pytest.raises(ValueError, match="2-D float"):
+        quantize_transpose_fp8(torch.zeros(3, 4, 5), fp8.E4M3)
+    with pytest.raises(ValueError, match="fp8 dtype"):
+        quantize_transpose_fp8(torch.zeros(3, 4), torch.bfloat16)
+
+
+@pytest.mark.parametrize("r,M,x_grad", [(8, 77, True), (24, 40, True), (16, 64, True), (24, 77, False)])
+def test_falqon_step_on_the_triton_kernels_is_bit_identical_to_the_reference_step(monkeypatch, r, M, x_grad):
+    """Forward out, dX, dB bit-identical, W8 after the proxy update within 1 ulp: every fp8 kernel on Triton."""
+    torch.manual_seed(r + M)
+    linear = nn.Linear(64, 48, bias=False)
+    x = torch.randn(M, 64)
+    g = torch.randn(M, 48)
+
+    def step():
+        layer = FalqonLinear(linear, r)
+        xi = x.clone().requires_grad_(x_grad)  # without dX the cast writes only dY8^T
+        out = layer(xi)
+        out.backward(g)
+        grads = (out.detach(), xi.grad if x_grad else out.new_zeros(0), layer.lora_B.grad.clone())
+        with torch.no_grad():
+            layer.lora_B.copy_(-layer.lora_B.grad * 50.0)  # a step large enough to move W8
+        layer.proxy_update()
+        return grads, layer.melded.clone()
+
+    (ref_grads, ref_melded) = step()
+    calls = []
+    real = quantize_transpose_fp8_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
+    monkeypatch.setattr("falqon_core.kernels.quantize_transpose.quantize_transpose_fp8_triton", counted)
+    (tri_grads, tri_melded) = step()
+    assert calls == [fp8.E4M3, fp8.E5M2], "O_A in the forward and dY in the backward go through the fused cast"
+    for got, want, name in zip(tri_grads, ref_grads, ("out", "dX", "dB")):
+        assert torch.equal(got, want), name
+    # the merge's fp32 sums may run in another order (proxy_update's docstring): at most 1 e4m3 ulp apart
+    a, b = tri_melded.float(), ref_melded.float()
+    assert ((a - b).abs() <= fp8.ulp(torch.maximum(a.abs(), b.abs()), fp8.E4M3).float()).all()
+    assert not same_bytes(ref_melded, FalqonLinear(linear, r).melded), "the update must have moved W8"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (3000, 11008), (9999, 1024), (4096, 80)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_cast_pass_is_bit_identical_to_quantize_then_transpose_at_llama_shapes(shape):
+    from falqon_core.kernels import quantize_fp8, transpose_fp8
+
+    x = (torch.randn(*shape, device="cuda") * 3).bfloat16()
+    for dtype in (fp8.E4M3, fp8.E5M2):
+        x8, x8_t, scale = quantize_transpose_fp8(x, dtype, 16)
+        want8, want_scale = quantize_fp8(x, dtype, "tensorwise")
+        assert same_bytes(x8, want8) and torch.equal(scale, want_scale)
+        assert same_bytes(x8_t, transpose_fp8(want8, 16))
+
+
+@pytest.mark.gpu
+def test_cuda_cast_pass_can_be_captured_in_a_cuda_graph():
+    x = torch.randn(3000, 4096, device="cuda").bfloat16()
+    quantize_transpose_fp8(x, fp8.E5M2, 16)  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = quantize_transpose_fp8(x, fp8.E5M2, 16)
+    x.copy_(torch.randn_like(x) * 7)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = quantize_transpose_fp8_reference(x, fp8.E5M2, 16)
+    assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1]) and torch.equal(got[2], want[2])
