@@ -284,8 +284,9 @@ def build_unsloth_model(
     """(Unsloth's LoRA model, its trainable tensors) for `baseline` in UNSLOTH_BASELINES, from `model`'s weights.
 
     `model` (built by falqon_bench.models.make_model: a named config with random weights or a local directory)
-    is saved to `workdir` as safetensors and freed (pass it without keeping a reference) and loaded back through FastLanguageModel.from_pretrained with hub
-    access off; unsloth_qlora loads the frozen weights in 4 bit (bitsandbytes NF4), unsloth_lora in 16 bit.
+    is saved to `workdir` as safetensors, moved to the meta device (its device memory is released even where the
+    caller keeps a reference; `model` is unusable afterwards) and loaded back through
+    FastLanguageModel.from_pretrained with hub access off, in training mode; unsloth_qlora loads the frozen weights in 4 bit (bitsandbytes NF4), unsloth_lora in 16 bit.
     Adapters as in the suite's other LoRA methods: the decoder's 7 projections, alpha = r, no dropout, no
     bias, and gradient checkpointing off (Unsloth's default "unsloth" offloads activations, trading time for
     memory, which no other method here does). Raises BenchInputError when Unsloth cannot run here.
@@ -301,9 +302,7 @@ def build_unsloth_model(
     dtype = model.dtype
     model.to("meta")  # the copy on disk is the one Unsloth loads: free the device memory, even if the caller holds `model`
     del model
-    os.environ.update(UNSLOTH_OFFLINE_ENV)
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(workdir) / "unsloth_compiled_cache"))
-    from unsloth import FastLanguageModel
+    FastLanguageModel = import_unsloth(workdir).FastLanguageModel
 
     unsloth_model, _tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(directory),
@@ -383,10 +382,30 @@ def stack_point_unsupported_reason(point: dict[str, Any], device: "torch.device 
 
 
 def check_stack_point(point: dict[str, Any], device: "torch.device | str | None") -> None:
-    """Raise StackUnsupported (one line: why) when `stack_point_unsupported_reason` has a reason."""
+    """Raise StackUnsupported (one line: why) when `stack_point_unsupported_reason` has a reason.
+
+    For an Unsloth point that can run, import Unsloth now, before the point's model is built: Unsloth patches
+    transformers, PEFT and TRL when imported and warns that it runs slower when they were imported first.
+    """
     reason = stack_point_unsupported_reason(point, device)
     if reason is not None:
         raise StackUnsupported(reason)
+    if is_stack_baseline(point["method"]):
+        import_unsloth()
+
+
+def import_unsloth(workdir: str | Path | None = None) -> types.ModuleType:
+    """The `unsloth` module, imported with hub access and usage statistics off (UNSLOTH_OFFLINE_ENV).
+
+    Its compiled-module cache goes to $UNSLOTH_COMPILE_LOCATION when set, else under `workdir` (or $TMPDIR).
+    """
+    import tempfile
+
+    os.environ.update(UNSLOTH_OFFLINE_ENV)
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(workdir or tempfile.gettempdir()) / "unsloth_compiled_cache"))
+    import unsloth
+
+    return unsloth
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from falqon_bench import fast_stacks
+from falqon_bench import fast_stacks, models
 from falqon_bench.cli import app
 from falqon_bench.e2e_suite import expand_e2e_suite
 from falqon_bench.suite import load_suite
@@ -157,14 +157,18 @@ def test_an_unsloth_point_trains_the_model_unsloth_built_with_the_same_step(monk
 
     monkeypatch.setattr(fast_stacks, "unsloth_unavailable_reason", lambda device=None: None)
     monkeypatch.setattr(fast_stacks, "build_unsloth_model", fake_build)
+    monkeypatch.setattr(fast_stacks, "import_unsloth", lambda workdir=None: calls.append("unsloth imported"))
+    real_make_model = models.make_model
+    monkeypatch.setattr(models, "make_model", lambda *a, **k: calls.append("model built") or real_make_model(*a, **k))
     text = SUITE.replace('methods = ["bf16_lora", "unsloth_lora", "unsloth_qlora"]', 'methods = ["unsloth_qlora"]')
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # convert_for_point's working directory
     (p,) = expand_e2e_suite(load_suite(str(write_suite(tmp_path, text))))
     row = measure_point(p, MeasureContext(device="cpu"))
 
     assert row["status"] == "ok", row["error"]
-    assert calls and calls[0][:4] == ("unsloth_qlora", 8, 16, 0)
-    assert calls[0][4].parent == tmp_path and not (calls[0][4] / "model").exists()  # the saved weights are deleted once loaded
+    assert calls[:2] == ["unsloth imported", "model built"]  # Unsloth before transformers builds the model
+    assert calls[2][:4] == ("unsloth_qlora", 8, 16, 0)
+    assert calls[2][4].parent == tmp_path and not (calls[2][4] / "model").exists()  # the saved weights are deleted once loaded
     assert row["trainable_params"] > 0 and len(row["loss_per_step"]) == 3
     assert all(math.isfinite(v) for v in row["loss_per_step"])
 
