@@ -8,15 +8,15 @@
 #
 # One e2e suite through `falqon-bench run` (a worker process per method, so importing Unsloth patches nothing else):
 #   falqon     cuda_graph, eager   liger false / true (liger in a CUDA graph is recorded "unsupported": its fused
-#   halo_lora  cuda_graph, eager     loss calls .item(); so liger runs in eager, next to eager without it)
-#   qlora_nf4  cuda_graph, eager
+#                                    loss calls .item(); so liger runs in eager, next to eager without it)
 #   bf16_lora  compile             liger false / true (liger's kernels run inside the compiled model)
 #   unsloth_lora, unsloth_qlora  eager  (liger true: "unsupported", Unsloth fuses the same parts itself)
+#   halo_lora, qlora_nf4  cuda_graph, eager  liger false / true, as falqon
 # 8 steps, 3 of them warm-up, 1 profiled. Time, from results/e2e-llama7b-h200 and -compile-h200 (duration_s): ~15-25 s
 # per point in cuda_graph/eager, ~125 s per compiled bf16_lora point, Unsloth ~60-90 s per point (save + load of the
-# 13.5 GB model, its import), ~8 s per worker start: about 8-9 minutes. The run stops itself after LIMIT_S (510 s);
-# finished points are kept (RESUME_FROM completes the rest). Methods run in the order above, the ones that decide
-# falqon's speedup over the fastest stack first.
+# 13.5 GB model, its import), ~8 s per worker start: about 8-9 minutes. The run stops itself after LIMIT_S (510 s)
+# and a point after 240 s; finished points are kept (RESUME_FROM completes the rest). Methods run in the order of
+# `methods` below: the ones that decide falqon's speedup over the fastest stack first, halo_lora and qlora_nf4 last.
 #
 # Unsloth: the wheels in .whlunsloth/ (unsloth, unsloth_zoo, trl, datasets, multiprocess, dill; carried by the lead)
 # are installed with --no-deps into $UNSLOTH_SITE, appended to PYTHONPATH; the image has the rest of what Unsloth
@@ -102,7 +102,7 @@ fi
 rc=0
 left=$((LIMIT_S - (SECONDS - t_start)))
 timeout --signal=INT --kill-after=30 "$left" \
-  python -m falqon_bench.cli run "$suite" --out "$run_dir" --point-timeout-s 300 "${resume[@]}" || rc=$?
+  python -m falqon_bench.cli run "$suite" --out "$run_dir" --point-timeout-s 240 "${resume[@]}" || rc=$?
 echo "run: exit $rc after $((SECONDS - t_start)) s in all (124: stopped at the time limit)"
 
 mkdir -p "$run_dir"
