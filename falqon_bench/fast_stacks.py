@@ -398,9 +398,18 @@ def import_unsloth(workdir: str | Path | None = None) -> types.ModuleType:
     """The `unsloth` module, imported with hub access and usage statistics off (UNSLOTH_OFFLINE_ENV).
 
     Its compiled-module cache goes to $UNSLOTH_COMPILE_LOCATION when set, else under `workdir` (or $TMPDIR).
+    Raises StackUnsupported when this process imported transformers first: Unsloth's patches would then be
+    partial (it says so itself) and would change every model built later in the process, so an Unsloth point
+    needs a process of its own (`falqon-bench run`'s default --isolate gives each method one).
     """
+    import sys
     import tempfile
 
+    if "unsloth" not in sys.modules and "transformers" in sys.modules:
+        raise StackUnsupported(
+            "Unsloth must be imported before transformers in its process, and this one already ran another method; "
+            "run the Unsloth baselines with `falqon-bench run` (its default --isolate gives each method a process)"
+        )
     os.environ.update(UNSLOTH_OFFLINE_ENV)
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(workdir or tempfile.gettempdir()) / "unsloth_compiled_cache"))
     import unsloth

@@ -200,3 +200,13 @@ def test_summary_compares_falqon_s_fastest_point_with_the_fastest_point_of_any_o
     assert lines[1].startswith("bf16_lora compile +liger") and "unsupported: no GPU" in lines[5]
     assert "0.88x (falqon cuda_graph, 14,000 tokens/s, against bf16_lora compile +liger, 16,000 tokens/s)" in lines[-1]
     assert summary.speedup_over_fastest([r for r in rows if r["method"] == "falqon"]) is None
+
+
+def test_unsloth_is_refused_in_a_process_that_imported_transformers_first(monkeypatch):
+    import sys
+
+    import transformers  # noqa: F401  (what every other method's point imports)
+
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    with pytest.raises(fast_stacks.StackUnsupported, match="must be imported before transformers"):
+        fast_stacks.import_unsloth()
