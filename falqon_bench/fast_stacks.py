@@ -407,7 +407,8 @@ def import_unsloth(workdir: str | Path | None = None) -> types.ModuleType:
 
     if "unsloth" not in sys.modules and "transformers" in sys.modules:
         raise StackUnsupported(
-            "Unsloth must be imported before transformers in its process, and this one already ran another method; "
+            "Unsloth must be imported before transformers in its process, and this one has imported transformers already "
+            "(another method ran here); "
             "run the Unsloth baselines with `falqon-bench run` (its default --isolate gives each method a process)"
         )
     os.environ.update(UNSLOTH_OFFLINE_ENV)
