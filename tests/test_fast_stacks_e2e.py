@@ -210,3 +210,15 @@ def test_unsloth_is_refused_in_a_process_that_imported_transformers_first(monkey
     monkeypatch.delitem(sys.modules, "unsloth", raising=False)
     with pytest.raises(fast_stacks.StackUnsupported, match="must be imported before transformers"):
         fast_stacks.import_unsloth()
+
+
+def test_the_report_s_e2e_table_tells_a_liger_point_from_the_plain_one():
+    from falqon_bench.figures.e2e import markdown_table
+
+    def e2e_row(liger: bool, tokens_per_s: float) -> dict:
+        return {"kind": "e2e", "point_id": f"p{liger}", "method": "bf16_lora", "mode": "compile", "status": "ok",
+                "options": {"mode": "compile", "liger": liger}, "tokens_per_s": tokens_per_s, "wall_ms": 250.0}
+
+    lines = markdown_table([e2e_row(False, 14000.0), e2e_row(True, 16000.0)]).splitlines()
+    assert lines[2].startswith("| bf16_lora | compile | 14,000 |")
+    assert lines[3].startswith("| bf16_lora | compile +liger | 16,000 |")

@@ -62,6 +62,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             tps = r.get("tokens_per_s") if ok else None
             out.append({
                 "method": method, "mode": r.get("mode"), "status": r.get("status"), "error": r.get("error"),
+                "liger": bool((r.get("options") or {}).get("liger")),  # liger-kernel's patches (falqon_bench.fast_stacks)
                 "tokens_per_s": tps, "vs_bf16_best": (tps / best_base) if tps and best_base else None,
                 "wall_ms": r.get("wall_ms") if ok else None, "wall_p10_ms": r.get("wall_p10_ms"), "wall_p90_ms": r.get("wall_p90_ms"),
                 "gpu_busy": r.get("gpu_busy"), "peak_gib": (r["peak_mem_bytes"] / GIB) if r.get("peak_mem_bytes") else None,
@@ -79,6 +80,7 @@ def markdown_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str)
     head = "| method | mode | tokens/s | vs best bf16_lora | step ms (p10-p90) | host ms | GPU busy | peak GiB | convert s |"
     lines = [head, "|" + "---|" * 9]
     for t in summary_table(rows):
+        t["mode"] = f"{t['mode']} +liger" if t["liger"] else t["mode"]
         if t["status"] != "ok":
             lines.append(f"| {cell(t['method'])} | {cell(t['mode'])} | error: {cell(t['error'])} |  |  |  |  |  |  |")
             continue
