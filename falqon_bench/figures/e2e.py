@@ -102,12 +102,14 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
     x = np.arange(len(methods))
 
     ax = axes[0]
-    modes = [m for m in MODES if any(r.get("mode") == m for r in rows)]
-    width = 0.8 / max(1, len(modes))
-    for j, mode in enumerate(modes):
-        values = [(_ok(rows, m, mode) or [{}])[0].get("tokens_per_s") or 0.0 for m in methods]
-        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode, hatch=MODE_HATCH.get(mode, ""),
-               color=[variant_color(m) for m in methods], edgecolor="black", linewidth=0.5)
+    liger = lambda r: bool((r.get("options") or {}).get("liger"))  # noqa: E731  (liger-kernel patches, a series of its own)
+    series = [(m, lg) for m in MODES for lg in (False, True) if any(r.get("mode") == m and liger(r) == lg for r in rows)]
+    width = 0.8 / max(1, len(series))
+    for j, (mode, with_liger) in enumerate(series):
+        values = [next((r for r in _ok(rows, m, mode) if liger(r) == with_liger), {}).get("tokens_per_s") or 0.0 for m in methods]
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, label=mode + (" +liger" if with_liger else ""),
+               hatch=MODE_HATCH.get(mode, ""), color=[variant_color(m) for m in methods], edgecolor="black",
+               linewidth=1.8 if with_liger else 0.5)
     ax.set_title("tokens/s by execution mode (higher is better; missing bar = failed)")
     ax.set_ylabel("tokens / s")
     ax.legend(fontsize=8)
