@@ -15,7 +15,7 @@
 #   halo_lora, qlora_nf4  cuda_graph, eager  liger false / true, as falqon
 # 8 steps, 3 of them warm-up, 1 profiled. Time, from results/e2e-llama7b-h200 and -compile-h200 (duration_s): ~15-25 s
 # per point in cuda_graph/eager, ~125 s per compiled bf16_lora point, Unsloth ~60-90 s per point (save + load of the
-# 13.5 GB model, its import), ~8 s per worker start: about 8-9 minutes. The run stops itself after LIMIT_S (510 s)
+# 13.5 GB model, its import), ~8 s per worker start: about 8-9 minutes. The run stops itself after LIMIT_S (500 s, setup included)
 # and a point after 240 s; finished points are kept (RESUME_FROM completes the rest). Methods run in the order of
 # `methods` below: the ones that decide falqon's speedup over the fastest stack first, halo_lora and qlora_nf4 last.
 #
@@ -37,7 +37,7 @@ for arg in "$@"; do
   esac
 done
 [ "${FAST_STACKS_E2E_CPU_SMOKE:-0}" = 1 ] && SMOKE=1
-LIMIT_S=${LIMIT_S:-510}
+LIMIT_S=${LIMIT_S:-500}
 UNSLOTH_SITE=${UNSLOTH_SITE:-/tmp/site-unsloth}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
