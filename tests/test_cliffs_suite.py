@@ -6,8 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from falqon_bench.suite import load_suite
-from falqon_bench.sweep import expand_suite
+from falqon_bench.suites.suite import load_suite
+from falqon_bench.suites.sweep import expand_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 

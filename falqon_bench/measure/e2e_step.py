@@ -129,12 +129,14 @@ def _sync(device: torch.device) -> None:
 
 def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None):
     """(Training, convert_s, trainable element count): model made, prepared, converted (timed), optimizer built."""
-    from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
+    from falqon_core.convert import LLAMA_TARGET_MODULES
     from falqon_core.methods import AdapterConfig
 
+    from falqon_bench.measure.fast_stacks import check_stack_point, convert_for_point  # issue #18: Unsloth, liger's modes
     from falqon_bench.suites.models import make_model
 
     opts = point["options"]
+    check_stack_point(point, device)  # "unsupported: <why>" before a model is built
     model = make_model(point["model"], device, torch.bfloat16, num_layers=opts["layers"], seed=opts["seed"],
                        allow_pickle=bool(point.get("allow_pickle")))
     prepare_model(model, opts)
@@ -142,7 +144,7 @@ def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[
                             options=dict(opts.get("method_options") or {}))
     _sync(device)
     t0 = time.perf_counter()
-    model, method = convert_model(model, point["method"], adapter)
+    model, method = convert_for_point(model, point, adapter)  # falqon_core's convert_model, or Unsloth's model
     _sync(device)
     convert_s = time.perf_counter() - t0
     params = method.trainable_parameters(model)

@@ -21,7 +21,8 @@ import torch
 
 NO_GPU = "no NVIDIA GPU"
 CLOCK_DROP_FRACTION = 0.9  # a point whose SM clock fell below 90% of max is flagged
-PACKAGES = ("torch", "triton", "peft", "transformers", "torchao", "bitsandbytes", "nvidia-ml-py", "falqon-bench")
+PACKAGES = ("torch", "triton", "peft", "transformers", "torchao", "bitsandbytes", "nvidia-ml-py", "falqon-bench",
+            "liger-kernel", "unsloth", "unsloth_zoo")  # the last three: the fast stacks (falqon_bench.measure.fast_stacks)
 
 
 def package_versions() -> dict[str, str]:

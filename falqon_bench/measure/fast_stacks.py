@@ -13,6 +13,11 @@ around the linears (RMSNorm, SwiGLU, RoPE, casts, the loss over the vocabulary).
 Both are optional (`pip install -e ".[fast]"` for liger-kernel; Unsloth is installed by hand, see the README);
 each has an `*_unavailable_reason` that says in one line why it cannot run here and what to install, so an
 e2e point records "unsupported: <reason>" instead of crashing.
+
+In an e2e suite the Unsloth baselines are method names like any other (`methods = ["falqon", "unsloth_lora"]`):
+`check_stack_point` refuses, before any model is built, what cannot run (StackUnsupported, recorded as
+"unsupported: <reason>"), and `convert_for_point` builds Unsloth's model where the other methods are converted
+by falqon_core, so both are timed by the same step in the same modes.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import importlib.metadata
 import importlib.util
 import os
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from falqon_bench.data.errors import BenchInputError
+from falqon_core.methods import MethodUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -277,8 +284,9 @@ def build_unsloth_model(
     """(Unsloth's LoRA model, its trainable tensors) for `baseline` in UNSLOTH_BASELINES, from `model`'s weights.
 
     `model` (built by falqon_bench.suites.models.make_model: a named config with random weights or a local directory)
-    is saved to `workdir` as safetensors and freed (pass it without keeping a reference) and loaded back through FastLanguageModel.from_pretrained with hub
-    access off; unsloth_qlora loads the frozen weights in 4 bit (bitsandbytes NF4), unsloth_lora in 16 bit.
+    is saved to `workdir` as safetensors, moved to the meta device (its device memory is released even where the
+    caller keeps a reference; `model` is unusable afterwards) and loaded back through
+    FastLanguageModel.from_pretrained with hub access off, in training mode; unsloth_qlora loads the frozen weights in 4 bit (bitsandbytes NF4), unsloth_lora in 16 bit.
     Adapters as in the suite's other LoRA methods: the decoder's 7 projections, alpha = r, no dropout, no
     bias, and gradient checkpointing off (Unsloth's default "unsloth" offloads activations, trading time for
     memory, which no other method here does). Raises BenchInputError when Unsloth cannot run here.
@@ -292,10 +300,9 @@ def build_unsloth_model(
         raise BenchInputError(f"{baseline} is not possible here: {reason}")
     directory = save_model_dir(model, Path(workdir) / "model")
     dtype = model.dtype
-    del model  # the copy on disk is the one Unsloth loads; free the device memory first
-    os.environ.update(UNSLOTH_OFFLINE_ENV)
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(workdir) / "unsloth_compiled_cache"))
-    from unsloth import FastLanguageModel
+    model.to("meta")  # the copy on disk is the one Unsloth loads: free the device memory, even if the caller holds `model`
+    del model
+    FastLanguageModel = import_unsloth(workdir).FastLanguageModel
 
     unsloth_model, _tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(directory),
@@ -317,5 +324,132 @@ def build_unsloth_model(
         bias="none",
         use_gradient_checkpointing=False,
         random_state=seed,
+        temporary_location=str(Path(workdir) / "unsloth_temporary_saved_buffers"),  # default: the current directory
     )
+    FastLanguageModel.for_training(unsloth_model, use_gradient_checkpointing=False)
     return unsloth_model, [p for p in unsloth_model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast stacks inside an e2e suite (falqon_bench.suites.e2e_suite / e2e_step)
+
+STACK_BASELINES = tuple(UNSLOTH_BASELINES)  # e2e method names built by their own library, not by falqon_core
+# liger's fused lm_head + cross-entropy counts the non-ignored labels with `.item()` on every forward
+# (liger_kernel/ops/fused_linear_cross_entropy.py), a host sync that a CUDA graph cannot capture
+LIGER_GRAPH_REASON = ("liger-kernel's fused loss reads a count back to the host (.item()) on every forward, "
+                      "which a CUDA graph cannot capture; run liger = true in eager or compile mode")
+
+
+class StackUnsupported(MethodUnavailable):
+    """An e2e point that cannot run as asked (Unsloth missing or pinned out, liger in a CUDA graph, ...).
+
+    Recorded as the point's row, never raised out of the run: error_type "unsupported", error "unsupported: <why>".
+    """
+
+    label = "unsupported"
+
+
+def is_stack_baseline(method: str) -> bool:
+    """Whether `method` is an e2e baseline that its own library builds (Unsloth), not a falqon_core method."""
+    return method in STACK_BASELINES
+
+
+def stack_point_unsupported_reason(point: dict[str, Any], device: "torch.device | str | None") -> str | None:
+    """Why an e2e point cannot run as asked, known before any model is built; None when it can (or may) run.
+
+    point["options"] holds mode, liger and world_size (falqon_bench.suites.e2e_suite). Checked: liger in a whole-step
+    CUDA graph, or where it cannot run (`liger_unavailable_reason`); for the Unsloth baselines, liger on top (Unsloth fuses the same parts with its own kernels),
+    more than one process (importing Unsloth patches transformers and PEFT process-wide, and the suite's
+    DDP wrapper is not Unsloth's), and `unsloth_unavailable_reason`.
+    """
+    from falqon_bench.suites.e2e_suite import GRAPH_MODES
+
+    options = point.get("options") or {}
+    if not is_stack_baseline(point["method"]):
+        if not options.get("liger"):
+            return None
+        if options.get("mode") in GRAPH_MODES:
+            return LIGER_GRAPH_REASON
+        reason = liger_unavailable_reason(device)
+        return None if reason is None else f"liger = true is not possible here: {reason}"
+    if options.get("liger"):
+        return (f"{point['method']} with liger = true: Unsloth fuses RMSNorm, SwiGLU, RoPE and the loss with its own "
+                "kernels; liger-kernel applies to the suite's other methods")
+    if int(options.get("world_size") or 1) > 1:
+        return (f"{point['method']} runs in one process on one GPU (importing Unsloth patches transformers and PEFT "
+                "process-wide); run it with `falqon-bench run`, not under torchrun")
+    return unsloth_unavailable_reason(device)
+
+
+def check_stack_point(point: dict[str, Any], device: "torch.device | str | None") -> None:
+    """Raise StackUnsupported (one line: why) when `stack_point_unsupported_reason` has a reason.
+
+    For an Unsloth point that can run, import Unsloth now, before the point's model is built: Unsloth patches
+    transformers, PEFT and TRL when imported and warns that it runs slower when they were imported first.
+    """
+    reason = stack_point_unsupported_reason(point, device)
+    if reason is not None:
+        raise StackUnsupported(reason)
+    if is_stack_baseline(point["method"]):
+        import_unsloth()
+
+
+def import_unsloth(workdir: str | Path | None = None) -> types.ModuleType:
+    """The `unsloth` module, imported with hub access and usage statistics off (UNSLOTH_OFFLINE_ENV).
+
+    Its compiled-module cache goes to $UNSLOTH_COMPILE_LOCATION when set, else under `workdir` (or $TMPDIR).
+    Raises StackUnsupported when this process imported transformers first: Unsloth's patches would then be
+    partial (it says so itself) and would change every model built later in the process, so an Unsloth point
+    needs a process of its own (`falqon-bench run`'s default --isolate gives each method one).
+    """
+    import sys
+    import tempfile
+
+    if "unsloth" not in sys.modules and "transformers" in sys.modules:
+        raise StackUnsupported(
+            "Unsloth must be imported before transformers in its process, and this one has imported transformers already "
+            "(another method ran here); "
+            "run the Unsloth baselines with `falqon-bench run` (its default --isolate gives each method a process)"
+        )
+    os.environ.update(UNSLOTH_OFFLINE_ENV)
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(workdir or tempfile.gettempdir()) / "unsloth_compiled_cache"))
+    import unsloth
+
+    return unsloth
+
+
+@dataclass
+class UnslothStack:
+    """What the e2e step needs of a method, for a model Unsloth built: its trainable tensors, no post-step work."""
+
+    name: str
+
+    def trainable_parameters(self, model: "nn.Module") -> "list[nn.Parameter]":
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def after_optimizer_step(self, model: "nn.Module") -> None:
+        """Nothing: LoRA adapters are plain parameters that AdamW updated."""
+
+
+def convert_for_point(model: "nn.Module", point: dict[str, Any], adapter: Any) -> "tuple[nn.Module, Any]":
+    """(trainable model, method) for an e2e point: falqon_core's `convert_model`, or Unsloth's model for its baselines.
+
+    For unsloth_lora / unsloth_qlora, `model` (the point's freshly built model; its device memory is released)
+    is saved to a temporary directory under $TMPDIR and loaded by Unsloth (`build_unsloth_model`) with the
+    point's rank, seq_len and seed; the saved weights are deleted once loaded. Unsloth takes no method options.
+    """
+    if not is_stack_baseline(point["method"]):
+        from falqon_core.convert import convert_model
+
+        return convert_model(model, point["method"], adapter)
+    import shutil
+    import tempfile
+
+    options = point["options"]
+    if options.get("method_options"):
+        raise BenchInputError(f"{point['method']} takes no method options; got {sorted(options['method_options'])}")
+    workdir = Path(tempfile.mkdtemp(prefix=f"falqon-{point['method']}-"))
+    unsloth_model, _ = build_unsloth_model(point["method"], model, int(point["rank"]), int(options["seq_len"]),
+                                           workdir, seed=int(options.get("seed", 0)))
+    shutil.rmtree(workdir / "model", ignore_errors=True)  # gigabytes of safetensors; Unsloth holds its own copy
+    return unsloth_model, UnslothStack(point["method"])

@@ -116,6 +116,10 @@ def precheck(point: Point, device: torch.device) -> str | None:
     """Why a point cannot run here without starting a worker (method unavailable / no compile support), or None."""
     from falqon_core.methods import MethodUnavailable, get_method
 
+    from falqon_bench.measure.fast_stacks import is_stack_baseline
+
+    if is_stack_baseline(point["method"]):  # Unsloth: its e2e point itself records why it cannot run (fast_stacks)
+        return None
     try:
         get_method(point["method"]).check_runnable(device, compile=bool(point.get("compile")))
     except MethodUnavailable as e:
@@ -151,8 +155,10 @@ def _method_modules(points: list[Point]) -> list[str]:
     """Modules defining the points' methods outside falqon_core (plugins, tests), for the worker to import."""
     from falqon_core.methods import get_method
 
+    from falqon_bench.measure.fast_stacks import is_stack_baseline
+
     mods = []
-    for name in dict.fromkeys(p["method"] for p in points):
+    for name in dict.fromkeys(p["method"] for p in points if not is_stack_baseline(p["method"])):
         mod = type(get_method(name)).__module__
         if not mod.startswith("falqon_core.") and mod != "__main__" and mod not in mods:
             mods.append(mod)
@@ -464,7 +470,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
             if r is None:
                 cells.append("")
             elif r.get("status") != "ok":
-                cells.append("[red]n/a[/red]" if r.get("error_type") == "unavailable" else "[red]error[/red]")
+                cells.append("[red]n/a[/red]" if r.get("error_type") in ("unavailable", "unsupported") else "[red]error[/red]")
             else:
                 cells.append(_fmt_ms(r.get("gpu_ms") if r.get("gpu_ms") is not None else r.get("wall_ms")))
         table.add_row(*(str(k) for k in key), *cells)

@@ -60,8 +60,9 @@ def record_failure(row: dict[str, Any], e: Exception) -> None:
     for MethodUnavailable, else the exception's type and first line. (Ctrl-C is no Exception: it propagates.)"""
     from falqon_core.methods import MethodUnavailable
 
-    if isinstance(e, MethodUnavailable):
-        row.update(error_type="unavailable", error=f"unavailable: {str(e).strip() or type(e).__name__}")
+    if isinstance(e, MethodUnavailable):  # a subclass may name its own kind: fast_stacks.StackUnsupported, "unsupported"
+        label = getattr(e, "label", "unavailable")
+        row.update(error_type=label, error=f"{label}: {str(e).strip() or type(e).__name__}")
     else:
         row.update(error_type=type(e).__name__, error=one_line(e))
 

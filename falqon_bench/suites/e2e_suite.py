@@ -13,8 +13,9 @@
     rank = 16
     lr = 1e-4
     seed = 0
-    methods = ["bf16_lora", "falqon"]
+    methods = ["bf16_lora", "falqon"]   # falqon_core's methods, and the Unsloth baselines unsloth_lora, unsloth_qlora
     modes = ["eager", "compile", "cuda_graph", "compile_cuda_graph"]
+    modes_by_method = {bf16_lora = ["compile"]}   # these methods' modes instead of `modes` (e.g. each at its best)
     liger = [false]           # apply falqon_bench.measure.fast_stacks.apply_liger before converting
     allow_pickle = false      # load pickled weights of a model directory (see falqon_bench.suites.models)
     options = {falqon = {init_svd = "lowrank"}}   # per-method options
@@ -62,6 +63,7 @@ class E2ESuiteFile(BaseModel):
     methods: list[str] = Field(min_length=1)
     modes: list[Literal["eager", "compile", "cuda_graph", "compile_cuda_graph"]] = Field(default_factory=lambda: ["eager"], min_length=1)
     liger: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    modes_by_method: dict[str, list[Literal["eager", "compile", "cuda_graph", "compile_cuda_graph"]]] = Field(default_factory=dict)
     allow_pickle: bool = False
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -84,11 +86,19 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
         line = find_key_line(text, None, None, key)
         return f"{file}" + (f" line {line}" if line else "")
 
+    from falqon_bench.measure.fast_stacks import STACK_BASELINES
+
     registered = method_names()
-    for name in [*spec.methods, *spec.options]:
-        if name not in registered:
-            raise BenchInputError(f"unknown method `{name}` in {at('methods' if name in spec.methods else 'options')}; "
-                                  f"registered methods: {', '.join(registered)}")
+    for name in [*spec.methods, *spec.options, *spec.modes_by_method]:
+        if name not in registered and (name in spec.options or name not in STACK_BASELINES):
+            key = "methods" if name in spec.methods else "options" if name in spec.options else "modes_by_method"
+            raise BenchInputError(f"unknown method `{name}` in {at(key)}; registered methods: {', '.join(registered)}; "
+                                  f"baselines of other stacks (no options): {', '.join(STACK_BASELINES)}")
+    for name, modes in spec.modes_by_method.items():
+        if name not in spec.methods or not modes:
+            raise BenchInputError(f"`modes_by_method` in {at('modes_by_method')} gives {name} "
+                                  + ("modes, but it is not in `methods`" if modes else "no modes")
+                                  + f"; methods: {', '.join(spec.methods)}")
     if spec.warmup_steps >= spec.steps:
         raise BenchInputError(f"`warmup_steps` ({spec.warmup_steps}) in {at('warmup_steps')} must be below `steps` "
                               f"({spec.steps}): no step would be timed")
@@ -118,12 +128,14 @@ def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str
 
 
 def expand_e2e_suite(suite, world_size: int = 1) -> list[dict[str, Any]]:
-    """One point per (method, mode, liger), grouped by method; `tokens` counts every process's batch."""
+    """One point per (method, mode, liger), grouped by method; `tokens` counts every process's batch.
+
+    A method listed in `modes_by_method` runs in those modes instead of `modes`."""
     spec: E2ESuiteFile = suite.kind_spec
     label, hidden, inter, depth = model_shape(spec.model, spec.layers, suite.allow_pickle)
     points = []
     for method in dict.fromkeys(spec.methods):
-        for mode in dict.fromkeys(spec.modes):
+        for mode in dict.fromkeys(spec.modes_by_method.get(method) or spec.modes):
             for liger in dict.fromkeys(spec.liger):
                 options = {
                     "mode": mode, "seq_len": spec.seq_len, "batch": spec.batch, "layers": depth, "lr": spec.lr,

@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from falqon_bench.e2e_step import compile_blocks
-from falqon_bench.models import make_model
+from falqon_bench.measure.e2e_step import compile_blocks
+from falqon_bench.suites.models import make_model
 from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
 from falqon_core.methods import AdapterConfig
 

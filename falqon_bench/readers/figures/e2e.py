@@ -63,6 +63,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             tps = r.get("tokens_per_s") if ok else None
             out.append({
                 "method": method, "mode": r.get("mode"), "status": r.get("status"), "error": r.get("error"),
+                "liger": bool((r.get("options") or {}).get("liger")),  # liger-kernel's patches (falqon_bench.measure.fast_stacks)
                 "tokens_per_s": tps, "vs_bf16_best": (tps / best_base) if tps and best_base else None,
                 "wall_ms": r.get("wall_ms") if ok else None, "wall_p10_ms": r.get("wall_p10_ms"), "wall_p90_ms": r.get("wall_p90_ms"),
                 "gpu_busy": r.get("gpu_busy"), "peak_gib": (r["peak_mem_bytes"] / GIB) if r.get("peak_mem_bytes") else None,
@@ -80,6 +81,7 @@ def markdown_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str)
     head = "| method | mode | tokens/s | vs best bf16_lora | step ms (p10-p90) | host ms | GPU busy | peak GiB | convert s |"
     lines = [head, "|" + "---|" * 9]
     for t in summary_table(rows):
+        t["mode"] = f"{t['mode']} +liger" if t["liger"] else t["mode"]
         if t["status"] != "ok":
             lines.append(f"| {cell(t['method'])} | {cell(t['mode'])} | error: {cell(t['error'])} |  |  |  |  |  |  |")
             continue
@@ -132,12 +134,14 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
     x = np.arange(len(methods))
 
     ax = axes[0]
-    modes = [m for m in MODES if any(r.get("mode") == m for r in rows)]
-    width = 0.8 / max(1, len(modes))
-    for j, mode in enumerate(modes):
-        values = [(_ok(rows, m, mode) or [{}])[0].get("tokens_per_s") or 0.0 for m in methods]
-        ax.bar(x + (j - (len(modes) - 1) / 2) * width, values, width, label=mode, hatch=MODE_HATCH.get(mode, ""),
-               color=[variant_color(m) for m in methods], edgecolor="black", linewidth=0.5)
+    liger = lambda r: bool((r.get("options") or {}).get("liger"))  # noqa: E731  (liger-kernel patches, a series of its own)
+    series = [(m, lg) for m in MODES for lg in (False, True) if any(r.get("mode") == m and liger(r) == lg for r in rows)]
+    width = 0.8 / max(1, len(series))
+    for j, (mode, with_liger) in enumerate(series):
+        values = [next((r for r in _ok(rows, m, mode) if liger(r) == with_liger), {}).get("tokens_per_s") or 0.0 for m in methods]
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, label=mode + (" +liger" if with_liger else ""),
+               hatch=MODE_HATCH.get(mode, ""), color=[variant_color(m) for m in methods], edgecolor="black",
+               linewidth=1.8 if with_liger else 0.5)
     ax.set_title("tokens/s by execution mode (higher is better; missing bar = failed)")
     ax.set_ylabel("tokens / s")
     ax.legend(fontsize=8)
