@@ -154,6 +154,14 @@ def _sum_over_ranks(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def _max_over_ranks(value: float, info: DistInfo) -> float:
+    if info.backend is None:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     if info.backend is not None:
@@ -171,21 +179,31 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
     """
     import gc
 
+    from falqon_bench.e2e_fsdp import FsdpUnsupported, build_fsdp_training, parallel_of, unsupported_message
     from falqon_bench.e2e_step import build_training, e2e_base_row, make_batches, measurements_to_row, run_steps
     from falqon_bench.worker import one_line
 
     row = e2e_base_row(point, info.device, info.world_size, info.backend or "none")
+    row["parallel"] = parallel_of(point)
     t0 = time.perf_counter()
     training = fp8_init = None
     error: str | None = None
     try:
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
-        wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
-        training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
+        if parallel_of(point) == "fsdp":
+            if info.backend is None:
+                raise FsdpUnsupported("parallel = fsdp needs a process group: launch with torchrun (--nproc-per-node 1 "
+                                      "for one GPU)")
+            training, convert_s, n_trainable = build_fsdp_training(point, info.device, info.world_size)
+        else:
+            wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
+            training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
         training.skip_grad_allreduce = skip_grad_allreduce
         row.update(convert_s=convert_s, trainable_params=n_trainable)
         fp8_init = [b.view(torch.uint8).cpu().clone() for _, b in fp8_buffers(training.base)] if info.is_main else []
+    except FsdpUnsupported as e:  # fully_shard refusing a module, a mode FSDP2 cannot run
+        error = unsupported_message(e)
     except Exception as e:  # MethodUnavailable, a library missing, DDP refusing a tensor subclass, OOM
         error = one_line(e)
     if not _all_ranks_ok(error is None, info):
@@ -204,7 +222,10 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
     if fp8_init:
         now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(training.base)]
         row["fp8_bytes_changed"] = int(sum((a != b).sum() for a, b in zip(fp8_init, now)))
-    row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(info.device)) if info.device.type == "cuda" else None
+    if info.device.type == "cuda":  # the fullest rank: FSDP ranks differ by their shard sizes
+        row["peak_mem_bytes"] = int(_max_over_ranks(float(torch.cuda.max_memory_allocated(info.device)), info))
+    if row["parallel"] == "fsdp" and fp8_buffers(training.base):
+        row["fp8_layout"] = "replicated"  # buffers are not sharded by fully_shard (falqon_bench.e2e_fsdp)
     finite = all(v == v and abs(v) != float("inf") for v in row["loss_per_step"])
     row.update(status="ok" if finite else "error", error=None if finite else f"loss is not finite: {row['loss_per_step'][:4]}")
     row["duration_s"] = round(time.perf_counter() - t0, 4)
