@@ -146,19 +146,12 @@ def _all_ranks_ok(ok: bool, info: DistInfo) -> bool:
     return int(flag.item()) == 0
 
 
-def _sum_over_ranks(value: float, info: DistInfo) -> float:
+def _reduce_over_ranks(value: float, info: DistInfo, op=dist.ReduceOp.SUM) -> float:
+    """value summed (or reduced by `op`) over the ranks; the value itself in a single process."""
     if info.backend is None:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
-def _max_over_ranks(value: float, info: DistInfo) -> float:
-    if info.backend is None:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return float(t.item())
 
 
@@ -217,13 +210,13 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
         return _finish_error(row, error or "training failed on another rank", t0)
     measured["losses"] = _mean_over_ranks(measured["losses"], info)
     measurements_to_row(row, measured, point, training.clock.split())
-    row["tokens_per_s"] = _sum_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
+    row["tokens_per_s"] = _reduce_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
     row["weights_in_sync"] = fp8_weights_in_sync(training.base, info) if fp8_buffers(training.base) and info.world_size > 1 else None
     if fp8_init:
         now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(training.base)]
         row["fp8_bytes_changed"] = int(sum((a != b).sum() for a, b in zip(fp8_init, now)))
     if info.device.type == "cuda":  # the fullest rank: FSDP ranks differ by their shard sizes
-        row["peak_mem_bytes"] = int(_max_over_ranks(float(torch.cuda.max_memory_allocated(info.device)), info))
+        row["peak_mem_bytes"] = int(_reduce_over_ranks(float(torch.cuda.max_memory_allocated(info.device)), info, dist.ReduceOp.MAX))
     if row["parallel"] == "fsdp" and fp8_buffers(training.base):
         row["fp8_layout"] = "replicated"  # buffers are not sharded by fully_shard (falqon_bench.e2e_fsdp)
     finite = all(v == v and abs(v) != float("inf") for v in row["loss_per_step"])
@@ -237,6 +230,9 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
 def _finish_error(row: dict[str, Any], error: str, t0: float) -> dict[str, Any]:
     row.update(error=error, error_type=error.split(":")[0], duration_s=round(time.perf_counter() - t0, 4))
     if row["device"] != "CPU":
+        import gc
+
+        gc.collect()  # a model that failed half-built (OOM) sits in reference cycles: free it before the next point
         torch.cuda.empty_cache()
     return row
 
