@@ -185,9 +185,6 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
         if parallel_of(point) == "fsdp":
-            if info.backend is None:
-                raise FsdpUnsupported("parallel = fsdp needs a process group: launch with torchrun (--nproc-per-node 1 "
-                                      "for one GPU)")
             training, convert_s, n_trainable = build_fsdp_training(point, info.device, info.world_size)
         else:
             wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None

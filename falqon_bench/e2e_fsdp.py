@@ -22,6 +22,9 @@ input, same kernels, so the same fp8 bytes), and B's new value is written back i
 run checks the fp8 bytes bit-identical across ranks after training (`weights_in_sync`). HALO's frozen fp8 weights
 are buffers too and are replicated the same way.
 
+With one process (torchrun --nproc-per-node 1, or no torchrun) nothing is sharded: the point is the layer-by-layer
+build alone, which is what lets one GPU hold a model whose bf16 weights it could never hold (FALQON's 70B-class).
+
 A method that fully_shard or FSDP2's forward cannot handle (a tensor subclass weight, a CUDA-graph mode) is one
 error row "unsupported: fsdp: <reason>" (error_type "unsupported"); an OOM stays an OOM.
 """
@@ -101,7 +104,7 @@ def build_sharded_model(point: dict[str, Any], device: torch.device, world_size:
 
     opts = point["options"]
     model, config = _meta_llama(point)
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = init_device_mesh(device.type, (world_size,)) if world_size > 1 else None
     std, seed = float(config.initializer_range), int(opts["seed"])
     convert_s, method = 0.0, None
     layers = model.model.layers
@@ -123,6 +126,9 @@ def build_sharded_model(point: dict[str, Any], device: torch.device, world_size:
 
 
 def _shard(fully_shard, module: nn.Module, mesh, what: str) -> None:
+    """fully_shard over the mesh; one process (no mesh) shards nothing: the layer-by-layer build is what counts."""
+    if mesh is None:
+        return
     try:
         fully_shard(module, mesh=mesh)
     except Exception as e:
@@ -199,12 +205,12 @@ def unsupported_message(e: BaseException) -> str:
 
 
 def unsupported_in_worker(point: dict[str, Any], ctx) -> dict[str, Any]:
-    """`falqon-bench run` measures e2e points in one worker process without a process group: an fsdp point is one
+    """`falqon-bench run` measures e2e points in a worker that builds the whole model at once: an fsdp point is one
     "unsupported" row there that says how to run it."""
     from falqon_bench.e2e_step import e2e_base_row
 
     row = e2e_base_row(point, torch.device(ctx.device), world_size=1, backend="none")
     row.update(parallel="fsdp", error_type="unsupported",
-               error="unsupported: fsdp: parallel = fsdp runs under torchrun: torchrun --nproc-per-node N "
-                     "-m falqon_bench.e2e SUITE --out DIR (N = 1 for one GPU)")
+               error="unsupported: fsdp: parallel = fsdp runs in python -m falqon_bench.e2e SUITE --out DIR (one GPU), "
+                     "or under torchrun --nproc-per-node N -m falqon_bench.e2e SUITE --out DIR")
     return row

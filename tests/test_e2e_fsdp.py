@@ -100,3 +100,30 @@ def test_fsdp_point_in_a_single_worker_is_an_unsupported_row_with_the_torchrun_h
     row = measure_e2e_point(point, ctx)
     assert row["status"] == "error" and row["error_type"] == "unsupported" and "torchrun" in row["error"]
     assert json.loads(json.dumps(row)) == row
+
+
+def test_one_process_fsdp_point_is_the_layer_by_layer_build_and_trains(tmp_path, monkeypatch):
+    from falqon_bench import e2e
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    suite = tmp_path / "one.toml"
+    suite.write_text(FSDP_SUITE.replace('["eager", "cuda_graph"]', '["eager"]').replace('["bf16_lora", "falqon"]', '["falqon"]'))
+    (row,) = e2e.run(str(suite), tmp_path / "run")
+    assert row["status"] == "ok", row["error"]
+    assert row["parallel"] == "fsdp" and row["world_size"] == 1 and row["fp8_bytes_changed"] > 0
+
+
+def test_every_rank_builds_the_same_fp8_bytes_from_the_seed(tmp_path):
+    """Replicated fp8 buffers are only replicas if each rank's layer-by-layer build makes the same bytes."""
+    import torch
+
+    from falqon_bench.e2e_fsdp import build_sharded_model
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(FSDP_SUITE)
+    point = next(p for p in expand_e2e_suite(load_suite(str(suite))) if p["method"] == "falqon")
+    builds = [build_sharded_model(point, torch.device("cpu"), world_size=1)[0] for _ in range(2)]
+    first, second = ([b.view(torch.uint8) for _, b in m.named_buffers() if b.dtype == torch.float8_e4m3fn] for m in builds)
+    assert len(first) == 2 * 7 and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not any(p.is_meta for m in builds for p in [*m.parameters(), *m.buffers()])
