@@ -125,10 +125,25 @@ def build_sharded_model(point: dict[str, Any], device: torch.device, world_size:
     return model, method, convert_s
 
 
+def unshardable_parameters(module: nn.Module) -> list[str]:
+    """'name (Type)' of each parameter fully_shard would split as raw storage and break: a tensor subclass (e.g.
+    bitsandbytes' Params4bit, a torchao quantized weight) that does not define FSDP2's fsdp_pre_all_gather hook.
+    Parameters a child FSDP unit already sharded (DTensors) are not this unit's."""
+    from torch.distributed.tensor import DTensor
+
+    return [f"{name} ({type(p).__name__})" for name, p in module.named_parameters()
+            if type(p) not in (torch.Tensor, nn.Parameter) and not isinstance(p, DTensor)
+            and not hasattr(p, "fsdp_pre_all_gather")]
+
+
 def _shard(fully_shard, module: nn.Module, mesh, what: str) -> None:
     """fully_shard over the mesh; one process (no mesh) shards nothing: the layer-by-layer build is what counts."""
     if mesh is None:
         return
+    refused = unshardable_parameters(module)
+    if refused:
+        raise FsdpUnsupported(f"{what} holds tensor-subclass parameters that FSDP2 cannot all-gather (they define no "
+                              f"fsdp_pre_all_gather): {', '.join(refused[:3])}")
     try:
         fully_shard(module, mesh=mesh)
     except Exception as e:

@@ -127,3 +127,24 @@ def test_every_rank_builds_the_same_fp8_bytes_from_the_seed(tmp_path):
     first, second = ([b.view(torch.uint8) for _, b in m.named_buffers() if b.dtype == torch.float8_e4m3fn] for m in builds)
     assert len(first) == 2 * 7 and all(torch.equal(a, b) for a, b in zip(first, second))
     assert not any(p.is_meta for m in builds for p in [*m.parameters(), *m.buffers()])
+
+
+def test_tensor_subclass_weights_without_the_fsdp_hook_are_named_as_unshardable():
+    """bitsandbytes' Params4bit is an nn.Parameter subclass over packed bytes: fully_shard would split the bytes and
+    lose the quantization state, so such a layer is refused up front (one "unsupported" row), naming the parameter."""
+    import torch
+    from torch import nn
+
+    from falqon_bench.e2e_fsdp import unshardable_parameters
+
+    class PackedWeight(nn.Parameter):
+        pass
+
+    class WithHook(nn.Parameter):
+        def fsdp_pre_all_gather(self, *args):  # a subclass that tells FSDP2 how to all-gather it is fine
+            raise NotImplementedError
+
+    layer = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    layer[1].weight = PackedWeight(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
+    layer[2].weight = WithHook(torch.zeros(4, 4), requires_grad=False)
+    assert unshardable_parameters(layer) == ["1.weight (PackedWeight)"]
