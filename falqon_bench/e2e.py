@@ -15,6 +15,9 @@ identical without broadcasting buffers before each forward. Frozen weights (fp8 
 weights such as fp6_lora's) are kept out of DDP: every rank builds them from the same seed, and fp8 buffers
 are synced once by bytes. The run checks the claim at the end of each point (rank 0's bytes against every
 rank's) and records `weights_in_sync`.
+
+A suite with `parallel = "fsdp"` runs FSDP2 instead of DDP: the model built and sharded layer by layer, FALQON's fp8
+buffers replicated (falqon_bench.e2e_fsdp says how and why); the same sync check holds.
 """
 
 from __future__ import annotations
