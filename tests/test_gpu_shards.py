@@ -36,7 +36,7 @@ dtype = ["bfloat16"]
 [[grid]]
 layers = [{ name = "tiny.32x32", K = 32, N = 32 }, { name = "tiny.32x48", K = 32, N = 48 }]
 ranks = [16]
-methods = ["bf16_linear", "bf16_lora"]
+methods = ["bf16_linear", "bf16_lora"]  # 4 points: each shard gets two
 """
 
 
