@@ -84,6 +84,21 @@ def fp8_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, b) for name, b in model.named_buffers() if b is not None and b.dtype in fp8_dtypes]
 
 
+FP8_COMPARED_BYTES = 8 * 2**30  # host copy for fp8_bytes_changed: all of a 7B model, the first 8 GiB of a 70B one
+
+
+def _compared_fp8_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The fp8 buffers whose bytes fp8_bytes_changed counts: in order, up to FP8_COMPARED_BYTES (a host copy of all
+    of a 70B model's 70 GB, twice, would not fit a GPU machine's memory)."""
+    kept, total = [], 0
+    for _, buf in fp8_buffers(model):
+        total += buf.numel()
+        if total > FP8_COMPARED_BYTES and kept:
+            break
+        kept.append(buf)
+    return kept
+
+
 def fp8_weights_in_sync(model: nn.Module, info: DistInfo) -> bool:
     """True when every rank holds the same fp8 bytes as rank 0 in every fp8 buffer (bit-identical).
 
@@ -194,7 +209,7 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
             training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
         training.skip_grad_allreduce = skip_grad_allreduce
         row.update(convert_s=convert_s, trainable_params=n_trainable)
-        fp8_init = [b.view(torch.uint8).cpu().clone() for _, b in fp8_buffers(training.base)] if info.is_main else []
+        fp8_init = [b.view(torch.uint8).cpu().clone() for b in _compared_fp8_buffers(training.base)] if info.is_main else []
     except FsdpUnsupported as e:  # fully_shard refusing a module, a mode FSDP2 cannot run
         error = unsupported_message(e)
     except Exception as e:  # MethodUnavailable, a library missing, DDP refusing a tensor subclass, OOM
@@ -213,8 +228,9 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
     row["tokens_per_s"] = _reduce_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
     row["weights_in_sync"] = fp8_weights_in_sync(training.base, info) if fp8_buffers(training.base) and info.world_size > 1 else None
     if fp8_init:
-        now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(training.base)]
+        now = [b.view(torch.uint8).cpu() for b in _compared_fp8_buffers(training.base)]
         row["fp8_bytes_changed"] = int(sum((a != b).sum() for a, b in zip(fp8_init, now)))
+        row["fp8_bytes_compared"] = int(sum(a.numel() for a in fp8_init))
     if info.device.type == "cuda":  # the fullest rank: FSDP ranks differ by their shard sizes
         row["peak_mem_bytes"] = int(_reduce_over_ranks(float(torch.cuda.max_memory_allocated(info.device)), info, dist.ReduceOp.MAX))
     if row["parallel"] == "fsdp" and fp8_buffers(training.base):

@@ -37,9 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 
-PARALLEL_MODES = ("ddp", "fsdp")
-
-
 class FsdpUnsupported(RuntimeError):
     """A point that FSDP2 cannot run as configured; its row reads "unsupported: fsdp: <reason>"."""
 
@@ -109,6 +106,10 @@ def build_sharded_model(point: dict[str, Any], device: torch.device, world_size:
     convert_s, method = 0.0, None
     layers = model.model.layers
     for i in range(len(layers)):
+        computed = [name for name, _ in layers[i].named_buffers()]
+        if computed:  # a per-layer rotary embedding (older transformers): to_empty would leave its inv_freq garbage
+            raise FsdpUnsupported(f"decoder layer {i} has computed buffers ({', '.join(computed[:3])}) that the meta-device "
+                                  "build cannot make; a transformers with one model-level rotary embedding is needed")
         materialize(layers[i], device, seed=seed * 1_000_003 + i, std=std)
         adapter = AdapterConfig(rank=int(point["rank"]), target_modules=LLAMA_TARGET_MODULES, seed=seed + i,
                                 options=dict(opts.get("method_options") or {}))
@@ -120,7 +121,8 @@ def build_sharded_model(point: dict[str, Any], device: torch.device, world_size:
     rest = [model.model.embed_tokens, model.model.norm, model.lm_head]
     for j, module in enumerate(rest):
         materialize(module, device, seed=seed * 1_000_003 + len(layers) + j, std=std)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # inv_freq is computed, not random
+    if hasattr(model.model, "rotary_emb"):  # inv_freq is computed from the config, not random: make it anew
+        model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
     _shard(fully_shard, model, mesh, "the root module")
     return model, method, convert_s
 
