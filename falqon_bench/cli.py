@@ -90,6 +90,7 @@ def run(
     warmup_ms: Optional[float] = typer.Option(None, "--warmup-ms", help="Override the suite's \\[timing] warmup_ms: warm-up time per point, ms."),
     min_samples: Optional[int] = typer.Option(None, "--min-samples", help="Override the suite's \\[timing] min_samples per timer."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Let a suite's local model directory load pickled weights (*.bin): only for files you trust."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="all or N: one `--shard i/N` process per GPU of this host, merged into --out."),
 ) -> None:
     """Run a suite: time every point (gpu_ms by CUDA-graph replay, wall_ms eager, kernel breakdown) into results/.
 
@@ -104,6 +105,7 @@ def run(
       falqon-bench run methods --methods bf16_lora,falqon --dry-run
       falqon-bench run overhead --ranks 64 --variant eager
       falqon-bench run ranks --shard 2/4 --point-timeout-s 600
+      falqon-bench run shapes --gpus all --out results/shapes-8xh200
     """
     from falqon_bench.measure.runner import RunOptions, print_summary, run_suite
     from falqon_bench.suites.suite import load_suite
@@ -129,6 +131,13 @@ def run(
         results_root=RESULTS_ROOT,
     )
     console = _err()
+    if gpus is not None and not dry_run:
+        from falqon_bench.measure.gpu_shards import run_on_gpus
+
+        code = run_on_gpus(loaded, gpus, options, _out())
+        if code:
+            raise typer.Exit(code)
+        return
     outcome = run_suite(loaded, options, console=console)
     if outcome.status == "dry-run":
         _print_plan(loaded.name, outcome.points)

@@ -15,6 +15,9 @@ identical without broadcasting buffers before each forward. Frozen weights (fp8 
 weights such as fp6_lora's) are kept out of DDP: every rank builds them from the same seed, and fp8 buffers
 are synced once by bytes. The run checks the claim at the end of each point (rank 0's bytes against every
 rank's) and records `weights_in_sync`.
+
+A suite with `parallel = "fsdp"` runs FSDP2 instead of DDP: the model built and sharded layer by layer, FALQON's fp8
+buffers replicated (falqon_bench.measure.e2e_fsdp says how and why); the same sync check holds.
 """
 
 from __future__ import annotations
@@ -78,6 +81,21 @@ def fp8_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every float8 buffer of the model (FALQON's melded [W; A] matrices), by name, in a stable order."""
     fp8_dtypes = {torch.float8_e4m3fn, torch.float8_e5m2}
     return [(name, b) for name, b in model.named_buffers() if b is not None and b.dtype in fp8_dtypes]
+
+
+FP8_COMPARED_BYTES = 8 * 2**30  # host copy for fp8_bytes_changed: all of a 7B model, the first 8 GiB of a 70B one
+
+
+def _compared_fp8_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The fp8 buffers whose bytes fp8_bytes_changed counts: in order, up to FP8_COMPARED_BYTES (a host copy of all
+    of a 70B model's 70 GB, twice, would not fit a GPU machine's memory)."""
+    kept, total = [], 0
+    for _, buf in fp8_buffers(model):
+        total += buf.numel()
+        if total > FP8_COMPARED_BYTES and kept:
+            break
+        kept.append(buf)
+    return kept
 
 
 def fp8_weights_in_sync(model: nn.Module, info: DistInfo) -> bool:
@@ -145,11 +163,12 @@ def _all_ranks_ok(ok: bool, info: DistInfo) -> bool:
     return int(flag.item()) == 0
 
 
-def _sum_over_ranks(value: float, info: DistInfo) -> float:
+def _reduce_over_ranks(value: float, info: DistInfo, op=dist.ReduceOp.SUM) -> float:
+    """value summed (or reduced by `op`) over the ranks; the value itself in a single process."""
     if info.backend is None:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return float(t.item())
 
 
@@ -170,21 +189,28 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
     """
     import gc
 
+    from falqon_bench.measure.e2e_fsdp import FsdpUnsupported, build_fsdp_training, parallel_of, unsupported_message
     from falqon_bench.measure.e2e_step import build_training, e2e_base_row, make_batches, measurements_to_row, run_steps
     from falqon_bench.measure.worker import one_line
 
     row = e2e_base_row(point, info.device, info.world_size, info.backend or "none")
+    row["parallel"] = parallel_of(point)
     t0 = time.perf_counter()
     training = fp8_init = None
     error: str | None = None
     try:
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
-        wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
-        training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
+        if parallel_of(point) == "fsdp":
+            training, convert_s, n_trainable = build_fsdp_training(point, info.device, info.world_size)
+        else:
+            wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
+            training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
         training.skip_grad_allreduce = skip_grad_allreduce
         row.update(convert_s=convert_s, trainable_params=n_trainable)
-        fp8_init = [b.view(torch.uint8).cpu().clone() for _, b in fp8_buffers(training.base)] if info.is_main else []
+        fp8_init = [b.view(torch.uint8).cpu().clone() for b in _compared_fp8_buffers(training.base)] if info.is_main else []
+    except FsdpUnsupported as e:  # fully_shard refusing a module, a mode FSDP2 cannot run
+        error = unsupported_message(e)
     except Exception as e:  # MethodUnavailable, a library missing, DDP refusing a tensor subclass, OOM
         error = one_line(e)
     if not _all_ranks_ok(error is None, info):
@@ -198,12 +224,16 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
         return _finish_error(row, error or "training failed on another rank", t0)
     measured["losses"] = _mean_over_ranks(measured["losses"], info)
     measurements_to_row(row, measured, point, training.clock.split())
-    row["tokens_per_s"] = _sum_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
+    row["tokens_per_s"] = _reduce_over_ranks(point["tokens"] / info.world_size / (row["wall_ms"] / 1e3), info)
     row["weights_in_sync"] = fp8_weights_in_sync(training.base, info) if fp8_buffers(training.base) and info.world_size > 1 else None
     if fp8_init:
-        now = [b.view(torch.uint8).cpu() for _, b in fp8_buffers(training.base)]
+        now = [b.view(torch.uint8).cpu() for b in _compared_fp8_buffers(training.base)]
         row["fp8_bytes_changed"] = int(sum((a != b).sum() for a, b in zip(fp8_init, now)))
-    row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(info.device)) if info.device.type == "cuda" else None
+        row["fp8_bytes_compared"] = int(sum(a.numel() for a in fp8_init))
+    if info.device.type == "cuda":  # the fullest rank: FSDP ranks differ by their shard sizes
+        row["peak_mem_bytes"] = int(_reduce_over_ranks(float(torch.cuda.max_memory_allocated(info.device)), info, dist.ReduceOp.MAX))
+    if row["parallel"] == "fsdp" and fp8_buffers(training.base):
+        row["fp8_layout"] = "replicated"  # buffers are not sharded by fully_shard (falqon_bench.measure.e2e_fsdp)
     finite = all(v == v and abs(v) != float("inf") for v in row["loss_per_step"])
     row.update(status="ok" if finite else "error", error=None if finite else f"loss is not finite: {row['loss_per_step'][:4]}")
     row["duration_s"] = round(time.perf_counter() - t0, 4)
@@ -215,6 +245,9 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
 def _finish_error(row: dict[str, Any], error: str, t0: float) -> dict[str, Any]:
     row.update(error=error, error_type=error.split(":")[0], duration_s=round(time.perf_counter() - t0, 4))
     if row["device"] != "CPU":
+        import gc
+
+        gc.collect()  # a model that failed half-built (OOM) sits in reference cycles: free it before the next point
         torch.cuda.empty_cache()
     return row
 

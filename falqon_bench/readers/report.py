@@ -256,6 +256,9 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     from falqon_bench.readers.figures.e2e import FIGURE_NAME as E2E_FIGURE, render_e2e_section  # suite kind "e2e"
 
     e2e_md = render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)
+    from falqon_bench.readers.figures.scaling import render_scaling_section  # e2e runs at several GPU counts / models
+
+    scaling_md, scaling_images = render_scaling_section([p for r in runs for p in r.points], out, DPI, _cell)
     layer_runs = [RunData(r.run_dir, r.manifest, [p for p in r.points if p.get("kind", "layers") == "layers"]) for r in runs]
     layer_runs = [r for r in layer_runs if r.points]
     written: list[tuple[str, str]] = []
@@ -266,8 +269,8 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
             (out / fname).unlink(missing_ok=True)
         (out / "perf_table.md").unlink(missing_ok=True)
         md = f"# falqon-bench report: {', '.join(_cell(r.run_id) for r in runs)}\n\n## Runs\n\n{_runs_table(runs)}"
-    md += e2e_md
-    images = [f for f, _ in written] + ([E2E_FIGURE] if e2e_md else [])
+    md += e2e_md + scaling_md
+    images = [f for f, _ in written] + ([E2E_FIGURE] if e2e_md else []) + scaling_images
     (out / "report.md").write_text(md, encoding="utf-8")
     page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", images, out)
     (out / "report.html").write_text(page, encoding="utf-8")

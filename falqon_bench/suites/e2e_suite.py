@@ -17,6 +17,8 @@
     modes = ["eager", "compile", "cuda_graph", "compile_cuda_graph"]
     modes_by_method = {bf16_lora = ["compile"]}   # these methods' modes instead of `modes` (e.g. each at its best)
     liger = [false]           # apply falqon_bench.measure.fast_stacks.apply_liger before converting
+    parallel = "ddp"          # under torchrun: "ddp" (a model copy per GPU) or "fsdp" (FSDP2 fully_shard, built
+                              # layer by layer: models that do not fit one GPU; see falqon_bench.measure.e2e_fsdp)
     allow_pickle = false      # load pickled weights of a model directory (see falqon_bench.suites.models)
     options = {falqon = {init_svd = "lowrank"}}   # per-method options
 
@@ -65,6 +67,7 @@ class E2ESuiteFile(BaseModel):
     liger: list[bool] = Field(default_factory=lambda: [False], min_length=1)
     modes_by_method: dict[str, list[Literal["eager", "compile", "cuda_graph", "compile_cuda_graph"]]] = Field(default_factory=dict)
     allow_pickle: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -142,6 +145,8 @@ def expand_e2e_suite(suite, world_size: int = 1) -> list[dict[str, Any]]:
                     "seed": spec.seed, "steps": spec.steps, "warmup_steps": spec.warmup_steps, "liger": liger,
                     "world_size": world_size, "method_options": dict(spec.options.get(method, {})),
                 }
+                if spec.parallel != "ddp":  # absent for ddp, so the ids of existing ddp points stay the same
+                    options["parallel"] = spec.parallel
                 point = Point(
                     suite=suite.name, method=method, layer=label, K=hidden, N=inter, rank=spec.rank,
                     tokens=spec.batch * spec.seq_len * world_size, compile=mode in COMPILED_MODES, cache="warm",
@@ -156,4 +161,8 @@ def measure_e2e_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     """worker entry: train the point's model in this process (one GPU, no process group)."""
     from falqon_bench.measure.e2e_step import measure_point
 
+    if point["options"].get("parallel", "ddp") != "ddp":
+        from falqon_bench.measure.e2e_fsdp import unsupported_in_worker
+
+        return unsupported_in_worker(point, ctx)
     return measure_point(point, ctx)
