@@ -46,11 +46,18 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
   merge           "topk" (default) or "grid" (every row with an entry that changes under round-to-nearest)
   keep_unmerged   zero only the merged rows of B (default False: all of B, as the reference)
   seed            seed of the stochastic rounding's counter-based RNG (default 0)
+  a_scale         "svd" (default: A = sqrt(S_r) V_r^T as the reference) or "kaiming": every row of A rescaled to the
+                  RMS of PEFT's Kaiming-uniform LoRA A, 1/sqrt(3K) (U(-1/sqrt(K), 1/sqrt(K))), capped so that
+                  max|A| <= max|W|: the melded matrix keeps W's own e4m3 scale, so W8 is unchanged. The forward
+                  never reads A's scale into the output; it only sets the step of W (with Adam on B, a merged
+                  delta is ~ lr x |A|), ~10x larger than the SVD rows' on LLaMA-like weights. The factors applied
+                  are kept on the layer (`adapter_gain`, `adapter_capped`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -63,9 +70,10 @@ from falqon_core.methods.base import AdapterConfig, Method, StepCost
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed",
+    "rounding", "merge", "keep_unmerged", "seed", "a_scale",
 )
 ROUNDINGS = ("nearest", "stochastic")
+A_SCALES = ("svd", "kaiming")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
@@ -166,6 +174,7 @@ class FalqonLinear(nn.Module):
         merge: str = "topk",
         keep_unmerged: bool = False,
         seed: int = 0,
+        a_scale: str = "svd",
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -186,7 +195,12 @@ class FalqonLinear(nn.Module):
         self.rounding, self.merge, self.keep_unmerged = rounding, merge, bool(keep_unmerged)
         self.track_lost = False
 
-        melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype, init_svd)
+        if a_scale not in A_SCALES:
+            raise ValueError(f"falqon a_scale {a_scale!r}; allowed: {', '.join(A_SCALES)}")
+        self.a_scale = a_scale
+        init = meld_init(linear.weight.detach(), rank, svd_dtype, init_svd, a_scale)
+        melded, scale = init.melded, init.scale
+        self.adapter_gain, self.adapter_capped = init.adapter_gain, init.adapter_capped
         self.register_buffer("melded", pad_rows(melded))  # N + r_pad rows (module docstring: Padding)
         self.register_buffer("scale", scale)
         self.register_buffer("weight_t", transpose_fp8(melded[:n_out]) if cache_weight_t else None)
@@ -260,16 +274,35 @@ class FalqonLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
-            f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, "
+            f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, a_scale={self.a_scale}, "
             f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
         )
 
 
 def meld_weight_and_adapter(
-    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank"
+    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank",
+    a_scale: str = "svd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FALQON's init: A = sqrt(S_r) V_r^T from the top-r SVD of W's own e4m3 quantization error (exact or
     randomized, `init_svd`), then [W; A] as one e4m3 tensor. Returns (melded (N+r) x K float8_e4m3fn, scale 0-dim fp32)."""
+    init = meld_init(weight, rank, svd_dtype, init_svd, a_scale)
+    return init.melded, init.scale
+
+
+class MeldInit(NamedTuple):
+    """meld_init's result: the melded matrix and its scale, and what a_scale did to A (gain 1.0 for "svd")."""
+
+    melded: torch.Tensor  # (N + r) x K float8_e4m3fn
+    scale: torch.Tensor  # 0-dim fp32 dequant scale
+    adapter_gain: float  # RMS of A after / before the rescale
+    adapter_capped: bool  # the Kaiming RMS would have pushed max|A| past max|W|: A was scaled down to max|W|
+
+
+def meld_init(
+    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank",
+    a_scale: str = "svd",
+) -> MeldInit:
+    """meld_weight_and_adapter with the a_scale option (module docstring) and a record of its rescale."""
     from falqon_core.lowrank import top_singular
 
     w = weight.float()
@@ -277,7 +310,29 @@ def meld_weight_and_adapter(
     error = (w - fp8.dequantize(w8, w_scale)).to(svd_dtype)
     s, vh = top_singular(error, rank, init_svd)
     adapter = (s[:rank].sqrt().unsqueeze(1) * vh[:rank]).float()  # r x K
-    return fp8.quantize(torch.cat([w, adapter], dim=0), fp8.E4M3, "tensorwise")
+    gain, capped = 1.0, False
+    if a_scale == "kaiming":
+        adapter, gain, capped = kaiming_rms_rows(adapter, float(w.abs().max()))
+    melded, scale = fp8.quantize(torch.cat([w, adapter], dim=0), fp8.E4M3, "tensorwise")
+    return MeldInit(melded, scale, gain, capped)
+
+
+def kaiming_rms_rows(adapter: torch.Tensor, weight_amax: float) -> tuple[torch.Tensor, float, bool]:
+    """Rows of A (r x K) rescaled to RMS 1/sqrt(3K), the RMS of PEFT's LoRA A (kaiming_uniform_ with a = sqrt(5):
+    U(-1/sqrt(K), 1/sqrt(K))), then, if max|A| would exceed max|W| (and so change the melded matrix's e4m3 scale
+    and with it W8), all of A scaled down to max|A| = max|W|. Returns (A, RMS gain over the input A, capped)."""
+    k_in = adapter.shape[1]
+    row_rms = adapter.pow(2).mean(dim=1, keepdim=True).sqrt()
+    target = 1.0 / math.sqrt(3 * k_in)
+    # a zero row (zero quantization error: W exactly on the e4m3 grid) has no direction to scale: left at zero
+    rescaled = torch.where(row_rms > 0, adapter * (target / row_rms.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    amax = float(rescaled.abs().max())
+    capped = weight_amax > 0 and amax > weight_amax
+    if capped:
+        rescaled = rescaled * (weight_amax / amax)
+    before = float(adapter.pow(2).mean().sqrt())
+    gain = float(rescaled.pow(2).mean().sqrt()) / before if before > 0 else 1.0
+    return rescaled, gain, bool(capped)
 
 
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +364,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
             if options[name] not in allowed:
                 raise ValueError(f"falqon option {name} must be one of {', '.join(allowed)}, got {options[name]!r}")
             kwargs[name] = options[name]
+    if "a_scale" in options:
+        if options["a_scale"] not in A_SCALES:
+            raise ValueError(f"falqon option a_scale must be one of {', '.join(A_SCALES)}, got {options['a_scale']!r}")
+        kwargs["a_scale"] = options["a_scale"]
     if "keep_unmerged" in options:
         kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
     if "seed" in options:
