@@ -117,6 +117,19 @@ def test_synthetic_floor_is_the_task_chains_entropy_rate():
     assert not torch.allclose(base, task)
 
 
+def test_synthetic_parts_do_not_depend_on_which_part_is_drawn_first():
+    """A worker that loads a cached base never draws the pretrain part: its held-out and fine-tuning tokens must
+    still be those of the worker that pretrained (same batches for every method of a run)."""
+    make = synthetic_corpus.__wrapped__  # fresh pools, not the lru-cached corpus
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    pretrained_first = make(0)
+    pretrained_first.sample("pretrain", g(), 2, 8)
+    held_a, tune_a = pretrained_first.sample("heldout", g(), 4, 16), pretrained_first.sample("finetune", g(), 4, 16)
+    cached_base = make(0)
+    held_b, tune_b = cached_base.sample("heldout", g(), 4, 16), cached_base.sample("finetune", g(), 4, 16)
+    assert torch.equal(held_a, held_b) and torch.equal(tune_a, tune_b)
+
+
 def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):
     from falqon_bench.corpora import file_corpus
     from falqon_bench.errors import BenchInputError

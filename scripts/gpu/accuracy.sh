@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Does it still learn? On one H200 (<= 8 min): (1) the real-text accuracy suite (suites/accuracy-text.toml:
-# small-llama pretrained on part of the stdlib's sources, an lr grid per method, FALQON reference and the
-# stochastic-rounding + keep-unmerged variant); (2) the layer step time of default falqon vs that variant
-# (llama-7b attn/up/down, r 16 and 64, 4096 tokens) through the same runner, side by side in one run.
+# Does it still learn, and at what cost? On one H200 (about 5-6 min, each phase under its own time limit):
+# (1) the real-text accuracy suite (suites/accuracy-text.toml: small-llama pretrained on part of the stdlib's
+#     sources, an lr grid per method, FALQON reference and the recommended variant
+#     {a_scale = "kaiming", rounding = "stochastic", keep_unmerged = true});
+# (2) the layer step time of default falqon vs that variant (llama-7b attn/up/down, r 16 and 64, 4096 tokens)
+#     through the same runner, side by side in one run;
+# (3) the proxy update alone, default vs variant, back to back (the only work the variant changes), so the
+#     variant's cost is not lost in the few-percent drift between two step timings.
 # Run from the repo root:  OUT=/some/dir bash scripts/gpu/accuracy.sh
 # CPU dry run (tiny sizes, checks the script end to end):  OUT=/tmp/x bash scripts/gpu/accuracy.sh --cpu-smoke
 set -euo pipefail
@@ -13,18 +17,24 @@ SMOKE=0
 WORK="$(mktemp -d)"  # run directories live here; only the tarball and the summary go to $OUT (<= 8 files)
 RUNS="$WORK/runs"
 mkdir -p "$RUNS" "$WORK/suites" "$OUT"
+VARIANT_TOML='{a_scale = "kaiming", rounding = "stochastic", keep_unmerged = true}'
+VARIANT_JSON='{"a_scale": "kaiming", "rounding": "stochastic", "keep_unmerged": true}'
 
 if [[ $SMOKE == 1 ]]; then
   ACC_SUITE="$WORK/suites/accuracy-text-smoke.toml"
   sed -e 's/^device = "cuda"/device = "cpu"/' -e 's/^model = "small-llama"/model = "tiny-llama"/' \
       -e 's/^seq_len = 256/seq_len = 32/' -e 's/^batch = 32/batch = 2/' -e 's/^pretrain_steps = 400/pretrain_steps = 2/' \
       -e 's/^steps = 200/steps = 3/' -e 's/^eval_every = 50/eval_every = 2/' -e 's/^eval_batches = 8/eval_batches = 1/' \
-      -e 's/^rank = 16/rank = 8/' -e 's/^name = "accuracy-text"/name = "accuracy-text-smoke"/' \
+      -e 's/^name = "accuracy-text"/name = "accuracy-text-smoke"/' \
       suites/accuracy-text.toml > "$ACC_SUITE"
-  LAYERS='{name = "smoke.attn", K = 64, N = 64}'; RANKS='[8]'; TOKENS='[64]'; DEVICE=cpu; BUDGET=20
+  LAYERS='{name = "smoke.attn", K = 64, N = 64}'; RANKS='[16]'; TOKENS='[64]'; DEVICE=cpu; BUDGET=20
+  UPDATE_ARGS=(--layers 64x64 --ranks 16 --device cpu --budget-ms 20)
+  T_ACC=600; T_LAYER=300; T_UPDATE=120
 else
   ACC_SUITE=suites/accuracy-text.toml
-  LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=400
+  LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=300
+  UPDATE_ARGS=(--layers llama-7b.attn,llama-7b.up,llama-7b.down --ranks 16,64 --device cuda --budget-ms 200)
+  T_ACC=240; T_LAYER=75; T_UPDATE=30
 fi
 
 cat > "$WORK/suites/falqon-variant-overhead.toml" <<TOML
@@ -34,19 +44,26 @@ device = "$DEVICE"
 [timing]
 budget_ms = $BUDGET
 warmup_ms = 100
+profile = false
 [[grid]]
 layers = [$LAYERS]
 ranks = $RANKS
 tokens = $TOKENS
 methods = ["falqon"]
-options = [{}, {falqon = {rounding = "stochastic", keep_unmerged = true}}]
+options = [{}, {falqon = $VARIANT_TOML}]
 TOML
 
-echo "== accuracy suite: $ACC_SUITE"
-python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" --point-timeout-s 400 || echo "accuracy run exited $?"
-echo "== layer timing: default falqon vs falqon+sr+keep"
-python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" --out "$RUNS/falqon-variant-overhead" || echo "overhead run exited $?"
-python -m falqon_bench.cli report "$RUNS/accuracy-text" --out "$RUNS/report-accuracy-text" || echo "report exited $?"
+# a phase that runs out of time keeps what it finished (points.jsonl is appended point by point)
+echo "== (1) accuracy suite: $ACC_SUITE (limit ${T_ACC}s)"
+timeout "$T_ACC" python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" --point-timeout-s 120 \
+  || echo "accuracy run exited $?"
+echo "== (2) layer step time: default falqon vs the variant (limit ${T_LAYER}s)"
+timeout "$T_LAYER" python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" --out "$RUNS/falqon-variant-overhead" \
+  || echo "overhead run exited $?"
+echo "== (3) proxy update alone (limit ${T_UPDATE}s)"
+timeout "$T_UPDATE" python -m falqon_bench.accuracy_update_cost "${UPDATE_ARGS[@]}" --variant "$VARIANT_JSON" \
+  > "$RUNS/proxy-update-alone.txt" 2>&1 || echo "update timing exited $?"
+timeout 60 python -m falqon_bench.cli report "$RUNS/accuracy-text" --out "$RUNS/report-accuracy-text" || echo "report exited $?"
 
 # the pretrained base's state dict (base/) is a cache, not a result: left out
 tar -czf "$OUT/accuracy-runs.tar.gz" --exclude=base -C "$WORK" runs suites
@@ -61,12 +78,13 @@ key = lambda r: (r["layer"], r["rank"], r["tokens"])
 by = {}
 for r in rows:
     by.setdefault(key(r), {})["variant" if r["options"] else "default"] = r
-print(f"{'layer':<16} {'rank':>4} {'default ms':>11} {'variant ms':>11} {'ratio':>7}   (gpu_ms, else wall_ms; median)")
+print(f"{'layer':<16} {'rank':>4} {'default ms':>11} {'variant ms':>11} {'ratio':>7}   (layer step, gpu_ms, else wall_ms; median)")
 for k, pair in by.items():
     ms = {n: (r.get("gpu_ms") or r.get("wall_ms")) if r.get("status") == "ok" else None for n, r in pair.items()}
     d, v = ms.get("default"), ms.get("variant")
     ratio = f"{v / d:.3f}" if d and v else "-"
     print(f"{k[0]:<16} {k[1]:>4} {d if d is None else round(d, 4)!s:>11} {v if v is None else round(v, 4)!s:>11} {ratio:>7}")
 PY
+cat "$RUNS/proxy-update-alone.txt" 2>/dev/null | grep -v '^W[0-9]' || true
 } 2>&1 | tee "$OUT/summary.txt"
 rm -rf "$WORK"
