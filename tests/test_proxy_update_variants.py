@@ -263,3 +263,47 @@ def test_a_scale_option_is_validated_and_documented():
     with pytest.raises(ValueError, match="a_scale"):
         FalqonLinear(torch.nn.Linear(32, 32), 4, a_scale="big")
     assert "a_scale" in falqon.__doc__ and "1/sqrt(3K)" in falqon.__doc__
+
+
+# ---------------------------------------------------------------- flush_every: all of B into W8 every T updates
+
+
+def test_flush_merges_all_of_b_like_the_reference_update_with_k_n():
+    """Update 2 of flush_every = 2 is the top-k keep_unmerged update, then a merge of all that is left of B:
+    W8 bit-identical to the torch references run in that order; B zero after it; A untouched."""
+    from falqon_core.methods.falqon import FalqonLinear
+
+    layer = FalqonLinear(_linear(64, 48, 0.05), 8, keep_unmerged=True, flush_every=2)
+    w8, a8 = layer.backbone_fp8.clone(), layer.adapter_fp8.clone()
+    b_ref = torch.zeros(48, 8)
+    for step in range(2):
+        b = (torch.randn(48, 8) * 4).round() / 8  # multiples of 2^-3: every sum exact in fp32 (module docstring)
+        with torch.no_grad():
+            layer.lora_B.add_(b)
+        b_ref += b
+        layer.proxy_update()
+        proxy_update_variant_reference_(w8, a8, b_ref, 8, keep_unmerged=True)
+        if step == 0:  # no flush yet: the top-k rows merged, the other rows of B kept
+            assert torch.equal(layer.backbone_fp8.view(torch.uint8), w8.view(torch.uint8))
+            assert torch.equal(layer.lora_B.detach(), b_ref) and layer.flushes_done == 0
+    proxy_update_reference_(w8, a8, b_ref, 48)
+    assert layer.flushes_done == 1
+    assert torch.equal(layer.backbone_fp8.view(torch.uint8), w8.view(torch.uint8))
+    assert (layer.lora_B == 0).all() and torch.equal(layer.adapter_fp8.view(torch.uint8), a8.view(torch.uint8))
+
+
+def test_flush_every_is_validated_and_counted_in_step_cost():
+    from falqon_core.methods.falqon import Falqon, FalqonLinear, parse_options
+
+    assert parse_options({"flush_every": 4}) == {"flush_every": 4}
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="flush_every must be an integer"):
+            parse_options({"flush_every": bad})
+    with pytest.raises(ValueError, match="flush_every must be an integer >= 0"):
+        FalqonLinear(torch.nn.Linear(32, 32), 4, flush_every=-1)
+    method = Falqon()
+    base = method.step_cost(4096, 4096, 16, 4096).quant_bytes
+    method.options = {"flush_every": 4}
+    flushed = method.step_cost(4096, 4096, 16, 4096).quant_bytes
+    # a flush reads and writes N x K e4m3 bytes, reads A8 (r x K) and reads and zeroes B (N x r fp32), every 4th step
+    assert flushed - base == pytest.approx((2 * 4096 * 4096 + 16 * 4096 + 2 * 4 * 4096 * 16) / 4)

@@ -52,6 +52,10 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
                   never reads A's scale into the output; it only sets the step of W (with Adam on B, a merged
                   delta is ~ lr x |A|), ~10x larger than the SVD rows' on LLaMA-like weights. The factors applied
                   are kept on the layer (`adapter_gain`, `adapter_capped`).
+  flush_every     every this many updates (default 0: never), after the usual top-k update, merge every row of B
+                  into W8 (same rounding) and zero B: with keep_unmerged, a row of B waits at most this many
+                  steps to reach W8 instead of ~N/k (256 steps for k = 16 of 4096 rows). Costs one read and write
+                  of all N rows of W8 per flush (step_cost counts it spread over the steps).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ from falqon_core.methods.base import AdapterConfig, Method, StepCost
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed", "a_scale",
+    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every",
 )
 ROUNDINGS = ("nearest", "stochastic")
 A_SCALES = ("svd", "kaiming")
@@ -175,6 +179,7 @@ class FalqonLinear(nn.Module):
         keep_unmerged: bool = False,
         seed: int = 0,
         a_scale: str = "svd",
+        flush_every: int = 0,
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -198,6 +203,9 @@ class FalqonLinear(nn.Module):
         if a_scale not in A_SCALES:
             raise ValueError(f"falqon a_scale {a_scale!r}; allowed: {', '.join(A_SCALES)}")
         self.a_scale = a_scale
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 0:
+            raise ValueError(f"falqon flush_every must be an integer >= 0, got {flush_every!r}")
+        self.flush_every, self.flushes_done = flush_every, 0
         init = meld_init(linear.weight.detach(), rank, svd_dtype, init_svd, a_scale)
         melded, scale = init.melded, init.scale
         self.adapter_gain, self.adapter_capped = init.adapter_gain, init.adapter_capped
@@ -268,7 +276,22 @@ class FalqonLinear(nn.Module):
             self.weight_t.view(torch.uint8).index_copy_(1, rows, fresh)
         self.last_k = k
         self.updates_done += 1
+        if self.flush_every and self.updates_done % self.flush_every == 0:
+            self.flush()
         return rows
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Merge every row of B into W8 with the layer's rounding and zero B (flush_every). No host sync."""
+        proxy_update_variant_(
+            self.backbone_fp8, self.adapter_fp8, self.lora_B, self.out_features,
+            stochastic=self.rounding == "stochastic", seed=self.rounding_seed, merge="grid", keep_unmerged=False,
+        )
+        if self.rounding == "stochastic":
+            self.rounding_seed.add_(1)
+        if self.weight_t is not None:
+            self.weight_t.view(torch.uint8).copy_(self.backbone_fp8.view(torch.uint8).t())
+        self.flushes_done += 1
 
     def extra_repr(self) -> str:
         return (
@@ -341,7 +364,7 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
     kwargs: dict[str, Any] = {}
-    for name in ("topk", "topk_after", "warmup_steps"):
+    for name in ("topk", "topk_after", "warmup_steps", "flush_every"):
         if options.get(name) is not None:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -463,7 +486,8 @@ class Falqon(Method):
         W8 N x K for dX unless cached; the r x M one of O_A is small and not counted); the timed step's
         SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
-        W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows. k is the steady-state k: the
+        W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows;
+        flush_every = T adds one such all-row merge every T steps. k is the steady-state k: the
         `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
         """
         M, r = tokens, rank
@@ -483,4 +507,7 @@ class Falqon(Method):
             quant += 2 * e * N * K
         quant += 3 * f32 * N * r
         quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
+        flush_every = int(self.options.get("flush_every") or 0)
+        if flush_every:  # a merge of all N rows (W8 read + write, A8, B read + zeroed) every flush_every steps
+            quant += (2 * e * N * K + e * r * K + 2 * f32 * N * r + (2 * e * N * K if cached else 0)) / flush_every
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))
