@@ -176,12 +176,17 @@ def check_synthetic_claims(rows, start_tolerance=0.0):
     return lora, variant
 
 
-VARIANT = "falqon+sr+keep"
+VARIANT = "falqon+kA+sr+keep+f4"
 
 
 def test_committed_synthetic_run_meets_the_claims_it_states():
-    lora, variant = check_synthetic_claims(_rows())
-    assert_variant_result(_rows(), lora, variant)
+    rows = _rows()
+    lora, variant = check_synthetic_claims(rows)
+    assert_variant_result(rows, lora, variant, TARGET_LOSS_RATIO)
+    capped = [r for r in rows if r["label"] == VARIANT]
+    # a_scale = "kaiming" is recorded: A grew, and the cap at max|W| applied (K = 64: 1/sqrt(K) > max|W| here)
+    assert all(r["adapter_gain"]["min"] > 1.0 and r["adapter_capped_layers"] > 0 for r in capped)
+    assert all(r["adapter_gain"] == {"min": 1.0, "median": 1.0, "max": 1.0} for r in rows if r["label"] == "falqon")
 
 
 @pytest.mark.slow
@@ -192,23 +197,21 @@ def test_synthetic_suite_runs_through_the_runner_and_meets_the_claims(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "points.jsonl").read_text().splitlines()]
     assert (tmp_path / "run" / "base").is_dir()  # the base was pretrained once and cached in the run
     lora, variant = check_synthetic_claims(rows)
-    assert_variant_result(rows, lora, variant)
+    assert_variant_result(rows, lora, variant, FRESH_RUN_LOSS_RATIO)
 
 
 # What the issue asks of a variant: best-of-grid held-out loss within 2% of bf16_lora's, at a best lr within 10x
-# of bf16_lora's. On this CPU task (tiny-llama, 100 steps, rank 16) falqon+sr+keep does NOT reach the 2%: the
-# committed run has it at 2.481 against bf16_lora's 2.374 (+4.5%), at lr 1e-1 against 1e-2 (10x), where the
-# reference falqon reaches 2.562 at 1e-1 and nothing at 1e-4 / 1e-3 (99% of its merged updates lost). These
-# tests check what it does reach, not the target: within 6% of bf16_lora, best lr within 10x, and better
-# than the reference falqon at every lr both ran.
-VARIANT_LOSS_RATIO_REACHED = 1.06
+# of bf16_lora's. The committed run is held to that. A fresh run (CI) may land elsewhere by run-to-run noise alone:
+# bf16_lora's loss at one lr and seed moved by 1.5% between 1 and 2 CPU threads (2.374 vs 2.410), so it gets 1%
+# more room; the variant without its flush (flush_every = 0) ends 4.1% above bf16_lora, so this still fails a
+# variant that lost the flush.
 TARGET_LOSS_RATIO = 1.02
+FRESH_RUN_LOSS_RATIO = 1.03
 
 
-def assert_variant_result(rows, lora, variant):
+def assert_variant_result(rows, lora, variant, max_ratio):
     ratio = variant["final_loss"] / lora["final_loss"]
-    assert ratio <= VARIANT_LOSS_RATIO_REACHED, (ratio, lora, variant)
+    assert ratio <= max_ratio, (ratio, lora, variant)
     assert variant["lr"] <= 10 * lora["lr"] + 1e-12
-    ref = {r["lr"]: r["final_loss"] for r in rows if r["label"] == "falqon"}
-    var = {r["lr"]: r["final_loss"] for r in rows if r["label"] == VARIANT}
-    assert all(var[lr] < ref[lr] for lr in set(ref) & set(var))
+    reference = best_of_grid([r for r in rows if r["label"] == "falqon"])["falqon"]
+    assert variant["final_loss"] < reference["final_loss"]
