@@ -73,6 +73,9 @@ def main(
         rank_list = [int(r) for r in ranks.split(",")]
         if not isinstance(options, dict):
             raise ValueError("--variant must be a JSON object of falqon options")
+        from falqon_core.methods.falqon import parse_options
+
+        parse_options(options)  # an unknown option or value fails here, before any timing
     except (ValueError, KeyError) as e:
         typer.echo(f"bad input: {e}", err=True)
         raise typer.Exit(2) from None

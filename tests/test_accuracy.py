@@ -215,3 +215,20 @@ def assert_variant_result(rows, lora, variant, max_ratio):
     assert variant["lr"] <= 10 * lora["lr"] + 1e-12
     reference = best_of_grid([r for r in rows if r["label"] == "falqon"])["falqon"]
     assert variant["final_loss"] < reference["final_loss"]
+
+
+# ---------------------------------------------------------------- the proxy update alone (GPU script, phase 3)
+
+
+def test_update_cost_prints_default_and_variant_per_layer_and_rank_and_refuses_bad_input():
+    from falqon_bench.accuracy_update_cost import app as update_cost
+
+    args = ["--layers", "64x32", "--ranks", "4", "--device", "cpu", "--budget-ms", "5"]
+    result = CliRunner().invoke(update_cost, [*args, "--variant", '{"rounding": "stochastic", "flush_every": 1}'])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("custom.64x32"))
+    default_us, variant_us, diff_us = (float(v) for v in line.split()[2:])
+    assert default_us > 0 and variant_us > 0 and diff_us == pytest.approx(variant_us - default_us, abs=0.02)
+    for bad in (["--variant", "[1]"], ["--variant", "{"], ["--variant", '{"bogus": 1}'], ["--layers", "nope", "--variant", "{}"]):
+        bad_result = CliRunner().invoke(update_cost, [*args, *bad] if bad[0] != "--layers" else [*bad, "--device", "cpu"])
+        assert bad_result.exit_code == 2 and "Traceback" not in bad_result.output, bad_result.output
