@@ -117,6 +117,19 @@ def test_synthetic_floor_is_the_task_chains_entropy_rate():
     assert not torch.allclose(base, task)
 
 
+def test_synthetic_parts_do_not_depend_on_which_part_is_drawn_first():
+    """A worker that loads a cached base never draws the pretrain part: its held-out and fine-tuning tokens must
+    still be those of the worker that pretrained (same batches for every method of a run)."""
+    make = synthetic_corpus.__wrapped__  # fresh pools, not the lru-cached corpus
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    pretrained_first = make(0)
+    pretrained_first.sample("pretrain", g(), 2, 8)
+    held_a, tune_a = pretrained_first.sample("heldout", g(), 4, 16), pretrained_first.sample("finetune", g(), 4, 16)
+    cached_base = make(0)
+    held_b, tune_b = cached_base.sample("heldout", g(), 4, 16), cached_base.sample("finetune", g(), 4, 16)
+    assert torch.equal(held_a, held_b) and torch.equal(tune_a, tune_b)
+
+
 def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):
     from falqon_bench.measure.corpora import file_corpus
     from falqon_bench.data.errors import BenchInputError
@@ -163,12 +176,17 @@ def check_synthetic_claims(rows, start_tolerance=0.0):
     return lora, variant
 
 
-VARIANT = "falqon+sr+keep"
+VARIANT = "falqon+kA+sr+keep+f4"
 
 
 def test_committed_synthetic_run_meets_the_claims_it_states():
-    lora, variant = check_synthetic_claims(_rows())
-    assert_variant_result(_rows(), lora, variant)
+    rows = _rows()
+    lora, variant = check_synthetic_claims(rows)
+    assert_variant_result(rows, lora, variant, TARGET_LOSS_RATIO)
+    capped = [r for r in rows if r["label"] == VARIANT]
+    # a_scale = "kaiming" is recorded: A grew, and the cap at max|W| applied (K = 64: 1/sqrt(K) > max|W| here)
+    assert all(r["adapter_gain"]["min"] > 1.0 and r["adapter_capped_layers"] > 0 for r in capped)
+    assert all(r["adapter_gain"] == {"min": 1.0, "median": 1.0, "max": 1.0} for r in rows if r["label"] == "falqon")
 
 
 @pytest.mark.slow
@@ -179,23 +197,38 @@ def test_synthetic_suite_runs_through_the_runner_and_meets_the_claims(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "points.jsonl").read_text().splitlines()]
     assert (tmp_path / "run" / "base").is_dir()  # the base was pretrained once and cached in the run
     lora, variant = check_synthetic_claims(rows)
-    assert_variant_result(rows, lora, variant)
+    assert_variant_result(rows, lora, variant, FRESH_RUN_LOSS_RATIO)
 
 
 # What the issue asks of a variant: best-of-grid held-out loss within 2% of bf16_lora's, at a best lr within 10x
-# of bf16_lora's. On this CPU task (tiny-llama, 100 steps, rank 16) falqon+sr+keep does NOT reach the 2%: the
-# committed run has it at 2.481 against bf16_lora's 2.374 (+4.5%), at lr 1e-1 against 1e-2 (10x), where the
-# reference falqon reaches 2.562 at 1e-1 and nothing at 1e-4 / 1e-3 (99% of its merged updates lost). These
-# tests check what it does reach, not the target: within 6% of bf16_lora, best lr within 10x, and better
-# than the reference falqon at every lr both ran.
-VARIANT_LOSS_RATIO_REACHED = 1.06
+# of bf16_lora's. The committed run is held to that. A fresh run (CI, another CPU and torch build) may sum floats in
+# another order and follow another trajectory; in exploratory runs the gap between two methods moved by about 1%
+# from seed to seed, so a fresh run gets 1% more room. The variant without its flush (flush_every = 0) ends 4.1%
+# above bf16_lora (docs/accuracy.md), so this still fails a variant that lost the flush.
 TARGET_LOSS_RATIO = 1.02
+FRESH_RUN_LOSS_RATIO = 1.03
 
 
-def assert_variant_result(rows, lora, variant):
+def assert_variant_result(rows, lora, variant, max_ratio):
     ratio = variant["final_loss"] / lora["final_loss"]
-    assert ratio <= VARIANT_LOSS_RATIO_REACHED, (ratio, lora, variant)
+    assert ratio <= max_ratio, (ratio, lora, variant)
     assert variant["lr"] <= 10 * lora["lr"] + 1e-12
-    ref = {r["lr"]: r["final_loss"] for r in rows if r["label"] == "falqon"}
-    var = {r["lr"]: r["final_loss"] for r in rows if r["label"] == VARIANT}
-    assert all(var[lr] < ref[lr] for lr in set(ref) & set(var))
+    reference = best_of_grid([r for r in rows if r["label"] == "falqon"])["falqon"]
+    assert variant["final_loss"] < reference["final_loss"]
+
+
+# ---------------------------------------------------------------- the proxy update alone (GPU script, phase 3)
+
+
+def test_update_cost_prints_default_and_variant_per_layer_and_rank_and_refuses_bad_input():
+    from falqon_bench.measure.accuracy_update_cost import app as update_cost
+
+    args = ["--layers", "64x32", "--ranks", "4", "--device", "cpu", "--budget-ms", "5"]
+    result = CliRunner().invoke(update_cost, [*args, "--variant", '{"rounding": "stochastic", "flush_every": 1}'])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("custom.64x32"))
+    default_us, variant_us, diff_us = (float(v) for v in line.split()[2:])
+    assert default_us > 0 and variant_us > 0 and diff_us == pytest.approx(variant_us - default_us, abs=0.02)
+    for bad in (["--variant", "[1]"], ["--variant", "{"], ["--variant", '{"bogus": 1}'], ["--layers", "nope", "--variant", "{}"]):
+        bad_result = CliRunner().invoke(update_cost, [*args, *bad] if bad[0] != "--layers" else [*bad, "--device", "cpu"])
+        assert bad_result.exit_code == 2 and "Traceback" not in bad_result.output, bad_result.output

@@ -192,3 +192,118 @@ def test_falqon_options_select_the_variant_and_track_lost_updates():
         parse_options({"rounding": "up"})
     with pytest.raises(ValueError, match="merge must be one of"):
         parse_options({"merge": "all"})
+
+
+# ---------------------------------------------------------------- a_scale: A rescaled to a Kaiming LoRA A's RMS
+
+
+def _linear(k_in, n_out, std, outlier=None):
+    linear = torch.nn.Linear(k_in, n_out, bias=False)
+    torch.nn.init.normal_(linear.weight, std=std)
+    if outlier is not None:
+        with torch.no_grad():
+            linear.weight[0, 0] = outlier  # sets max|W| (and so the e4m3 scale) well above the Kaiming bound
+    return linear
+
+
+@pytest.mark.parametrize("k_in,n_out,std,outlier", [(256, 96, 0.02, 1.0), (64, 48, 0.02, None)])
+def test_kaiming_a_scale_leaves_w8_and_its_scale_bit_identical(k_in, n_out, std, outlier):
+    from falqon_core.methods.falqon import FalqonLinear
+
+    linear = _linear(k_in, n_out, std, outlier)
+    svd, kaiming = FalqonLinear(linear, 8), FalqonLinear(linear, 8, a_scale="kaiming")
+    assert torch.equal(svd.backbone_fp8.view(torch.uint8), kaiming.backbone_fp8.view(torch.uint8))
+    assert torch.equal(kaiming.scale, fp8.tensorwise_scale(linear.weight.float()))
+    assert svd.adapter_gain == 1.0 and not svd.adapter_capped
+
+
+def test_kaiming_a_rows_have_peft_lora_a_rms_within_half_an_e4m3_ulp():
+    """Uncapped (max|W| = 1 >> 1/sqrt(K)): every row of A8 . s has RMS 1/sqrt(3K), up to the e4m3 rounding of its
+    entries (half an ulp each, at their own magnitude), and points where the SVD row points (fp64 check)."""
+    from falqon_core.methods.falqon import FalqonLinear, kaiming_rms_rows
+
+    k_in = 256
+    linear = _linear(k_in, 96, 0.02, outlier=1.0)
+    layer = FalqonLinear(linear, 8, a_scale="kaiming", init_svd="exact")
+    assert not layer.adapter_capped and layer.adapter_gain > 1.5  # the SVD rows are ~3x smaller here
+    s = layer.scale.double()
+    a = layer.adapter_fp8.double() * s
+    half_ulp = fp8.ulp(layer.adapter_fp8.double(), fp8.E4M3) * s / 2
+    bound = half_ulp.pow(2).mean(dim=1).sqrt()  # |rms(q) - rms(x)| <= rms(q - x) <= rms(half ulps)
+    rms = a.pow(2).mean(dim=1).sqrt()
+    assert ((rms - 1 / math.sqrt(3 * k_in)).abs() <= bound).all(), (rms, bound)
+
+    rows = torch.randn(8, k_in) * torch.logspace(-3, -1, 8)[:, None]
+    rescaled, gain, capped = kaiming_rms_rows(rows, weight_amax=10.0)
+    expected = rows.double() / rows.double().pow(2).mean(dim=1, keepdim=True).sqrt() / math.sqrt(3 * k_in)
+    # fp32 arithmetic: a few roundings of 2^-24 relative each
+    assert torch.allclose(rescaled.double(), expected, rtol=8 * 2.0**-24, atol=0) and not capped
+    assert gain == pytest.approx(float(expected.pow(2).mean().sqrt() / rows.double().pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_kaiming_a_scale_is_capped_at_max_w_and_says_so():
+    """K = 64, W ~ N(0, 0.02): the Kaiming rows would exceed max|W| (1/sqrt(64) = 0.125 > ~0.06), so A is scaled
+    down to max|A| = max|W| (to within e4m3 rounding) and the layer records the cap."""
+    from falqon_core.methods.falqon import FalqonLinear
+
+    linear = _linear(64, 48, 0.02)
+    layer = FalqonLinear(linear, 8, a_scale="kaiming")
+    assert layer.adapter_capped and layer.adapter_gain > 1.0
+    assert layer.adapter_fp8.float().abs().max() <= layer.backbone_fp8.float().abs().max()
+    assert layer.adapter_fp8.float().abs().max() >= 448 * (1 - fp8.relative_ulp(fp8.E4M3))
+
+
+def test_a_scale_option_is_validated_and_documented():
+    from falqon_core.methods import falqon
+    from falqon_core.methods.falqon import FalqonLinear, parse_options
+
+    assert parse_options({"a_scale": "kaiming"}) == {"a_scale": "kaiming"}
+    with pytest.raises(ValueError, match="a_scale must be one of svd, kaiming"):
+        parse_options({"a_scale": "big"})
+    with pytest.raises(ValueError, match="a_scale"):
+        FalqonLinear(torch.nn.Linear(32, 32), 4, a_scale="big")
+    assert "a_scale" in falqon.__doc__ and "1/sqrt(3K)" in falqon.__doc__
+
+
+# ---------------------------------------------------------------- flush_every: all of B into W8 every T updates
+
+
+def test_flush_merges_all_of_b_like_the_reference_update_with_k_n():
+    """Update 2 of flush_every = 2 is the top-k keep_unmerged update, then a merge of all that is left of B:
+    W8 bit-identical to the torch references run in that order; B zero after it; A untouched."""
+    from falqon_core.methods.falqon import FalqonLinear
+
+    layer = FalqonLinear(_linear(64, 48, 0.05), 8, keep_unmerged=True, flush_every=2)
+    w8, a8 = layer.backbone_fp8.clone(), layer.adapter_fp8.clone()
+    b_ref = torch.zeros(48, 8)
+    for step in range(2):
+        b = (torch.randn(48, 8) * 4).round() / 8  # multiples of 2^-3: every sum exact in fp32 (module docstring)
+        with torch.no_grad():
+            layer.lora_B.add_(b)
+        b_ref += b
+        layer.proxy_update()
+        proxy_update_variant_reference_(w8, a8, b_ref, 8, keep_unmerged=True)
+        if step == 0:  # no flush yet: the top-k rows merged, the other rows of B kept
+            assert torch.equal(layer.backbone_fp8.view(torch.uint8), w8.view(torch.uint8))
+            assert torch.equal(layer.lora_B.detach(), b_ref) and layer.flushes_done == 0
+    proxy_update_reference_(w8, a8, b_ref, 48)
+    assert layer.flushes_done == 1
+    assert torch.equal(layer.backbone_fp8.view(torch.uint8), w8.view(torch.uint8))
+    assert (layer.lora_B == 0).all() and torch.equal(layer.adapter_fp8.view(torch.uint8), a8.view(torch.uint8))
+
+
+def test_flush_every_is_validated_and_counted_in_step_cost():
+    from falqon_core.methods.falqon import Falqon, FalqonLinear, parse_options
+
+    assert parse_options({"flush_every": 4}) == {"flush_every": 4}
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="flush_every must be an integer"):
+            parse_options({"flush_every": bad})
+    with pytest.raises(ValueError, match="flush_every must be an integer >= 0"):
+        FalqonLinear(torch.nn.Linear(32, 32), 4, flush_every=-1)
+    method = Falqon()
+    base = method.step_cost(4096, 4096, 16, 4096).quant_bytes
+    method.options = {"flush_every": 4}
+    flushed = method.step_cost(4096, 4096, 16, 4096).quant_bytes
+    # a flush reads and writes N x K e4m3 bytes, reads A8 (r x K) and reads and zeroes B (N x r fp32), every 4th step
+    assert flushed - base == pytest.approx((2 * 4096 * 4096 + 16 * 4096 + 2 * 4 * 4096 * 16) / 4)

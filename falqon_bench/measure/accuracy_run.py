@@ -14,7 +14,8 @@ Steps of a point (it runs in the worker subprocess, like a layer point; any fail
 
 Row keys beyond schema.REQUIRED_KEYS: kind, label, lr, seed, corpus, loss_floor, start_loss, final_loss,
 final_acc, heldout_curve [{step, loss, acc}], train_loss (per step), diverged, tokens_per_s, trainable_params,
-lost_fraction (per step, falqon), lost_fraction_mean, merged_rows_per_update, k, grid_lrs, best_of_grid.
+lost_fraction (per step, falqon), lost_fraction_mean, merged_rows_per_update, k, adapter_gain {min, median, max} and
+adapter_capped_layers (falqon's a_scale option), grid_lrs, best_of_grid.
 """
 
 from __future__ import annotations
@@ -185,6 +186,10 @@ def _fine_tune(point: dict[str, Any], ctx: MeasureContext, device: torch.device,
     if layers:
         row.update(lost_update_stats(snapshots, len(layers), o["steps"]))
         row["k"] = sorted({layer.last_k for layer in layers if layer.last_k is not None})
+        gains = sorted(layer.adapter_gain for layer in layers)
+        # the a_scale option's rescale of A (1.0 for the reference's SVD rows) and how many layers hit its cap
+        row["adapter_gain"] = {"min": gains[0], "median": gains[len(gains) // 2], "max": gains[-1]}
+        row["adapter_capped_layers"] = sum(layer.adapter_capped for layer in layers)
 
 
 def lost_update_stats(snapshots: list[torch.Tensor], n_layers: int, steps: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ CORPUS_KINDS = ("synthetic", "stdlib", "file")
 BYTE_VOCAB = 256
 SYNTHETIC_VOCAB = 64
 POOL_CHAINS, POOL_LEN = 512, 256  # synthetic tokens drawn per part: 131 k
+_PARTS = ("pretrain", "finetune", "heldout")
 _STDLIB_CAPS = {"pretrain": 6_000_000, "finetune": 3_000_000, "heldout": 500_000}  # bytes per part
 
 
@@ -111,7 +112,10 @@ def synthetic_corpus(seed: int, vocab: int = SYNTHETIC_VOCAB) -> Corpus:
         # windows of a pool of long chains, drawn once per part (one multinomial call per position, not per batch)
         if part not in pools:
             chain = base if part == "pretrain" else task
-            pools[part] = sample_chain(chain, torch.Generator().manual_seed(seed * 3 + len(pools)), POOL_CHAINS, POOL_LEN)
+            # each part's pool from its own seed: the same pools whichever part a process asks for first (a worker
+            # that loads a cached base never draws the pretrain pool)
+            pool_seed = seed * len(_PARTS) + _PARTS.index(part)
+            pools[part] = sample_chain(chain, torch.Generator().manual_seed(pool_seed), POOL_CHAINS, POOL_LEN)
         pool = pools[part]
         if seq_len > pool.shape[1]:
             raise BenchInputError(f"seq_len {seq_len} exceeds the synthetic corpus's chain length {pool.shape[1]}")

@@ -47,6 +47,19 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
   merge           "topk" (default) or "grid" (every row with an entry that changes under round-to-nearest)
   keep_unmerged   zero only the merged rows of B (default False: all of B, as the reference)
   seed            seed of the stochastic rounding's counter-based RNG (default 0)
+  a_scale         "svd" (default: A = sqrt(S_r) V_r^T as the reference) or "kaiming": every row of A rescaled to the
+                  RMS of PEFT's Kaiming-uniform LoRA A, 1/sqrt(3K) (U(-1/sqrt(K), 1/sqrt(K))), capped so that
+                  max|A| <= max|W|: the melded matrix keeps W's own e4m3 scale, so W8 is unchanged. The forward
+                  never reads A's scale into the output; it only sets the step of W (with Adam on B, a merged
+                  delta is ~ lr x |A|), so this moves FALQON's best lr toward LoRA's. The RMS gain is 2.7x for
+                  W ~ N(0, 0.02) at K = 4096, 1.6-3.5x (capped) on the CPU suite's tiny-llama; the layer keeps it
+                  and whether the cap applied (`adapter_gain`, `adapter_capped`).
+  flush_every     every this many updates (default 0: never), after the usual top-k update, merge every row of B
+                  into W8 (same rounding) and zero B: with keep_unmerged, a row of B waits at most this many
+                  steps to reach W8 instead of ~N/k (256 steps for k = 16 of 4096 rows). Costs one read and write
+                  of all N rows of W8 per flush (step_cost counts it spread over the steps). Chosen on the host
+                  from the update count, like the k schedule: a captured graph replays what its capture did.
+                  Its merges are not in `lost_stats`.
 
 Batched update (a Falqon.convert option, not a layer's): batched_update (default true) stacks layers of one shape
 so that one proxy update serves them all (falqon_core.methods.falqon_groups); false keeps one update per layer.
@@ -54,7 +67,8 @@ so that one proxy update serves them all (falqon_core.methods.falqon_groups); fa
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -69,9 +83,10 @@ from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed", "batched_update",
+    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every", "batched_update",
 )
 ROUNDINGS = ("nearest", "stochastic")
+A_SCALES = ("svd", "kaiming")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
@@ -176,6 +191,8 @@ class FalqonLinear(nn.Module):
         merge: str = "topk",
         keep_unmerged: bool = False,
         seed: int = 0,
+        a_scale: str = "svd",
+        flush_every: int = 0,
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -196,7 +213,15 @@ class FalqonLinear(nn.Module):
         self.rounding, self.merge, self.keep_unmerged = rounding, merge, bool(keep_unmerged)
         self.track_lost = False
 
-        melded, scale = meld_weight_and_adapter(linear.weight.detach(), rank, svd_dtype, init_svd)
+        if a_scale not in A_SCALES:
+            raise ValueError(f"falqon a_scale {a_scale!r}; allowed: {', '.join(A_SCALES)}")
+        self.a_scale = a_scale
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 0:
+            raise ValueError(f"falqon flush_every must be an integer >= 0, got {flush_every!r}")
+        self.flush_every, self.flushes_done = flush_every, 0
+        init = meld_init(linear.weight.detach(), rank, svd_dtype, init_svd, a_scale)
+        melded, scale = init.melded, init.scale
+        self.adapter_gain, self.adapter_capped = init.adapter_gain, init.adapter_capped
         self.register_buffer("melded", pad_rows(melded))  # N + r_pad rows (module docstring: Padding)
         self.register_buffer("scale", scale)
         self.register_buffer("weight_t", transpose_fp8(melded[:n_out]) if cache_weight_t else None)
@@ -272,22 +297,57 @@ class FalqonLinear(nn.Module):
             self.weight_t.view(torch.uint8).index_copy_(1, rows, fresh)
         self.last_k = k
         self.updates_done += 1
+        if self.flush_every and self.updates_done % self.flush_every == 0:
+            self.flush()
         return rows
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Merge every row of B into W8 with the layer's rounding and zero B (flush_every). No host sync."""
+        proxy_update_variant_(
+            self.backbone_fp8, self.adapter_fp8, self.lora_B, self.out_features,
+            stochastic=self.rounding == "stochastic", seed=self.rounding_seed, merge="grid", keep_unmerged=False,
+        )
+        if self.rounding == "stochastic":
+            self.rounding_seed.add_(1)
+        if self.weight_t is not None:
+            self.weight_t.view(torch.uint8).copy_(self.backbone_fp8.view(torch.uint8).t())
+        self.flushes_done += 1
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
-            f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, "
+            f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, a_scale={self.a_scale}, "
+            f"flush_every={self.flush_every}, "
             f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
         )
 
 
 def meld_weight_and_adapter(
-    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank"
+    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank",
+    a_scale: str = "svd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FALQON's init: A = sqrt(S_r) V_r^T from the top-r SVD of W's own e4m3 quantization error (exact or
     randomized, `init_svd`), then [W; A] as one e4m3 tensor. Returns (melded (N+r) x K float8_e4m3fn, scale 0-dim fp32)."""
+    init = meld_init(weight, rank, svd_dtype, init_svd, a_scale)
+    return init.melded, init.scale
+
+
+class MeldInit(NamedTuple):
+    """meld_init's result: the melded matrix and its scale, and what a_scale did to A (gain 1.0 for "svd")."""
+
+    melded: torch.Tensor  # (N + r) x K float8_e4m3fn
+    scale: torch.Tensor  # 0-dim fp32 dequant scale
+    adapter_gain: float  # RMS of A after / before the rescale
+    adapter_capped: bool  # the Kaiming RMS would have pushed max|A| past max|W|: A was scaled down to max|W|
+
+
+def meld_init(
+    weight: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, init_svd: str = "lowrank",
+    a_scale: str = "svd",
+) -> MeldInit:
+    """meld_weight_and_adapter with the a_scale option (module docstring) and a record of its rescale."""
     from falqon_core.lowrank import top_singular
 
     w = weight.float()
@@ -295,7 +355,29 @@ def meld_weight_and_adapter(
     error = (w - fp8.dequantize(w8, w_scale)).to(svd_dtype)
     s, vh = top_singular(error, rank, init_svd)
     adapter = (s[:rank].sqrt().unsqueeze(1) * vh[:rank]).float()  # r x K
-    return fp8.quantize(torch.cat([w, adapter], dim=0), fp8.E4M3, "tensorwise")
+    gain, capped = 1.0, False
+    if a_scale == "kaiming":
+        adapter, gain, capped = kaiming_rms_rows(adapter, float(w.abs().max()))
+    melded, scale = fp8.quantize(torch.cat([w, adapter], dim=0), fp8.E4M3, "tensorwise")
+    return MeldInit(melded, scale, gain, capped)
+
+
+def kaiming_rms_rows(adapter: torch.Tensor, weight_amax: float) -> tuple[torch.Tensor, float, bool]:
+    """Rows of A (r x K) rescaled to RMS 1/sqrt(3K), the RMS of PEFT's LoRA A (kaiming_uniform_ with a = sqrt(5):
+    U(-1/sqrt(K), 1/sqrt(K))), then, if max|A| would exceed max|W| (and so change the melded matrix's e4m3 scale
+    and with it W8), all of A scaled down to max|A| = max|W|. Returns (A, RMS gain over the input A, capped)."""
+    k_in = adapter.shape[1]
+    row_rms = adapter.pow(2).mean(dim=1, keepdim=True).sqrt()
+    target = 1.0 / math.sqrt(3 * k_in)
+    # a zero row (zero quantization error: W exactly on the e4m3 grid) has no direction to scale: left at zero
+    rescaled = torch.where(row_rms > 0, adapter * (target / row_rms.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    amax = float(rescaled.abs().max())
+    capped = weight_amax > 0 and amax > weight_amax
+    if capped:
+        rescaled = rescaled * (weight_amax / amax)
+    before = float(adapter.pow(2).mean().sqrt())
+    gain = float(rescaled.pow(2).mean().sqrt()) / before if before > 0 else 1.0
+    return rescaled, gain, bool(capped)
 
 
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +386,7 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
     kwargs: dict[str, Any] = {}
-    for name in ("topk", "topk_after", "warmup_steps"):
+    for name in ("topk", "topk_after", "warmup_steps", "flush_every"):
         if options.get(name) is not None:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -327,6 +409,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
             if options[name] not in allowed:
                 raise ValueError(f"falqon option {name} must be one of {', '.join(allowed)}, got {options[name]!r}")
             kwargs[name] = options[name]
+    if "a_scale" in options:
+        if options["a_scale"] not in A_SCALES:
+            raise ValueError(f"falqon option a_scale must be one of {', '.join(A_SCALES)}, got {options['a_scale']!r}")
+        kwargs["a_scale"] = options["a_scale"]
     if "keep_unmerged" in options:
         kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
     if "batched_update" in options and not isinstance(options["batched_update"], bool):
@@ -413,7 +499,8 @@ class Falqon(Method):
         W8 N x K for dX unless cached; the r x M one of O_A is small and not counted); the timed step's
         SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
-        W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows. k is the steady-state k: the
+        W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows;
+        flush_every = T adds one such all-row merge every T steps. k is the steady-state k: the
         `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
         `options` are the layer's AdapterConfig.options (topk, topk_after, cache_weight_t, merge).
         """
@@ -434,4 +521,7 @@ class Falqon(Method):
             quant += 2 * e * N * K
         quant += 3 * f32 * N * r
         quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
+        flush_every = int(self.options.get("flush_every") or 0)
+        if flush_every:  # a merge of all N rows (W8 read + write, A8, B read + zeroed) every flush_every steps
+            quant += (2 * e * N * K + e * r * K + 2 * f32 * N * r + (2 * e * N * K if cached else 0)) / flush_every
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))
