@@ -103,7 +103,10 @@ tar -czf "$OUT/e2e-best.tar.gz" -C "$OUT" e2e-best
 python - "$ROOT" <<'PY'
 import json, sys
 from pathlib import Path
-from falqon_bench.figures.e2e import e2e_rows, floor_table, summary_table
+try:  # the readers' package (after the falqon_bench layout moves), else the flat layout
+    from falqon_bench.readers.figures.e2e import e2e_rows, floor_table, summary_table
+except ImportError:
+    from falqon_bench.figures.e2e import e2e_rows, floor_table, summary_table
 
 root = Path(sys.argv[1])
 rows = []
