@@ -259,8 +259,13 @@ class FalqonLinear(nn.Module):
 
     def uses_plain_update(self) -> bool:
         """True when the next proxy update is the reference one (top-k, round-to-nearest, all of B zeroed,
-        nothing tracked): the update proxy_update_ (and the batched one of falqon_groups) computes."""
-        return self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost
+        nothing tracked): the update proxy_update_ (and the batched one of falqon_groups) computes.
+
+        A variant that adds work to proxy_update (e.g. a periodic all-row merge, `flush_every`, where present)
+        must make this False, or the batched update would skip that work.
+        """
+        plain = self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost
+        return plain and not getattr(self, "flush_every", 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
