@@ -39,7 +39,7 @@ else
   ACC_SUITE=${ACC_SUITE:-suites/accuracy-text.toml}
   LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=300
   UPDATE_ARGS=(--layers llama-7b.attn,llama-7b.up,llama-7b.down --ranks 16,64 --device cuda --budget-ms 200)
-  T_ACC=${T_ACC:-240}; T_LAYER=${T_LAYER:-90}; T_UPDATE=${T_UPDATE:-40}  # seconds per phase (env overrides)
+  T_ACC=${T_ACC:-250}; T_LAYER=${T_LAYER:-60}; T_UPDATE=${T_UPDATE:-36}  # seconds per phase (env overrides)
 fi
 
 cat > "$WORK/suites/falqon-variant-overhead.toml" <<TOML
@@ -60,10 +60,10 @@ TOML
 
 # a phase that runs out of time keeps what it finished (points.jsonl is appended point by point)
 echo "== (1) accuracy suite: $ACC_SUITE (limit ${T_ACC}s)"
-timeout "$T_ACC" python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" --point-timeout-s 120 \
+timeout -s INT -k 15 "$T_ACC" python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" --point-timeout-s 120 \
   || echo "accuracy run exited $?"
 echo "== (2) layer step time: default falqon vs the variant (limit ${T_LAYER}s)"
-timeout "$T_LAYER" python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" --out "$RUNS/falqon-variant-overhead" \
+timeout -s INT -k 15 "$T_LAYER" python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" --out "$RUNS/falqon-variant-overhead" \
   || echo "overhead run exited $?"
 echo "== (3) proxy update alone (limit ${T_UPDATE}s)"
 for V in "$NOFLUSH_JSON" "$FLUSH1_JSON"; do
@@ -72,7 +72,7 @@ for V in "$NOFLUSH_JSON" "$FLUSH1_JSON"; do
   timeout "$((T_UPDATE / 2))" python -m falqon_bench.measure.accuracy_update_cost "${UPDATE_ARGS[@]}" --variant "$V" \
     >> "$RUNS/proxy-update-alone.txt" 2>&1 || echo "update timing exited $?"
 done
-[[ ${T_REPORT:-60} -gt 0 ]] && { timeout "${T_REPORT:-60}" python -m falqon_bench.cli report "$RUNS/accuracy-text" --out "$RUNS/report-accuracy-text" || echo "report exited $?"; }
+[[ ${T_REPORT:-30} -gt 0 ]] && { timeout "${T_REPORT:-30}" python -m falqon_bench.cli report "$RUNS/accuracy-text" --out "$RUNS/report-accuracy-text" || echo "report exited $?"; }
 
 # the pretrained base's state dict (base/) is a cache, not a result: left out
 tar -czf "$OUT/accuracy-runs.tar.gz" --exclude=base -C "$WORK" runs suites
