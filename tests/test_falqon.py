@@ -429,3 +429,4 @@ def test_falqon_training_step_with_proxy_update_is_cuda_graph_capturable():
     torch.cuda.synchronize()
     assert torch.count_nonzero(model[0].lora_B) == 0
     assert not torch.equal(before.view(torch.uint8), model[0].backbone_fp8.view(torch.uint8))
+

@@ -302,8 +302,7 @@ def test_flush_every_is_validated_and_counted_in_step_cost():
     with pytest.raises(ValueError, match="flush_every must be an integer >= 0"):
         FalqonLinear(torch.nn.Linear(32, 32), 4, flush_every=-1)
     method = Falqon()
-    base = method.step_cost(4096, 4096, 16, 4096).quant_bytes
-    method.options = {"flush_every": 4}
-    flushed = method.step_cost(4096, 4096, 16, 4096).quant_bytes
+    base = method.step_cost(4096, 4096, 16, 4096, {}).quant_bytes
+    flushed = method.step_cost(4096, 4096, 16, 4096, {"flush_every": 4}).quant_bytes  # options in, no state
     # a flush reads and writes N x K e4m3 bytes, reads A8 (r x K) and reads and zeroes B (N x r fp32), every 4th step
     assert flushed - base == pytest.approx((2 * 4096 * 4096 + 16 * 4096 + 2 * 4 * 4096 * 16) / 4)

@@ -526,7 +526,7 @@ class Falqon(Method):
             quant += 2 * e * N * K
         quant += 3 * f32 * N * r
         quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
-        flush_every = int(self.options.get("flush_every") or 0)
+        flush_every = int(options.get("flush_every") or 0)
         if flush_every:  # a merge of all N rows (W8 read + write, A8, B read + zeroed) every flush_every steps
             quant += (2 * e * N * K + e * r * K + 2 * f32 * N * r + (2 * e * N * K if cached else 0)) / flush_every
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))
