@@ -202,12 +202,38 @@ def run_steps(training: Training, batches: list[torch.Tensor], point: dict[str, 
         step = (lambda: replay(tokens)) if replay is not None else (lambda: training.step(tokens))
         loss, host_ms, wall_ms = timing.timed_call(step, device)
         training.clock.collect()
+        if i == GRAD_CHECK_STEP:
+            check_adapter_grads(training, mode)
         losses.append(loss)
         if timed:
             wall.append(wall_ms)
             host.append(host_ms)
     profiled = profile_steps(replay or training.step, batches, int(point.get("profile_steps") or 0), device)
     return {"wall": wall, "host": host, "losses": [float(v) for v in torch.stack(losses).float().cpu()], **profiled}
+
+
+GRAD_CHECK_STEP = 1  # the second step: LoRA's A gets a gradient once B has left zero (after one optimizer step)
+
+
+def check_adapter_grads(training: Training, mode: str) -> None:
+    """Raise when a trainable tensor got no gradient, or an all-zero one, in this step: a backward that skipped
+    work (seen on an H200 with torch 2.11: inductor-compiled FALQON left layer 0's B gradients zero while eager
+    gives them) would otherwise be timed as a fast step. One host sync, once per point, outside the timed steps
+    whenever warmup_steps >= 2."""
+    params = dict(training.base.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    trainable = training.method.trainable_parameters(training.base)
+    missing = [names.get(id(p), "?") for p in trainable if p.grad is None]
+    present = [p for p in trainable if p.grad is not None]
+    if present:
+        nonzero = torch.stack([p.grad.detach().ne(0).any() for p in present]).cpu().tolist()
+        missing += [names.get(id(p), "?") for p, ok in zip(present, nonzero) if not ok]
+    if missing:
+        raise RuntimeError(
+            f"the {mode} step left {len(missing)} of {len(trainable)} trainable tensors without a gradient (zero or "
+            f"none), e.g. {', '.join(missing[:3])}: its backward skipped work, so its time is not a training step's; "
+            "run this method in eager or cuda_graph mode (scripts/gpu/compiled_grad_check.py compares with eager)"
+        )
 
 
 def capture_step(training: Training, tokens: torch.Tensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
