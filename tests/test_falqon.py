@@ -181,7 +181,7 @@ def test_falqon_grads_match_fp64_within_format_bounds(K, N, r, M, device):
 
     # the O_A the forward saved: the melded GEMM's last r columns, cast to e4m3 by the layer's quantizer
     x8, sx = quantize_fp8(x.detach(), fp8.E4M3, "tensorwise")
-    _, o_a_gemm = melded_matmul(x8, sx, layer.melded, layer.scale, N)
+    _, o_a_gemm = melded_matmul(x8, sx, layer.melded, layer.scale, N, fast_accum=layer.fast_accum)  # as the layer ran it
     oa8, soa = quantize_fp8(o_a_gemm.contiguous(), fp8.E4M3, "tensorwise")  # r_pad columns: amax unchanged
     oq = dequant64(oa8, soa)[:, :r]
     same_db = gq.t() @ oq
