@@ -15,7 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from falqon_bench.measure import fast_stacks, models
+from falqon_bench.measure import fast_stacks
+from falqon_bench.suites import models
 from falqon_bench.cli import app
 from falqon_bench.suites.e2e_suite import expand_e2e_suite
 from falqon_bench.suites.suite import load_suite
