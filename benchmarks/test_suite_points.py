@@ -21,7 +21,8 @@ REPLAY = SampleReplay()
 @pytest.mark.benchmark(timer=REPLAY)
 def test_point(point, benchmark, measure_context, unmeasured_rows):
     from falqon_bench.measure.runner import precheck  # here, not at import: a run where every point skips stays light
-    from falqon_bench.measure.worker import error_row, measure_point
+    from falqon_bench.data.schema import error_row
+    from falqon_bench.measure.worker import measure_point
 
     device = torch.device(measure_context.device)
     reason = precheck(point, device)

@@ -28,7 +28,8 @@ from falqon_bench.data.identity import (
     method_problem,
 )
 from falqon_bench.readers.safe_markup import content_security_policy, md_text
-from falqon_bench.data.store import RunWriter
+from falqon_bench.data.schema import SCHEMA_VERSION
+from falqon_bench.data.store import MANIFEST, POINTS
 
 SCRIPT = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 PAYLOADS = [
@@ -132,9 +133,10 @@ def _manifest(run_id: str, device: str) -> dict:
 
 
 def _write(run_dir: Path, manifest: dict, points: list[dict]) -> Path:
-    writer = RunWriter(run_dir, manifest)
-    for p in points:
-        writer.append(p)
+    """The files as a hostile author writes them: by hand (RunWriter refuses a status outside RUN_STATUSES)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / MANIFEST).write_text(json.dumps({"schema": SCHEMA_VERSION, **manifest}, default=str))
+    (run_dir / POINTS).write_text("".join(json.dumps(p, sort_keys=True, default=str) + "\n" for p in points))
     return run_dir
 
 
