@@ -86,7 +86,7 @@ def test_report_of_runs_at_several_gpu_counts_shows_the_scaling_figure(tmp_path)
     from falqon_bench.readers.report import render_report
     from falqon_bench.data.store import RunWriter
     from falqon_bench.suites.suite import load_suite
-    from falqon_bench.measure.worker import base_row
+    from falqon_bench.data.schema import new_row
 
     suite = tmp_path / "s.toml"
     suite.write_text('kind = "e2e"\nname = "weak"\ndevice = "cpu"\nmodel = "tiny-llama"\nseq_len = 32\nbatch = 2\n'
@@ -95,7 +95,7 @@ def test_report_of_runs_at_several_gpu_counts_shows_the_scaling_figure(tmp_path)
     for world in (1, 2):
         writer = RunWriter(tmp_path / f"run{world}", {"suite": "weak", "kind": "e2e", "device": "CPU"})
         for point in expand_e2e_suite(load_suite(str(suite)), world_size=world):
-            row = {**base_row(point, "CPU"), "kind": "e2e", "mode": "eager", "world_size": world, "status": "ok",
+            row = {**new_row(point, "CPU"), "kind": "e2e", "mode": "eager", "world_size": world, "status": "ok",
                    "tokens_per_s": 1000.0 * world, "wall_ms": 64.0, "loss_per_step": [5.0, 4.9, 4.8]}
             writer.append(json.loads(json.dumps(row)))
         runs.append(writer.run_dir)

@@ -220,14 +220,15 @@ def check_adapter_grads(training: Training, mode: str) -> None:
     work (seen on an H200 with torch 2.11: inductor-compiled FALQON left layer 0's B gradients zero while eager
     gives them) would otherwise be timed as a fast step. One host sync, once per point, outside the timed steps
     whenever warmup_steps >= 2."""
-    params = dict(training.base.named_parameters())
-    names = {id(p): n for n, p in params.items()}
-    trainable = training.method.trainable_parameters(training.base)
+    names = {id(p): n for n, p in training.base.named_parameters()}
+    trainable = [p for group in training.optimizer.param_groups for p in group["params"]]  # what the step trains
     missing = [names.get(id(p), "?") for p in trainable if p.grad is None]
-    present = [p for p in trainable if p.grad is not None]
-    if present:
-        nonzero = torch.stack([p.grad.detach().ne(0).any() for p in present]).cpu().tolist()
-        missing += [names.get(id(p), "?") for p, ok in zip(present, nonzero) if not ok]
+    # an FSDP2 gradient is a DTensor: check this rank's shard (an empty shard has nothing to say)
+    local = [(p, getattr(p.grad, "to_local", lambda g=p.grad: g)()) for p in trainable if p.grad is not None]
+    local = [(p, g) for p, g in local if g.numel()]
+    if local:
+        nonzero = torch.stack([g.detach().ne(0).any() for _, g in local]).cpu().tolist()
+        missing += [names.get(id(p), "?") for (p, _), ok in zip(local, nonzero) if not ok]
     if missing:
         raise RuntimeError(
             f"the {mode} step left {len(missing)} of {len(trainable)} trainable tensors without a gradient (zero or "
