@@ -224,7 +224,7 @@ def check_adapter_grads(training: Training, mode: str) -> None:
     trainable = [p for group in training.optimizer.param_groups for p in group["params"]]  # what the step trains
     missing = [names.get(id(p), "?") for p in trainable if p.grad is None]
     # an FSDP2 gradient is a DTensor: check this rank's shard (an empty shard has nothing to say)
-    local = [(p, getattr(p.grad, "to_local", lambda g=p.grad: g)()) for p in trainable if p.grad is not None]
+    local = [(p, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in trainable if p.grad is not None]
     local = [(p, g) for p, g in local if g.numel()]
     if local:
         nonzero = torch.stack([g.detach().ne(0).any() for _, g in local]).cpu().tolist()
