@@ -219,6 +219,17 @@ def test_variants_keep_their_per_layer_update():
     assert all(layer.proxy_group is None for _, layer in falqon_layers(model))
 
 
+def test_a_flush_schedule_keeps_or_takes_a_layer_out_of_the_batched_update(triton_path):
+    _, model = convert({"flush_every": 2})
+    assert all(layer.proxy_group is None for _, layer in falqon_layers(model))
+    method, model = convert()  # stacked, then given a flush schedule: the per-layer update runs, flush included
+    layer = model.blocks[0]["q"]
+    assert layer.proxy_group is not None
+    layer.flush_every = 1
+    train_steps(method, model, 2)
+    assert layer.flushes_done == 2
+
+
 def test_tracking_lost_updates_after_stacking_falls_back_to_the_per_layer_update(triton_path):
     method, model = convert()
     for _, layer in falqon_layers(model):

@@ -261,11 +261,11 @@ class FalqonLinear(nn.Module):
         """True when the next proxy update is the reference one (top-k, round-to-nearest, all of B zeroed,
         nothing tracked): the update proxy_update_ (and the batched one of falqon_groups) computes.
 
-        A variant that adds work to proxy_update (e.g. a periodic all-row merge, `flush_every`, where present)
-        must make this False, or the batched update would skip that work.
+        A variant that adds work to proxy_update (e.g. the periodic all-row merge of `flush_every`) must make
+        this False, or the batched update would skip that work.
         """
         plain = self.rounding == "nearest" and self.merge == "topk" and not self.keep_unmerged and not self.track_lost
-        return plain and not getattr(self, "flush_every", 0)
+        return plain and not self.flush_every
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -88,13 +88,13 @@ def stack_layers(layers: Iterable[FalqonLinear]) -> list[ProxyUpdateGroup]:
     """Group `layers` by group_key and move each group's melded buffers and B parameters into stacked tensors.
 
     Call before an optimizer is built: each layer's `lora_B` becomes a new nn.Parameter (a view of the stack)
-    with the same values. Layers on a variant update or a flush schedule, with a cached W8^T, already grouped, or alone in their
+    with the same values. Layers on a variant update (a flush schedule included), with a cached W8^T, already grouped, or alone in their
     group are left as they are. Memory: each melded buffer is copied once into its stack and the old one freed,
     so conversion peaks at one group's size above the converted model.
     """
     by_key: dict[tuple, list[FalqonLinear]] = {}
     for layer in layers:
-        if layer.proxy_group is None and layer.uses_plain_update() and layer.weight_t is None and not layer.flush_every:
+        if layer.proxy_group is None and layer.uses_plain_update() and layer.weight_t is None:
             by_key.setdefault(group_key(layer), []).append(layer)
     groups = []
     for members in by_key.values():
