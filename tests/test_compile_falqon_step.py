@@ -121,3 +121,27 @@ def test_cast_transpose_op_fake_gives_the_padded_transpose_and_an_empty_row_copy
         assert tuple(out.shape) == (0,) and tuple(out_t.shape) == (48, 80) and scale.dim() == 0
         out, _, _ = compile_ops.cast_transpose_from_partials(x, partials, torch.float8_e5m2, 16, True)
         assert tuple(out.shape) == (77, 48) and out.dtype == torch.float8_e5m2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled graph of the GPU kernels")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_falqon_layer_gets_the_eager_gradients_on_the_gpu(backend):
+    """On an H200 (torch 2.11) the compiled layer once returned its output as a view of the melded GEMM's result,
+    and the backward torch.compile built read zeros for grad_out: dX and dB were all zero while the loss looked
+    right. Gradients must match eager (same fp8 operands, so up to the GEMMs' accumulation order)."""
+    torch.manual_seed(0)
+    layer = FalqonLinear(nn.Linear(256, 384), 16).cuda()
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for model in (layer, torch.compile(copy.deepcopy(layer), backend=backend)):
+        torch._dynamo.reset()
+        xi = x.clone().requires_grad_()
+        model(xi).float().square().mean().backward()
+        b = model.lora_B if isinstance(model, FalqonLinear) else model._orig_mod.lora_B
+        grads.append((xi.grad.float(), b.grad.float()))
+    (dx_e, db_e), (dx_c, db_c) = grads
+    for name, eager, compiled in (("dX", dx_e, dx_c), ("dB", db_e, db_c)):
+        assert eager.abs().max() > 0, f"eager {name} is zero: the test is vacuous"
+        rel = ((compiled - eager).norm() / eager.norm()).item()
+        assert rel < 1e-2, f"compiled {name} differs from eager by {rel:.3g} (relative norm)"

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from falqon_bench.measure import envinfo, timing
+from falqon_bench.measure.causal_attention import use_maskless_causal_sdpa
 from falqon_bench.suites.e2e_suite import COMPILED_MODES, GRAPH_MODES
 from falqon_bench.data.schema import new_row
 from falqon_bench.measure.worker import one_line, record_failure
@@ -48,7 +49,9 @@ def synthetic_batch(generator: torch.Generator, batch: int, seq_len: int, vocab:
 
 
 def prepare_model(model: nn.Module, options: dict[str, Any]) -> None:
-    """Everything done to the model's surroundings before conversion, in one place (liger-kernel patches)."""
+    """Everything done to the model's surroundings before conversion, in one place: attention without a mask
+    tensor (the same kernels in every mode: falqon_bench.measure.causal_attention), liger-kernel patches."""
+    use_maskless_causal_sdpa(model)
     if options.get("liger"):
         from falqon_bench.measure.fast_stacks import apply_liger  # issue #18; raises a clear error when unavailable
 

@@ -67,11 +67,17 @@ def _cast_transpose_kernel(
     fp8_max, inv_max, min_scale,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
     SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, OUT_DTYPE: tl.constexpr,
-    WRITE_ROWS: tl.constexpr, PARTIALS_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_ROWS: tl.constexpr, TRANSPOSED_LOAD: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Scale from max(partials); per tile q = sat_cast(x / scale), stored to out_t (n_cols x n_rows_out, bytes,
     columns past n_rows zero) and, with WRITE_ROWS, to out (n_rows x n_cols, bytes). Tiles are walked in the
-    reverse of launch 1's order, so the first ones read are those launch 1 left in L2."""
+    reverse of launch 1's order, so the first ones read are those launch 1 left in L2.
+
+    TRANSPOSED_LOAD: out_t's tile is cast from a second load of the tile in transposed order instead of
+    tl.trans(q). Needed for 4-byte x with WRITE_ROWS: there Triton 3.6 on sm_90 miscompiles storing q and
+    tl.trans(q) from one tile (out_t wrong from its second row, NaN bytes included; bf16 x, and fp32 x without
+    WRITE_ROWS, were bit-exact on an H200). The second load hits L1/L2 (~15% more time for fp32 x)."""
     pid = tl.program_id(0)
     scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
@@ -88,7 +94,13 @@ def _cast_transpose_kernel(
         if WRITE_ROWS:
             tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
         mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
-        tl.store(out_t_ptr + cols[:, None] * n_rows_out + rows[None, :], tl.trans(q), mask=mask_t)
+        if TRANSPOSED_LOAD:
+            x_t = tl.load(x_ptr + rows[None, :] * stride_r + cols[:, None] * stride_c, mask=tl.trans(mask), other=0.0)
+            y_t = tl.math.div_rn(x_t.to(tl.float32), scale)
+            q_t = saturating_cast(y_t, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE).to(tl.uint8, bitcast=True)
+        else:
+            q_t = tl.trans(q)
+        tl.store(out_t_ptr + cols[:, None] * n_rows_out + rows[None, :], q_t, mask=mask_t)
 
 
 def _grid(x: torch.Tensor, n_rows: int, n_cols: int) -> int:
@@ -125,7 +137,7 @@ def cast_transpose_from_partials(
         n_rows, rows_out, n_cols, x.stride(0), x.stride(1),
         **_scale_args(x, dtype),
         SOFTWARE_ROUND=_software_round(software_round), OUT_DTYPE=tc.triton_fp8_dtype(dtype),
-        WRITE_ROWS=bool(keep_rows), PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
+        WRITE_ROWS=bool(keep_rows), TRANSPOSED_LOAD=bool(keep_rows) and x.element_size() == 4, PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
         BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4,
     )
     return out, out_t, scale

@@ -136,7 +136,14 @@ class MeldedLinearFunction(torch.autograd.Function):
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
         ctx.rank = lora_b.shape[1]
-        return out.to(x2d.dtype)
+        out = out.to(x2d.dtype)
+        if torch.compiler.is_compiling():
+            # out is a column slice of the melded GEMM's output. Returned as that view from a traced
+            # autograd.Function, the backward torch.compile built on an H200 (torch 2.11) read zeros for
+            # grad_out: every dX and dB of a compiled model was zero. A copy (fused into the bias add or the
+            # next elementwise op by inductor) gives the eager gradients; eager keeps the view (no copy).
+            out = out.contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

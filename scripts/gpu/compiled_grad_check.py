@@ -3,13 +3,14 @@
 inductor) against eager, and the loss. Prints one line per method: loss diff, max relative gradient-norm diff,
 and the layers whose gradient is missing or zero (a backward that skipped work would show here).
 
-    python scripts/gpu/compiled_grad_check.py [--methods falqon bf16_lora] [--layers 2]
+    python scripts/gpu/compiled_grad_check.py [--methods falqon bf16_lora] [--layers 2] [--options '{"batched_update": false}']
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import torch
 
@@ -30,7 +31,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["falqon", "bf16_lora", "halo_lora"])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--model", default="llama-7b")
+    parser.add_argument("--options", default="{}", help="method options as JSON, given to every method")
     args = parser.parse_args()
+    options = json.loads(args.options)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = 2048 if device.type == "cuda" else 32
     base = make_model(args.model, device, torch.bfloat16, num_layers=args.layers, seed=0)
@@ -38,7 +41,7 @@ def main() -> None:
     for method in args.methods:
         results = {}
         for mode in ("eager", "compile"):
-            model, _ = convert_model(copy.deepcopy(base), method, AdapterConfig(rank=16, target_modules=LLAMA_TARGET_MODULES))
+            model, _ = convert_model(copy.deepcopy(base), method, AdapterConfig(rank=16, target_modules=LLAMA_TARGET_MODULES, options=options))
             if mode == "compile":
                 compile_blocks(model)
             results[mode] = grads(model, tokens)
@@ -48,7 +51,7 @@ def main() -> None:
         rel = max(((ge[n].float() - gc[n].float()).norm() / ge[n].float().norm().clamp_min(1e-30)).item()
                   for n in ge if ge[n] is not None and gc.get(n) is not None)
         print(f"{method:10} loss eager {le:.5f} compiled {lc:.5f} | max rel grad diff {rel:.3g} | "
-              f"{len(ge)} adapter tensors, missing/zero in compiled: {missing[:4] or 'none'}", flush=True)
+              f"{len(ge)} adapter tensors, missing/zero in compiled: {len(missing)}: {missing[:8] or 'none'}", flush=True)
 
 
 if __name__ == "__main__":

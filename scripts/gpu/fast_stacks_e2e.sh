@@ -8,9 +8,9 @@
 #
 # One e2e suite, suites/fast-stacks.toml, through `falqon-bench run` (a worker process per method, so importing
 # Unsloth patches nothing else):
-#   falqon     cuda_graph, eager   liger false / true (liger in a CUDA graph is recorded "unsupported": its fused
+#   falqon     compile_cuda_graph, cuda_graph, eager   liger false / true (liger in a CUDA graph is recorded "unsupported": its fused
 #                                    loss calls .item(); so liger runs in eager, next to eager without it)
-#   bf16_lora  compile             liger false / true (liger's kernels run inside the compiled model)
+#   bf16_lora  compile_cuda_graph, compile   liger false / true (liger's kernels run inside the compiled model)
 #   unsloth_lora, unsloth_qlora  eager  (liger true: "unsupported", Unsloth fuses the same parts itself)
 #   halo_lora, qlora_nf4  cuda_graph, eager  liger false / true, as falqon
 # 8 steps, 3 of them warm-up, 1 profiled. Time, from results/e2e-llama7b-h200 and -compile-h200 (duration_s): ~15-25 s
@@ -68,7 +68,7 @@ if [ "$SMOKE" = 1 ]; then
   # inductor on a shared CPU takes minutes: the smoke runs bf16_lora eager (it checks the plumbing, not the speed)
   sed -i -e 's/^device = .*/device = "cpu"/' -e 's/^model = .*/model = "tiny-llama"/' -e 's/^layers = .*/layers = 2/' \
     -e 's/^seq_len = .*/seq_len = 32/' -e 's/^steps = .*/steps = 3/' -e 's/^warmup_steps = .*/warmup_steps = 1/' \
-    -e 's/^profile_steps = .*/profile_steps = 0/' -e 's/^bf16_lora = \["compile"\]/bf16_lora = ["eager"]/' "$suite"
+    -e 's/^profile_steps = .*/profile_steps = 0/' -e 's/^bf16_lora = \[.*\]/bf16_lora = ["eager"]/' "$suite"
 fi
 
 resume=()
