@@ -104,7 +104,9 @@ def floor_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str) ->
     if not profiled:
         return ""
     order = {m: i for i, m in enumerate(_methods(rows))}
-    profiled.sort(key=lambda r: (order.get(r["method"], 99), MODES.index(r["mode"]) if r.get("mode") in MODES else 9))
+    with_liger = lambda r: bool((r.get("options") or {}).get("liger"))  # noqa: E731  (a series of its own)
+    profiled.sort(key=lambda r: (order.get(r["method"], 99), MODES.index(r["mode"]) if r.get("mode") in MODES else 9,
+                                 with_liger(r)))
     names = [c.replace("_", " ") for c in CLASS_COLUMNS]
     head = ("| method | mode | GPU ms | " + " | ".join(names) + " | floor ms (linears + head + rest) | step / floor |")
     lines = [head, "|" + "---|" * (len(CLASS_COLUMNS) + 5)]
@@ -117,7 +119,8 @@ def floor_table(rows: list[dict[str, Any]], cell: Callable[[Any], str] = str) ->
             f"{_fmt(parts.get('measured_rest'), '.1f')})")
         ratio = (r["wall_ms"] / floor) if floor and r.get("wall_ms") else None
         lines.append(
-            f"| {cell(r['method'])} | {cell(r.get('mode'))} | {_fmt(r.get('gpu_ms'), '.1f')} | "
+            f"| {cell(r['method'])} | {cell(str(r.get('mode')) + (' +liger' if with_liger(r) else ''))} | "
+            f"{_fmt(r.get('gpu_ms'), '.1f')} | "
             + " | ".join(_fmt(split.get(c), ".1f") for c in CLASS_COLUMNS)
             + f" | {floor_cell} | {_fmt(ratio, '.2f')}x |"
         )
@@ -144,7 +147,8 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
                linewidth=1.8 if with_liger else 0.5)
     ax.set_title("tokens/s by execution mode (higher is better; missing bar = failed)")
     ax.set_ylabel("tokens / s")
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # headroom: the legend sits above the bars, not on them
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
 
     ax = axes[1]
     peaks = [max((r.get("peak_mem_bytes") or 0) for r in _ok(rows, m)) / GIB if _ok(rows, m) else 0.0 for m in methods]
