@@ -58,13 +58,14 @@ def test_prepare_model_applies_liger_only_when_asked(monkeypatch):
 
     calls = []
     fake = types.ModuleType("falqon_bench.measure.fast_stacks")
-    fake.apply_liger = calls.append
+    fake.apply_liger = lambda model, rope=True: calls.append((model, rope))
     monkeypatch.setitem(sys.modules, "falqon_bench.measure.fast_stacks", fake)
     model = object()
-    prepare_model(model, {"liger": False})
+    prepare_model(model, {"liger": False, "mode": "eager"})
     assert calls == []
-    prepare_model(model, {"liger": True})
-    assert calls == [model]
+    prepare_model(model, {"liger": True, "mode": "eager"})
+    prepare_model(model, {"liger": True, "mode": "compile"})  # compiled: RoPE left out (fast_stacks.apply_liger)
+    assert calls == [(model, True), (model, False)]
 
 
 def test_an_e2e_only_report_has_no_layer_figures_and_inlines_its_own(tmp_path):

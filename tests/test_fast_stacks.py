@@ -231,3 +231,17 @@ def test_saved_model_dir_loads_back_with_the_same_logits_and_a_matching_tokenize
     tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
     assert len(tokenizer) == model.config.vocab_size
     assert tokenizer("t5 t255")["input_ids"][-2:] == [5, 255]
+
+
+def test_a_model_for_torch_compile_keeps_its_rope(monkeypatch):
+    """Compiled modes apply liger without its per-model RoPE patch (a copy of the attention's globals breaks
+    torch.compile's resume after a nested graph break); the row's liger_patches says so."""
+    pytest.importorskip("liger_kernel")
+    from falqon_bench.suites.models import make_model
+
+    model = make_model("tiny-llama", torch.device("cpu"), torch.float32, num_layers=1, seed=0)
+    forward_before = model.model.layers[0].self_attn.forward
+    fast_stacks.patch_llama_with_liger(model, rope=False)
+    assert "rope" not in fast_stacks.liger_patches_of(model)
+    assert set(fast_stacks.liger_patches_of(model)) == set(fast_stacks.LIGER_PATCHES) - {"rope"}
+    assert model.model.layers[0].self_attn.forward == forward_before

@@ -55,6 +55,7 @@ E2E_KEYS: dict[str, str] = {
     "kernel_class_ms": "profiler kernel ms per step by class {gemm, quantize, attention, optimizer, proxy_update, elementwise, other}",
     "floor_parts_ms": "floor of the step, ms: {linears (roofline), lm_head (roofline), measured_rest, total = floor_ms}",
     "convert_s": "seconds to convert the model to the method (FALQON: its SVD init)",
+    "liger_patches": "liger-kernel patches applied to the model (null without liger; compiled modes leave RoPE out)",
     "loss_per_step": "training loss of every step, warm-up included (mean over ranks)",
     "loss_first": "loss of the first step",
     "loss_last": "loss of the last step",

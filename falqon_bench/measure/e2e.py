@@ -190,7 +190,7 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
     import gc
 
     from falqon_bench.measure.e2e_fsdp import FsdpUnsupported, build_fsdp_training, parallel_of, unsupported_message
-    from falqon_bench.measure.e2e_step import build_training, e2e_base_row, make_batches, measurements_to_row, run_steps
+    from falqon_bench.measure.e2e_step import build_fields, build_training, e2e_base_row, make_batches, measurements_to_row, run_steps
     from falqon_bench.measure.worker import one_line
 
     row = e2e_base_row(point, info.device, info.world_size, info.backend or "none")
@@ -207,7 +207,7 @@ def train_point_distributed(point: dict[str, Any], info: DistInfo, skip_grad_all
             wrap = (lambda m: wrap_in_ddp(m, info)) if info.backend is not None else None
             training, convert_s, n_trainable = build_training(point, info.device, wrap=wrap)
         training.skip_grad_allreduce = skip_grad_allreduce
-        row.update(convert_s=convert_s, trainable_params=n_trainable)
+        row.update(build_fields(training, convert_s, n_trainable))
         fp8_init = [b.view(torch.uint8).cpu().clone() for b in _compared_fp8_buffers(training.base)] if info.is_main else []
     except FsdpUnsupported as e:  # fully_shard refusing a module, a mode FSDP2 cannot run
         error = unsupported_message(e)

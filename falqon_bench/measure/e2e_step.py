@@ -31,6 +31,7 @@ from torch import nn
 
 from falqon_bench.measure import envinfo, timing
 from falqon_bench.measure.causal_attention import use_maskless_causal_sdpa
+from falqon_bench.measure.fast_stacks import liger_patches_of
 from falqon_bench.suites.e2e_suite import COMPILED_MODES, GRAPH_MODES
 from falqon_bench.data.schema import new_row
 from falqon_bench.measure.worker import one_line, record_failure
@@ -55,7 +56,7 @@ def prepare_model(model: nn.Module, options: dict[str, Any]) -> None:
     if options.get("liger"):
         from falqon_bench.measure.fast_stacks import apply_liger  # issue #18; raises a clear error when unavailable
 
-        apply_liger(model)
+        apply_liger(model, rope=options.get("mode") not in COMPILED_MODES)  # compiled: RoPE stays (apply_liger says why)
 
 
 @dataclass
@@ -160,6 +161,12 @@ def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[
     optimizer = torch.optim.AdamW(params, lr=opts["lr"], capturable=capturable)
     training = Training(outer, model, method, optimizer, PhaseClock(device))
     return training, convert_s, sum(p.numel() for p in params)
+
+
+def build_fields(training: Training, convert_s: float, n_trainable: int) -> dict[str, Any]:
+    """The row fields known once the model is built: conversion time, trainable elements, liger patches applied."""
+    return {"convert_s": convert_s, "trainable_params": n_trainable,
+            "liger_patches": list(liger_patches_of(training.base)) or None}
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -365,7 +372,7 @@ def measure_point(point: dict[str, Any], ctx) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             training, convert_s, n_trainable = build_training(point, device)
-            row.update(convert_s=convert_s, trainable_params=n_trainable)
+            row.update(build_fields(training, convert_s, n_trainable))
             vocab = int(training.base.config.vocab_size)
             measured = run_steps(training, make_batches(point, vocab, device), point, device)
             measurements_to_row(row, measured, point, training.clock.split())

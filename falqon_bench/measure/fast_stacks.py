@@ -86,7 +86,7 @@ def liger_unavailable_reason(device: "torch.device | str | None" = None) -> str 
     return _cuda_reason("liger-kernel", device, "its fused kernels are Triton-only and fail in the CPU interpreter")
 
 
-def apply_liger(model: "nn.Module") -> None:
+def apply_liger(model: "nn.Module", rope: bool = True) -> None:
     """Fuse the non-linear parts of a LLaMA model with liger-kernel, in place; call BEFORE the method converts it.
 
     Patched on this instance only: RMSNorm (every layer and the final norm), the SwiGLU MLP, RoPE in every
@@ -94,16 +94,20 @@ def apply_liger(model: "nn.Module") -> None:
     logits in training). The linears are untouched, so a method converting them afterwards (PEFT, torchao,
     bitsandbytes, FALQON's module swap) keeps its own layers inside the fused surroundings.
     Raises BenchInputError (one line: why, and what to install) when liger cannot run on the model's device.
+    rope=False leaves RoPE unpatched, for a model that torch.compile will trace: the per-model RoPE patch runs
+    the attention forward with a copy of its module's globals, and torch.compile resumes a nested graph break
+    there with code it installed elsewhere ("NameError: name '__compiled_fn_...' is not defined": bf16_lora
+    compile + liger on the H200, reproduced on CPU).
     """
     from falqon_core.convert import model_device
 
     reason = liger_unavailable_reason(model_device(model))
     if reason is not None:
         raise BenchInputError(f"liger = true is not possible here: {reason}")
-    patch_llama_with_liger(model)
+    patch_llama_with_liger(model, rope=rope)
 
 
-def patch_llama_with_liger(model: "nn.Module") -> None:
+def patch_llama_with_liger(model: "nn.Module", rope: bool = True) -> None:
     """The patching of `apply_liger`, without the device check (so CPU tests can inspect the wiring).
 
     liger's `apply_liger_kernel_to_llama(model=...)` also rewrites transformers' module globals (the RMSNorm
@@ -135,11 +139,13 @@ def patch_llama_with_liger(model: "nn.Module") -> None:
         apply_liger_kernel_to_llama(
             model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
         )
-    for layer in model.model.layers:
-        attention = layer.self_attn
-        forward = function_with_global(type(attention).forward, "apply_rotary_pos_emb", liger_rotary_pos_emb)
-        attention.forward = types.MethodType(forward, attention)
-    model._falqon_liger_patches = LIGER_PATCHES  # what was patched, for the e2e row
+    if rope:
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            forward = function_with_global(type(attention).forward, "apply_rotary_pos_emb", liger_rotary_pos_emb)
+            attention.forward = types.MethodType(forward, attention)
+    # what was patched, for the e2e row
+    model._falqon_liger_patches = tuple(p for p in LIGER_PATCHES if rope or p != "rope")
 
 
 def liger_patches_of(model: "nn.Module") -> tuple[str, ...]:
