@@ -5,6 +5,7 @@
 #   OUT=/tmp/out bash scripts/gpu/fast_stacks_e2e.sh                # on the GPU machine, from the repo root (<= 9 min)
 #   OUT=/tmp/x bash scripts/gpu/fast_stacks_e2e.sh --cpu-smoke      # tiny-llama on the CPU: the plumbing only
 #   RESUME_FROM=old/fast_stacks_e2e.tar.gz OUT=/tmp/out bash scripts/gpu/fast_stacks_e2e.sh   # finish a stopped run
+#   SUITE=suites/fast-stacks-rest.toml OUT=/tmp/out bash scripts/gpu/fast_stacks_e2e.sh   # the methods the first run left out
 #
 # One e2e suite, suites/fast-stacks.toml, through `falqon-bench run` (a worker process per method, so importing
 # Unsloth patches nothing else):
@@ -62,7 +63,7 @@ echo "install and setup: $((SECONDS - t_start)) s; TMPDIR=${TMPDIR:-/tmp}"
 
 # --- the suite: suites/fast-stacks.toml; the CPU smoke shrinks it to tiny-llama and a few steps
 suite="$OUT/fast_stacks_e2e.toml"
-cp suites/fast-stacks.toml "$suite"
+cp "${SUITE:-suites/fast-stacks.toml}" "$suite"
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1  # falqon's Triton kernels on the CPU
   # inductor on a shared CPU takes minutes: the smoke runs bf16_lora eager (it checks the plumbing, not the speed)
