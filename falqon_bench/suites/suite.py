@@ -176,6 +176,7 @@ KINDS: dict[str, str] = {
     "layers": __name__,
     "e2e": "falqon_bench.suites.e2e_suite",
     "accuracy": "falqon_bench.suites.accuracy_suite",
+    "kernels": "falqon_bench.suites.kernels_suite",
 }
 
 
@@ -185,6 +186,16 @@ def kind_function(kind: str, verb: str):
 
     module = importlib.import_module(KINDS[kind])
     return getattr(module, f"{verb}_{kind}_{'point' if verb == 'measure' else 'suite'}")
+
+
+def kind_hook(kind: str, verb: str, noun: str):
+    """A kind module's optional `<verb>_<kind>_<noun>` function, or None. The runner asks for two:
+    precheck_<kind>_point(point, device) -> reason | None, defined by kinds whose points are not registered
+    methods (kernels: the runner then skips its method check); tabulate_<kind>_rows(rows) -> rich Table, the
+    run's summary table in place of the runner's per-method one."""
+    import importlib
+
+    return getattr(importlib.import_module(KINDS[kind]), f"{verb}_{kind}_{noun}", None)
 
 
 # ---------------------------------------------------------------- locating keys in the raw text
