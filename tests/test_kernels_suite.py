@@ -227,3 +227,32 @@ def test_a_kernels_row_written_by_the_runner_reads_back_as_json_objects(tmp_path
     runner.run_suite(suite, runner.RunOptions(out_dir=tmp_path / "run", isolate=False), console=quiet())
     lines = (tmp_path / "run" / "points.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_variant_timed_without_graph_replay_gets_a_fresh_worker_for_the_next_point(monkeypatch):
+    """CUDA-graph capture failed (events fallback): the row says so, and worker.process_poisoned asks for a restart."""
+    from falqon_bench.measure import kernel_bench
+    from falqon_bench.measure.worker import MeasureContext, process_poisoned
+
+    point = expand_suite(load_suite("kernels"))[0]
+    monkeypatch.setattr(kernel_bench, "_timer_for", lambda *args: lambda step, cache: ([0.1, 0.2], "events"))
+    monkeypatch.setattr(kernel_bench, "build_step", lambda case, device: lambda: None)
+    row = kernel_bench.measure_suite_point(point, MeasureContext(device="cpu"))
+    assert row["status"] == "ok" and row["point_id"] == point["point_id"] and row["gpu_ms"] == pytest.approx(0.15)
+    assert "capture failed" in row["capture_error"] and process_poisoned(row)
+
+
+@pytest.mark.gpu
+def test_a_cuda_kernels_suite_runs_through_the_runner_with_replayed_gpu_times(tmp_path):
+    text = TINY.replace('device = "cpu"', 'device = "cuda"').replace('caches = ["warm"]', 'caches = ["warm", "cold"]')
+    text = text.replace('"triton", "torch"]', '"triton", "torch", "cublas"]').replace("min_samples = 2", "min_samples = 5")
+    text = text.replace("transpose = [[8, 64], [16, 32]]", "quantize = [[1024, 4096]]\ngemm = [[1024, 4096, 4096, 64]]\n"
+                        "proxy = [[4096, 4096, 64, 64]]\ntranspose = [[4096, 4096]]")
+    outcome = runner.run_suite(load_suite(tiny_suite(tmp_path, text)), runner.RunOptions(out_dir=tmp_path / "run"), console=quiet())
+    run = load_run(tmp_path / "run")
+    assert outcome.status == "complete" and len(run.points) == 2 * (8 + 2 + 2 + 2)
+    assert all(r["status"] == "ok" for r in run.points), [r["error"] for r in run.points if r["status"] != "ok"]
+    assert all(r["gpu_timing"] == "cudagraph" and r["gpu_ms"] > 0 and r["peak_mem_bytes"] > 0 for r in run.points)
+    assert run.manifest["peaks"]["copy_gb_per_s"] > 0
+    assert all(r["pct_of_copy_bw"] > 0 for r in run.points if r["bytes"]) and all(r["tflops"] > 0 for r in run.points if r["flops"])
+    assert len({r["worker_pid"] for r in run.points}) == 4  # one worker per kernel

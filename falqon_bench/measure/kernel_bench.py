@@ -352,6 +352,8 @@ def measure_suite_point(point: dict[str, Any], ctx) -> dict[str, Any]:
         record_failure(row, e)
         return row
     row = measure_point(case, point["cache"], timer, device, label, ctx.peaks, suite=point["suite"])
+    if row["gpu_timing"] == "events":  # a failed capture can leave the CUDA RNG in capture state: the runner
+        row["capture_error"] = "CUDA-graph capture failed; timed with CUDA events around eager calls"  # restarts the worker
     if device.type == "cuda":  # return the point's inputs before the next point builds its own
         gc.collect()
         torch.cuda.empty_cache()
