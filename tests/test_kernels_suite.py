@@ -80,15 +80,18 @@ def test_kernels_runs_only_the_listed_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (("caches", "cache"), "unknown key `cache` in the kernels suite {file} line 5; allowed keys: kind, name, description, device, kernels, caches, "
-     "formats, granularities, implementations, timing, shapes"),
-    (("transpose = ", "transpos = "), "unknown key `transpos` in [shapes] of the kernels suite {file} line 12; allowed keys: quantize, proxy, gemm, transpose"),
-    (("budget_ms = 2", "budget_ms = 0"), "bad value for `budget_ms` in [timing] of the kernels suite {file} line 8: Input should be greater than 0 (got 0)"),
-    (('"triton", "torch"]', '"triton", "cuda"]'), "bad value for `implementations` in the kernels suite {file} line 6: Input should be 'triton', 'torch', 'torch_compile' or 'cublas'"),
+    (("caches", "cache"), "unknown key `cache` in the top level of {file} line 5; allowed keys: kind, name, description, "
+                          "device, kernels, caches, formats, granularities, implementations, timing, shapes"),
+    (("transpose = ", "transpos = "), "unknown key `transpos` in [shapes] of {file} line 12; allowed keys: quantize, proxy, gemm, transpose"),
+    (("budget_ms = 2", "budget = 2"), "unknown key `budget` in [timing] of {file} line 8; allowed keys: budget_ms, warmup_ms, min_samples"),
+    (("budget_ms = 2", "budget_ms = 0"), "bad value for `budget_ms` in [timing] of {file} line 8: Input should be greater than 0 (got 0)"),
+    (('"triton", "torch"]', '"triton", "cuda"]'), "bad value for `implementations` item 2 in the top level of {file} line 6: "
+                                                  "Input should be 'triton', 'torch', 'torch_compile' or 'cublas' (got 'cuda')"),
+    (("[[8, 64], [16, 32]]", "[[8, 64], [16, 'a']]"), "bad value for `transpose` item 2 in [shapes] of {file} line 12: Input should be a valid integer"),
     (("[[8, 64], [16, 32]]", "[[8, 64], [16, 32, 4]]"), "bad shape [16, 32, 4] (item 2) for `transpose` in [shapes] of {file} line 12: a transpose shape is 2 integers >= 1, [rows, cols]"),
     (("transpose = [[8, 64], [16, 32]]", "proxy = [[16, 64, 4, 8]]"), "top-k rows k = 8 exceeds the rank r = 4"),
     (('device = "cpu"', 'device = "cpu"\nkernels = ["gemm"]'), "runs no shapes for gemm: give each kernel it runs a list of shapes in [shapes] (quantize = [[rows, cols], ...]; proxy = [[N, K, r, k], ...]"),
-    (("[shapes]\ntranspose = [[8, 64], [16, 32]]", ""), "missing key `shapes` in the kernels suite {file}; a [shapes] table (a list of shapes per kernel: quantize, proxy, gemm, transpose) is required"),
+    (("[shapes]\ntranspose = [[8, 64], [16, 32]]", ""), "the kernels suite {file} runs no shapes for any kernel: give each kernel it runs a list of shapes in [shapes]"),
 ])
 def test_a_mistake_is_one_paragraph_naming_file_key_line_and_allowed_values(tmp_path, edit, expected):
     path = tiny_suite(tmp_path, TINY.replace(*edit))

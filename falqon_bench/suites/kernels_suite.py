@@ -77,42 +77,21 @@ class KernelsSuiteFile(_Strict):
     implementations: list[Literal["triton", "torch", "torch_compile", "cublas"]] = Field(
         default_factory=lambda: ["triton", "torch", "torch_compile", "cublas"], min_length=1)
     timing: KernelTiming = Field(default_factory=KernelTiming)
-    shapes: KernelShapesTable
+    shapes: KernelShapesTable = Field(default_factory=KernelShapesTable)  # none at all: validate says what to write
 
 
 ALLOWED_KEYS = tuple(KernelsSuiteFile.model_fields)
 
 
-def _explain(e: ValidationError, file: Path | str, text: str) -> str:
-    """The first pydantic error as one paragraph: key (with its table), file, line, what is allowed."""
-    from falqon_bench.suites.suite import find_key_line
-
-    errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # a typo explains a later 'missing'
-    err = errors[0]
-    loc = tuple(err["loc"])
-    table = loc[0] if len(loc) > 1 and loc[0] in ("timing", "shapes") else None
-    key = str(loc[1] if table else loc[0]) if loc else None
-    allowed = {"timing": tuple(KernelTiming.model_fields), "shapes": KERNELS}.get(table, ALLOWED_KEYS)
-    line = find_key_line(text, table, None, key) if key else None
-    at = (f"[{table}] of " if table else "") + f"the kernels suite {file}" + (f" line {line}" if line else "")
-    if err["type"] == "extra_forbidden":
-        return f"unknown key `{key}` in {at}; allowed keys: {', '.join(allowed)}"
-    if err["type"] == "missing":
-        what = "a [shapes] table (a list of shapes per kernel: " + ", ".join(KERNELS) + ")" if key == "shapes" else "it"
-        return f"missing key `{key}` in {at}; {what} is required"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    got = f" (got {err['input']!r})" if err["type"] != "value_error" and "input" in err else ""
-    return f"bad value for `{key}` in {at}: {msg}{got}"
-
-
 def validate_kernels_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = ""):
     """Parsed TOML -> suite.Suite of kind 'kernels' (its settings in `kind_spec`); one-paragraph BenchInputError."""
-    from falqon_bench.suites.suite import Suite, Timing, find_key_line
+    from falqon_bench.suites.suite import Suite, Timing, explain_top_level_error, find_key_line
 
     try:
         spec = KernelsSuiteFile.model_validate(data)
     except ValidationError as e:
-        raise BenchInputError(_explain(e, file, text)) from None
+        tables = {"timing": tuple(KernelTiming.model_fields), "shapes": KERNELS}
+        raise BenchInputError(explain_top_level_error(e, file, text, ALLOWED_KEYS, tables)) from None
 
     def at(table: str | None, key: str) -> str:
         line = find_key_line(text, table, None, key)
