@@ -116,11 +116,10 @@ def precheck(point: Point, device: torch.device) -> str | None:
     """Why a point cannot run here without starting a worker (method unavailable / no compile support), or None.
 
     A kind whose points are not registered methods (kernels) checks its points itself (suite.kind_hook)."""
-    from falqon_core.methods import MethodUnavailable, get_method
-
     own_check = _own_precheck(point)
     if own_check is not None:
         return own_check(point, device)
+    from falqon_core.methods import MethodUnavailable, get_method
 
     from falqon_bench.measure.fast_stacks import is_stack_baseline
 
