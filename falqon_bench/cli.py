@@ -66,7 +66,7 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-KERNEL_GROUPS = ("quantize", "proxy", "gemm", "transpose")  # the fields of kernel_bench.KernelShapes
+KERNEL_GROUPS = ("quantize", "proxy", "gemm", "transpose")  # kernels_suite.KERNELS (cli imports no suite module up here)
 
 
 # ---------------------------------------------------------------- run
@@ -405,34 +405,34 @@ def compare(
 @app.command()
 @user_errors
 def kernels(
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: results/<run-id>-kernels)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (default: results/<run-id>)."),
     only: Optional[str] = typer.Option(
-        None, "--only", help=f"Only these kernel groups, comma-separated: {','.join(KERNEL_GROUPS)}."
+        None, "--only", help=f"Only these kernels, comma-separated: {','.join(KERNEL_GROUPS)}."
     ),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run: skip points already ok in --out (or the newest kernels run)."),
 ) -> None:
     """Micro-benchmark the FP8 kernels (quantize, melded GEMM, proxy update, transpose) against their references on the GPU.
+
+    The same as `falqon-bench run kernels` (suites/kernels.toml: LLaMA-7B shapes, warm and cold L2) restricted
+    to --only's kernels: one runner, worker processes, results/<run-id>/points.jsonl, --resume. For the
+    runner's other options (--point-timeout-s, --methods, --shard, --dry-run) or other shapes, use
+    `falqon-bench run` with that suite or a copy of it. Without a CUDA GPU it exits 2 (the suite sets device = "cuda").
 
     [bold]Examples[/bold]
       falqon-bench kernels
       falqon-bench kernels --out results/h100-kernels
       falqon-bench kernels --only quantize,transpose
+      falqon-bench run kernels --methods kernel.melded_gemm.cublas,kernel.melded_gemm.triton --dry-run
     """
-    import dataclasses
+    from falqon_bench.measure.runner import RunOptions, print_summary, run_suite
+    from falqon_bench.suites.kernels_suite import only_kernels
+    from falqon_bench.suites.suite import load_suite
 
-    import torch
-
-    from falqon_bench.measure.envinfo import device_name
-    from falqon_bench.data.store import new_run_id
-
-    groups = _parse_kernel_groups(only)
-    if not torch.cuda.is_available():
-        raise BenchInputError("kernel micro-benchmarks need a CUDA GPU; torch sees none here")
-    from falqon_bench.measure.kernel_bench import LLAMA_7B, run_kernel_bench
-
-    out = out or RESULTS_ROOT / new_run_id("kernels", device_name("cuda"))
-    shapes = dataclasses.replace(LLAMA_7B, **{g: () for g in KERNEL_GROUPS if g not in groups})
-    path = run_kernel_bench(out, shapes)
-    _out().print(f"kernel results written to {path}")
+    suite = only_kernels(load_suite("kernels"), _parse_kernel_groups(only))
+    outcome = run_suite(suite, RunOptions(out_dir=out, resume=resume, results_root=RESULTS_ROOT), console=_err())
+    print_summary(outcome, _out())
+    if outcome.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _parse_kernel_groups(only: str | None) -> tuple[str, ...]:

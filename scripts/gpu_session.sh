@@ -25,7 +25,7 @@ for stage in "$@"; do
         python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 240 --tb=short "$f" >> "$OUT/gpu_tests.txt" 2>&1
         echo "$f: $(tail -1 "$OUT/gpu_tests.txt")"
       done ;;
-    kernels|"kernels "*) falqon-bench $stage --out "$OUT/results" 2>&1 | grep -v "W1127" | tail -60 ;;
+    kernels|"kernels "*) falqon-bench $stage --out "$OUT/results/kernels" 2>&1 | grep -v "W1127" | tail -60 ;;  # --out: the run dir
     *) falqon-bench $stage 2>&1 | grep -v "W1127" | tail -40 ;;
   esac
 done

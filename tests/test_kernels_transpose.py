@@ -4,15 +4,11 @@ Bit-exactness is the only claim (the kernel moves bytes), so every comparison is
 NaN encodings and -0 must survive too. Inputs are random bytes viewed as fp8, so every encoding occurs.
 """
 
-import io
-
 import pytest
 import torch
-from rich.console import Console
 from torch import nn
 
 from falqon_bench.measure import kernel_bench as kb
-from falqon_bench.data.store import load_run
 from falqon_core import fp8
 from falqon_core.kernels import transpose_fp8, transpose_fp8_reference, transpose_fp8_triton
 from falqon_core.methods import falqon as falqon_mod
@@ -92,17 +88,15 @@ def test_falqon_gemms_get_contiguous_operands_so_no_implicit_transpose_copy_rema
     assert torch.equal(x.grad, want_dx) and torch.equal(layer.lora_B.grad, want_db)
 
 
-def test_kernel_bench_transpose_case_counts_one_read_and_one_write(tmp_path):
+def test_kernel_bench_transpose_case_counts_one_read_and_one_write():
     def timer(step, cache):
         step()
         return [0.5, 0.7, 0.6], "events"
 
     shapes = kb.KernelShapes(quantize=(), proxy=(), gemm=(), transpose=((8, 64),))
-    run_dir = kb.run_kernel_bench(
-        tmp_path, shapes, device="cpu", timer=timer, peaks={"copy_gb_per_s": 1000.0, "fp8_tflops": 500.0},
-        compile_reference=False, caches=("warm",), console=Console(file=io.StringIO()),
-    )
-    points = {p["method"]: p for p in load_run(run_dir).points}
+    peaks = {"copy_gb_per_s": 1000.0, "fp8_tflops": 500.0}
+    rows = [kb.measure_point(case, "warm", timer, torch.device("cpu"), "CPU", peaks) for case in kb.kernel_cases(shapes)]
+    points = {p["method"]: p for p in rows}
     assert set(points) == {"kernel.transpose_fp8.triton", "kernel.transpose_fp8.torch"}
     p = points["kernel.transpose_fp8.triton"]
     # 8 x 64 e4m3 read (512 B) + 512 B written, in 0.6 ms

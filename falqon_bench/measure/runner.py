@@ -33,7 +33,7 @@ from rich.table import Table
 from falqon_bench.measure import envinfo
 from falqon_bench.data.errors import BenchInputError
 from falqon_bench.data.store import POINTS, RunWriter, find_runs, load_run, new_manifest, new_run_id
-from falqon_bench.suites.suite import Suite
+from falqon_bench.suites.suite import Suite, kind_hook
 from falqon_bench.suites.sweep import Point, expand_suite, filter_methods, filter_ranks, filter_variant, shard_points
 from falqon_bench.data.schema import error_row
 from falqon_bench.measure.worker import MeasureContext, measure_point
@@ -113,7 +113,12 @@ def measure_context(suite: Suite, options: RunOptions, device: torch.device, pea
 
 
 def precheck(point: Point, device: torch.device) -> str | None:
-    """Why a point cannot run here without starting a worker (method unavailable / no compile support), or None."""
+    """Why a point cannot run here without starting a worker (method unavailable / no compile support), or None.
+
+    A kind whose points are not registered methods (kernels) checks its points itself (suite.kind_hook)."""
+    own_check = _own_precheck(point)
+    if own_check is not None:
+        return own_check(point, device)
     from falqon_core.methods import MethodUnavailable, get_method
 
     from falqon_bench.measure.fast_stacks import is_stack_baseline
@@ -125,6 +130,16 @@ def precheck(point: Point, device: torch.device) -> str | None:
     except MethodUnavailable as e:
         return str(e)
     return None
+
+
+def _own_precheck(point: Point):
+    """The point's kind's own precheck (a kind of non-method points), or None for method points."""
+    return kind_hook(point.get("kind", "layers"), "precheck", "point")
+
+
+def _worker_group(point: Point) -> str:
+    """Points that share a worker process: a method's (layers, e2e, accuracy), or the kind's own group (one kernel's)."""
+    return point.get("worker_group") or point["method"]
 
 
 def measure_peaks_safely(device: torch.device) -> tuple[dict | None, str | None]:
@@ -158,7 +173,7 @@ def _method_modules(points: list[Point]) -> list[str]:
     from falqon_bench.measure.fast_stacks import is_stack_baseline
 
     mods = []
-    for name in dict.fromkeys(p["method"] for p in points if not is_stack_baseline(p["method"])):
+    for name in dict.fromkeys(p["method"] for p in points if not is_stack_baseline(p["method"]) and _own_precheck(p) is None):
         mod = type(get_method(name)).__module__
         if not mod.startswith("falqon_core.") and mod != "__main__" and mod not in mods:
             mods.append(mod)
@@ -254,11 +269,11 @@ class WorkerProcess:
 
 
 def run_isolated(points: list[Point], ctx: MeasureContext, timeout_s: float, log_path: Path) -> Iterator[dict[str, Any]]:
-    """Each method's points in a worker; a timeout or crash yields an error row and a fresh worker continues."""
+    """Each method's (or worker group's) points in a worker; a timeout or crash yields an error row and a fresh worker continues."""
     device = torch.device(ctx.device)
     label = envinfo.device_name(device)
     startup_timeout_s = max(120.0, timeout_s)
-    for _, group in itertools.groupby(points, key=lambda p: p["method"]):
+    for _, group in itertools.groupby(points, key=_worker_group):
         remaining: list[Point] = []
         for point in group:
             reason = precheck(point, device)
@@ -489,7 +504,8 @@ def print_summary(outcome: RunOutcome, console: Console) -> None:
     rows = [r for r in stored if r.get("point_id") in wanted]
     if not rows:
         return
-    console.print(summary_table(rows))
+    kind = outcome.points[0].get("kind", "layers") if outcome.points else "layers"
+    console.print((kind_hook(kind, "tabulate", "rows") or summary_table)(rows))
     errors = [r for r in rows if r.get("status") != "ok"]
     ok = len(rows) - len(errors)
     console.print(f"{ok} ok, {len(errors)} error(s), {outcome.skipped} already done before this run; results: {outcome.run_dir}")

@@ -176,6 +176,7 @@ KINDS: dict[str, str] = {
     "layers": __name__,
     "e2e": "falqon_bench.suites.e2e_suite",
     "accuracy": "falqon_bench.suites.accuracy_suite",
+    "kernels": "falqon_bench.suites.kernels_suite",
 }
 
 
@@ -185,6 +186,16 @@ def kind_function(kind: str, verb: str):
 
     module = importlib.import_module(KINDS[kind])
     return getattr(module, f"{verb}_{kind}_{'point' if verb == 'measure' else 'suite'}")
+
+
+def kind_hook(kind: str, verb: str, noun: str):
+    """A kind module's optional `<verb>_<kind>_<noun>` function, or None. The runner asks for two:
+    precheck_<kind>_point(point, device) -> reason | None, defined by kinds whose points are not registered
+    methods (kernels: the runner then skips its method check); tabulate_<kind>_rows(rows) -> rich Table, the
+    run's summary table in place of the runner's per-method one."""
+    import importlib
+
+    return getattr(importlib.import_module(KINDS[kind]), f"{verb}_{kind}_{noun}", None)
 
 
 # ---------------------------------------------------------------- locating keys in the raw text
@@ -233,8 +244,12 @@ class _Where:
     allowed_keys: tuple[str, ...]
 
 
-def _where(loc: tuple, top_keys: tuple[str, ...] | None = None) -> tuple[_Where, tuple]:
-    """Split a pydantic loc into the table it points into and the rest (key, item index...)."""
+def _where(loc: tuple, top_keys: tuple[str, ...] | None = None, tables: dict[str, tuple[str, ...]] | None = None) -> tuple[_Where, tuple]:
+    """Split a pydantic loc into the table it points into and the rest (key, item index...).
+
+    tables: another kind's own tables, name -> allowed keys (kernels: timing, shapes)."""
+    if tables and loc and loc[0] in tables and len(loc) > 1:
+        return _Where(f"[{loc[0]}]", loc[0], None, tables[loc[0]]), loc[1:]
     if loc and loc[0] == "grid" and len(loc) > 1 and isinstance(loc[1], int):
         return _Where(f"[[grid]] #{loc[1] + 1}", "grid", loc[1], AXES), loc[2:]
     if loc and loc[0] in ("timing", "defaults") and len(loc) > 1:
@@ -248,11 +263,12 @@ def _at(file: Path | str, text: str, where: _Where, key: str | None) -> str:
     return f"{where.label} of {file}" + (f" line {line}" if line else "")
 
 
-def _explain_validation_error(e: ValidationError, file: Path | str, text: str, top_keys: tuple[str, ...] | None = None) -> str:
+def _explain_validation_error(e: ValidationError, file: Path | str, text: str, top_keys: tuple[str, ...] | None = None,
+                              tables: dict[str, tuple[str, ...]] | None = None) -> str:
     """The first pydantic error as one paragraph: what, where (table, key, line), what is allowed."""
     errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # a typo explains a later 'missing'
     err = errors[0]
-    where, rest = _where(tuple(err["loc"]), top_keys)
+    where, rest = _where(tuple(err["loc"]), top_keys, tables)
     key = str(rest[0]) if rest else None
     item = f" item {rest[1] + 1}" if len(rest) > 1 and isinstance(rest[1], int) else ""
     more = f" ({len(errors) - 1} more problem(s) in this file after fixing this one)" if len(errors) > 1 else ""
@@ -271,9 +287,10 @@ def _explain_validation_error(e: ValidationError, file: Path | str, text: str, t
     return f"bad value for `{key}`{item} in {_at(file, text, where, key)}: {msg}{got}{more}"
 
 
-def explain_top_level_error(e: ValidationError, file: Path | str, text: str, allowed_keys: tuple[str, ...]) -> str:
-    """One paragraph for a suite kind whose keys are all top level (file, line, key, allowed keys)."""
-    return _explain_validation_error(e, file, text, top_keys=allowed_keys)
+def explain_top_level_error(e: ValidationError, file: Path | str, text: str, allowed_keys: tuple[str, ...],
+                            tables: dict[str, tuple[str, ...]] | None = None) -> str:
+    """One paragraph for a suite kind whose keys are top level, or in its own `tables` (name -> allowed keys)."""
+    return _explain_validation_error(e, file, text, top_keys=allowed_keys, tables=tables)
 
 
 # ---------------------------------------------------------------- loading
