@@ -60,6 +60,17 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
                   of all N rows of W8 per flush (step_cost counts it spread over the steps). Chosen on the host
                   from the update count, like the k schedule: a captured graph replays what its capture did.
                   Its merges are not in `lost_stats`.
+  a_redraw        rows of A redrawn after every flush (default 0: A fixed, as the reference; needs flush_every > 0).
+                  FALQON never trains A, so every update of W lies in the r-dimensional row space of A (LoRA-FA);
+                  LoRA trains A and finds a better subspace. Right after a flush B is zero, so A can change without
+                  changing the function: `a_redraw` rows (cyclically: rows 0..a_redraw-1 at the first flush, the
+                  next ones at the second, ...) get fresh Kaiming-uniform entries U(-b, b), b = sqrt(3) x the RMS of
+                  A8 at init (so the step size a_scale chose is kept), cast to e4m3 at the melded scale (W8 and s
+                  unchanged). Over a run W moves in r + flushes x a_redraw directions instead of r. Random bits
+                  from the same counter-based hash as stochastic rounding (seed `seed`, advanced on the device: no
+                  host sync, capturable). AdamW's moments of B's redrawn columns then refer to the old row of A
+                  for ~1/(1 - beta1) steps; the layer cannot reach the optimizer, so they are left as they are.
+                  Costs a_redraw x K e4m3 bytes written per flush (step_cost counts them spread over the steps).
 
 Batched update (a Falqon.convert option, not a layer's): batched_update (default true) stacks layers of one shape
 so that one proxy update serves them all (falqon_core.methods.falqon_groups); false keeps one update per layer.
@@ -83,7 +94,7 @@ from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every", "batched_update",
+    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every", "batched_update", "a_redraw",
 )
 ROUNDINGS = ("nearest", "stochastic")
 A_SCALES = ("svd", "kaiming")
@@ -200,6 +211,7 @@ class FalqonLinear(nn.Module):
         seed: int = 0,
         a_scale: str = "svd",
         flush_every: int = 0,
+        a_redraw: int = 0,
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
@@ -226,6 +238,7 @@ class FalqonLinear(nn.Module):
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 0:
             raise ValueError(f"falqon flush_every must be an integer >= 0, got {flush_every!r}")
         self.flush_every, self.flushes_done = flush_every, 0
+        self.a_redraw = _check_redraw(a_redraw, rank, flush_every)
         init = meld_init(linear.weight.detach(), rank, svd_dtype, init_svd, a_scale)
         melded, scale = init.melded, init.scale
         self.adapter_gain, self.adapter_capped = init.adapter_gain, init.adapter_capped
@@ -236,6 +249,11 @@ class FalqonLinear(nn.Module):
         # stochastic rounding's seed lives on the device and advances there: a captured graph draws new bits
         seed_t = torch.tensor(int(seed), dtype=torch.int64, device=melded.device) if rounding == "stochastic" else None
         self.register_buffer("rounding_seed", seed_t)
+        # a_redraw: the bits of the redrawn rows of A (its own counter: the rounding's stream is left as it is)
+        redraw_t = torch.tensor(int(seed), dtype=torch.int64, device=melded.device) if self.a_redraw else None
+        self.register_buffer("redraw_seed", redraw_t)
+        self.redraw_bound = redraw_bound(self.adapter_fp8) if self.a_redraw else None  # fp8 units of s
+        self.redraws_done = 0  # rows redrawn so far (host counter: which rows come next)
         self.lost_stats: torch.Tensor | None = None  # made on the first tracked update
         # set by falqon_groups.stack_layers when this layer's tensors are slices of a group's stacks
         self.proxy_group: Any = None
@@ -325,13 +343,28 @@ class FalqonLinear(nn.Module):
         if self.weight_t is not None:
             self.weight_t.view(torch.uint8).copy_(self.backbone_fp8.view(torch.uint8).t())
         self.flushes_done += 1
+        if self.a_redraw:
+            self.redraw_adapter_rows()
+
+    @torch.no_grad()
+    def redraw_adapter_rows(self) -> torch.Tensor:
+        """Give the next `a_redraw` rows of A8 (cyclic) fresh Kaiming-uniform entries (a_redraw; only while B is
+        zero, i.e. right after a flush). Returns the redrawn rows (a_redraw,), indices into A. No host sync."""
+        rows = redrawn_adapter_rows(self.redraws_done, self.a_redraw, self.rank, self.melded.device)
+        fresh = redrawn_adapter_values(self.redraw_seed, rows, self.in_features, self.redraw_bound)
+        self.melded.view(torch.uint8).index_copy_(
+            0, rows + self.out_features, fp8.saturating_cast(fresh, self.melded.dtype).view(torch.uint8)
+        )
+        self.redraw_seed.add_(1)
+        self.redraws_done += self.a_redraw
+        return rows
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
             f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, a_scale={self.a_scale}, "
-            f"flush_every={self.flush_every}, "
+            f"flush_every={self.flush_every}, a_redraw={self.a_redraw}, "
             f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
         )
 
@@ -392,13 +425,45 @@ def kaiming_rms_rows(adapter: torch.Tensor, weight_amax: float) -> tuple[torch.T
     return rescaled, gain, bool(capped)
 
 
+def redraw_bound(adapter_fp8: torch.Tensor) -> float:
+    """b of the a_redraw option's U(-b, b), in fp8 units: sqrt(3) x the RMS of A8 (a uniform draw's RMS is b/sqrt(3),
+    so redrawn rows keep A's RMS and with it the step size), at most the format's max."""
+    rms = float(adapter_fp8.float().pow(2).mean().sqrt())
+    return min(math.sqrt(3.0) * rms, float(torch.finfo(adapter_fp8.dtype).max))
+
+
+def redrawn_adapter_rows(done: int, count: int, rank: int, device: torch.device) -> torch.Tensor:
+    """Rows of A (int64 (count,)) the next redraw takes: `count` rows on from the `done` already redrawn, mod r.
+    An arange on the device (the start is a host int), so a captured graph has no host-to-device copy."""
+    return (torch.arange(count, device=device, dtype=torch.int64) + done) % rank
+
+
+def redrawn_adapter_values(seed: torch.Tensor, rows: torch.Tensor, k_in: int, bound: float) -> torch.Tensor:
+    """fp32 (len(rows) x K) entries U(-bound, bound) from the counter-based hash (seed, row x K + column): the
+    same bits on every device for a given seed (falqon_core.kernels.proxy_update.hash_uniform_reference)."""
+    from falqon_core.kernels.proxy_update import hash_uniform_reference
+
+    offsets = rows[:, None] * k_in + torch.arange(k_in, device=rows.device, dtype=torch.int64)
+    return (hash_uniform_reference(seed, offsets) * 2.0 - 1.0) * bound
+
+
+def _check_redraw(a_redraw: Any, rank: int, flush_every: int) -> int:
+    if isinstance(a_redraw, bool) or not isinstance(a_redraw, int) or not 0 <= a_redraw <= rank:
+        raise ValueError(f"falqon a_redraw must be an integer in 0..{rank} (rows of A), got {a_redraw!r}")
+    if a_redraw and not flush_every:
+        raise ValueError(
+            f"falqon a_redraw = {a_redraw} needs flush_every > 0: A may change only right after a flush, when B is zero"
+        )
+    return int(a_redraw)
+
+
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     """AdapterConfig.options -> FalqonLinear keyword arguments, with errors that list what is allowed."""
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
     kwargs: dict[str, Any] = {}
-    for name in ("topk", "topk_after", "warmup_steps", "flush_every"):
+    for name in ("topk", "topk_after", "warmup_steps", "flush_every", "a_redraw"):
         if options.get(name) is not None:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int):
@@ -512,7 +577,7 @@ class Falqon(Method):
         SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
         W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows;
-        flush_every = T adds one such all-row merge every T steps. k is the steady-state k: the
+        flush_every = T adds one such all-row merge every T steps (and a_redraw x K bytes of A8). k is the steady-state k: the
         `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
         `options` are the layer's AdapterConfig.options (topk, topk_after, cache_weight_t, merge).
         """
@@ -536,4 +601,5 @@ class Falqon(Method):
         flush_every = int(options.get("flush_every") or 0)
         if flush_every:  # a merge of all N rows (W8 read + write, A8, B read + zeroed) every flush_every steps
             quant += (2 * e * N * K + e * r * K + 2 * f32 * N * r + (2 * e * N * K if cached else 0)) / flush_every
+            quant += e * int(options.get("a_redraw") or 0) * K / flush_every  # a_redraw rows of A8 written per flush
         return StepCost(gemm_flops=flops, quant_bytes=float(quant))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does it still learn, and at what cost? On one H200 (about 5-6 min, each phase under its own time limit):
+# Does it still learn, and at what cost? On one H200 (about 7 min, each phase under its own time limit):
 # (1) the real-text accuracy suite (suites/accuracy-text.toml: small-llama pretrained on part of the stdlib's
 #     sources, an lr grid per method, FALQON reference and the recommended variant
 #     {a_scale = "kaiming", rounding = "stochastic", keep_unmerged = true, flush_every = 4});
@@ -39,7 +39,7 @@ else
   ACC_SUITE=${ACC_SUITE:-suites/accuracy-text.toml}
   LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=300
   UPDATE_ARGS=(--layers llama-7b.attn,llama-7b.up,llama-7b.down --ranks 16,64 --device cuda --budget-ms 200)
-  T_ACC=${T_ACC:-250}; T_LAYER=${T_LAYER:-60}; T_UPDATE=${T_UPDATE:-36}  # seconds per phase (env overrides)
+  T_ACC=${T_ACC:-330}; T_LAYER=${T_LAYER:-60}; T_UPDATE=${T_UPDATE:-36}  # seconds per phase (env overrides)
 fi
 
 cat > "$WORK/suites/falqon-variant-overhead.toml" <<TOML
