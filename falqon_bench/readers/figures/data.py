@@ -150,8 +150,9 @@ def reference_config(df: pd.DataFrame) -> tuple[Any, Any] | None:
     if df.empty:
         return None
     counts = df.groupby(["rank", "tokens"])["variant"].nunique().reset_index()
-    middle = float(np.median(np.log2(counts["rank"].astype(float).unique())))
-    counts["off_middle"] = (np.log2(counts["rank"].astype(float)) - middle).abs()
+    log_rank = np.log2(counts["rank"].astype(float).clip(lower=1.0))  # rank 0: kernel rows, which have no adapter
+    middle = float(np.median(log_rank.unique()))
+    counts["off_middle"] = (log_rank - middle).abs()
     counts = counts.sort_values(["variant", "tokens", "off_middle", "rank"], ascending=[False, False, True, True])
     row = counts.iloc[0]
     return int(row["rank"]), int(row["tokens"])
