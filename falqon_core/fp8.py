@@ -15,6 +15,8 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
+# fp8 tensor cores (Triton's fp8 casts and dots, cuBLASLt's fp8 GEMM) need this CUDA compute capability: Ada, Hopper
+FP8_MIN_CAPABILITY = (8, 9)
 
 Granularity = Literal["tensorwise", "rowwise"]
 

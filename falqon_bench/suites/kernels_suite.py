@@ -26,7 +26,6 @@ Points are grouped for the runner's worker processes by kernel (`worker_group`),
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +38,6 @@ KERNELS = ("quantize", "proxy", "gemm", "transpose")  # kernel_bench.KERNELS, he
 SHAPE_ARITY = {"quantize": ("rows", "cols"), "proxy": ("N", "K", "r", "k"), "gemm": ("M", "K", "N", "r"),
                "transpose": ("rows", "cols")}
 _SHAPES_HELP = "; ".join(f"{k} = [[{', '.join(v)}], ...]" for k, v in SHAPE_ARITY.items())
-FP8_CAPABILITY = (8, 9)  # Triton's fp8 casts and cuBLASLt's fp8 GEMM (torch._scaled_mm) need Ada / Hopper or newer
 
 
 class _Strict(BaseModel):
@@ -166,18 +164,21 @@ def precheck_kernels_point(point: dict[str, Any], device) -> str | None:
 
     Triton variants on a CPU need the interpreter (TRITON_INTERPRET=1 in the environment of the run); Triton's fp8
     casts and the cuBLASLt fp8 GEMM need compute capability 8.9 or newer. Torch references run anywhere."""
+    from falqon_core.fp8 import FP8_MIN_CAPABILITY
+    from falqon_core.kernels._triton_common import is_interpreter
+
     impl = point["method"].rsplit(".", 1)[-1]
     if device.type != "cuda":
-        if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        if impl == "triton" and not is_interpreter():
             return "Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 before the run (the interpreter: correct, not fast)"
         return None
     if impl in ("triton", "cublas"):
         import torch
 
         capability = torch.cuda.get_device_capability(device)
-        if tuple(capability) < FP8_CAPABILITY:
+        if tuple(capability) < FP8_MIN_CAPABILITY:
             return (f"fp8 {'Triton casts' if impl == 'triton' else 'cuBLASLt GEMMs'} need compute capability "
-                    f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+ (Ada, Hopper); this GPU is {capability[0]}.{capability[1]}")
+                    f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}+ (Ada, Hopper); this GPU is {capability[0]}.{capability[1]}")
     return None
 
 

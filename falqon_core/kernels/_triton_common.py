@@ -73,7 +73,7 @@ def triton_fp8_ok(t: torch.Tensor) -> bool:
     """Whether the Triton fp8 kernels can run on t's device: a CUDA GPU with fp8 support (sm_89+)."""
     if not t.is_cuda or is_interpreter():
         return False
-    return torch.cuda.get_device_capability(t.device) >= (8, 9)
+    return torch.cuda.get_device_capability(t.device) >= fp8.FP8_MIN_CAPABILITY
 
 
 _SM_COUNT: dict[int, int] = {}

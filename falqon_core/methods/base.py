@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from falqon_core import fp8
+
 
 class MethodUnavailable(RuntimeError):
     """Raised by `Method.convert` when the method cannot run here; the message says what to install."""
@@ -91,7 +93,7 @@ class Method(abc.ABC):
             return f"{self.name} needs a CUDA GPU (its kernels have no CPU path)"
         if self.needs_fp8_tensor_cores and device.type == "cuda" and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(device)
-            if (major, minor) < (8, 9):
+            if (major, minor) < fp8.FP8_MIN_CAPABILITY:
                 return f"{self.name} needs fp8 tensor cores (sm_89+, Ada or Hopper); this GPU is sm_{major}{minor}"
         return None
 
