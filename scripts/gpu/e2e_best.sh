@@ -7,10 +7,9 @@
 #                                                           # script end to end, measures nothing
 #
 # Points run in order of what the closing note needs most, one `falqon-bench run` per method (a run directory
-# each, peaks measured once per run): falqon compile_cuda_graph and cuda_graph, bf16_lora compile_cuda_graph,
-# halo_lora and qlora_nf4 cuda_graph, fp8_lora eager, then the other mode of bf16_lora, halo_lora and qlora_nf4.
-# Last, if time is left: falqon cuda_graph with one proxy update per layer (batched_update = false), the A/B of the
-# batched update. One failing point is one error row; a point not reached before the deadline is listed as such. Each point: 10
+# each, peaks measured once per run): falqon and bf16_lora compile_cuda_graph, halo_lora and qlora_nf4 cuda_graph,
+# fp8_lora eager, then halo_lora and qlora_nf4 compile_cuda_graph; last, halo_lora on llama-13b (40 layers, the
+# one method session 2's llama-13b run lacks). One failing point is one error row; a point not reached before the deadline is listed as such. Each point: 10
 # steps (4 eager warm-up, then capture; 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (every run
 # directory) and prints two tables: tokens/s per method and mode, and GPU ms per kernel class with the floor.
 set -euo pipefail
@@ -28,24 +27,28 @@ done
 
 LIMIT_S=${E2E_BEST_LIMIT_S:-510}   # the whole script; the tables after it take a few seconds
 POINT_TIMEOUT_S=240
-# method:mode[,mode] in the order they run
+# method:mode[,mode][:method options, TOML inline][:model] in the order they run (model: llama-7b unless given;
+# its layer count is the named config's). Left out since session 3's run: falqon cuda_graph, bf16_lora cuda_graph
+# (both slower than their compile_cuda_graph points in results/fast-stacks-e2e-h200) and the per-layer A/B
+# (results/e2e-llama7b-falqon-batched-h200).
 CHUNKS=(
-  "falqon:compile_cuda_graph,cuda_graph"
+  "falqon:compile_cuda_graph"
   "bf16_lora:compile_cuda_graph"
   "halo_lora:cuda_graph"
   "qlora_nf4:cuda_graph"
   "fp8_lora:eager"
-  "bf16_lora:cuda_graph"
   "halo_lora:compile_cuda_graph"
   "qlora_nf4:compile_cuda_graph"
-  "falqon:cuda_graph:batched_update = false"
+  "halo_lora:cuda_graph::llama-13b"
 )
 ROOT="$OUT/e2e-best"
 mkdir -p "$ROOT"
 
-write_suite() {  # name method modes_csv [method options, TOML inline] -> suite path
-  local name=$1 method=$2 modes=$3 options=${4:-}
-  local device=cuda model=llama-7b layers=32 seq=2048 batch=2 steps=10 warmup=4 profile=2
+write_suite() {  # name method modes_csv [method options, TOML inline] [model] -> suite path
+  local name=$1 method=$2 modes=$3 options=${4:-} model=${5:-llama-7b}
+  local layers=32
+  [ "$model" = llama-13b ] && layers=40
+  local device=cuda seq=2048 batch=2 steps=10 warmup=4 profile=2
   if [ "$SMOKE" = 1 ]; then
     device=cpu model=tiny-llama layers=2 seq=32 steps=3 warmup=1 profile=0
     modes=eager  # CUDA graphs need a GPU and inductor takes minutes on a shared CPU: the smoke checks the plumbing
@@ -82,15 +85,16 @@ fi
 i=0
 for chunk in "${CHUNKS[@]}"; do
   i=$((i + 1))
-  IFS=: read -r method modes options <<< "$chunk"
+  IFS=: read -r method modes options model <<< "$chunk"
   name=$(printf '%02d-%s-%s' "$i" "$method" "${modes//,/-}")
   [ -z "$options" ] || name="$name-${options%% *}"
+  [ -z "$model" ] || name="$name-$model"
   left=$((LIMIT_S - (SECONDS - START)))
   if [ "$left" -lt 45 ]; then
     echo "=== $name: not reached (${left} s left of ${LIMIT_S} s)" | tee -a "$ROOT/not_reached.txt"
     continue
   fi
-  suite=$(write_suite "$name" "$method" "$modes" "$options")
+  suite=$(write_suite "$name" "$method" "$modes" "$options" "$model")
   echo "=== $name ($left s left)"
   rc=0
   timeout --signal=INT --kill-after=20 "$left" \
@@ -110,6 +114,8 @@ rows = []
 for points in sorted(root.glob("*/points.jsonl")):
     rows += [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
 rows = e2e_rows(rows)
+others = [r for r in rows if r.get("layer") not in (None, "llama-7b", "tiny-llama")]  # e.g. halo_lora on llama-13b
+rows = [r for r in rows if r not in others]
 f = lambda v, spec: "-" if v is None else format(v, spec)
 print(f"\n{'method':12} {'mode':19} {'tokens/s':>9} {'vs bf16':>7} {'step ms':>8} {'GPU ms':>7} {'busy':>5} {'launch':>6} {'peak GiB':>8} {'conv s':>6}")
 for r in rows:  # the A/B point: falqon with one proxy update per layer
@@ -127,6 +133,9 @@ for t in summary_table(rows):
 table = floor_table(rows)
 print("\nGPU ms per step by kernel class, and the floor (linears + LM head at the measured peaks + measured rest):")
 print(table or "(no profiled rows: CPU smoke, or every point failed)")
+for r in others:
+    print(f"\n{r.get('layer')}: {r['method']} {r.get('mode')}: {r.get('status')}, {f(r.get('tokens_per_s'), ',.0f')} tokens/s, "
+          f"peak {f((r.get('peak_mem_bytes') or 0) / 2**30 or None, '.1f')} GiB {str(r.get('error') or '')[:100]}")
 missing = root / "not_reached.txt"
 if missing.exists():
     print(missing.read_text())
