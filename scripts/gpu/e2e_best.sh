@@ -6,11 +6,10 @@
 #   OUT=/tmp/x bash scripts/gpu/e2e_best.sh --cpu-smoke     # tiny-llama on the CPU, every mode as eager: checks the
 #                                                           # script end to end, measures nothing
 #
-# Points run in order of what the closing note needs most, one `falqon-bench run` per method (a run directory
-# each, peaks measured once per run): falqon and bf16_lora compile_cuda_graph, halo_lora and qlora_nf4 cuda_graph,
-# fp8_lora eager, then halo_lora and qlora_nf4 compile_cuda_graph; last, halo_lora on llama-13b (40 layers, the
-# one method session 2's llama-13b run lacks). One failing point is one error row; a point not reached before the deadline is listed as such. Each point: 10
-# steps (4 eager warm-up, then capture; 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (every run
+# Two runs (results directories): llama-7b with falqon and bf16_lora compile_cuda_graph, halo_lora and qlora_nf4
+# cuda_graph and compile_cuda_graph, fp8_lora eager (in that order, each method in its own worker); then halo_lora on
+# llama-13b (40 layers, the one method session 2's llama-13b run lacks). One failing point is one error row; a
+# point not reached before the deadline is listed as such. Each point: 10 steps (4 eager warm-up, then capture; 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (every run
 # directory) and prints two tables: tokens/s per method and mode, and GPU ms per kernel class with the floor.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,40 +26,34 @@ done
 
 LIMIT_S=${E2E_BEST_LIMIT_S:-510}   # the whole script; the tables after it take a few seconds
 POINT_TIMEOUT_S=240
-# method:mode[,mode][:method options, TOML inline][:model] in the order they run (model: llama-7b unless given;
-# its layer count is the named config's). Left out since session 3's run: falqon cuda_graph, bf16_lora cuda_graph
-# (both slower than their compile_cuda_graph points in results/fast-stacks-e2e-h200) and the per-layer A/B
-# (results/e2e-llama7b-falqon-batched-h200).
-CHUNKS=(
-  "falqon:compile_cuda_graph"
-  "bf16_lora:compile_cuda_graph"
-  "halo_lora:cuda_graph"
-  "qlora_nf4:cuda_graph"
-  "fp8_lora:eager"
-  "halo_lora:compile_cuda_graph"
-  "qlora_nf4:compile_cuda_graph"
-  "halo_lora:cuda_graph::llama-13b"
-)
+RESERVE_13B_S=110  # kept back from the llama-7b run for halo_lora on llama-13b
+# llama-7b: every method at its best modes, one run (one results directory); the methods run in this order, each in
+# its own worker, its modes in the order given. Left out since session 3's run: falqon cuda_graph, bf16_lora
+# cuda_graph (both slower than their compile_cuda_graph points in results/fast-stacks-e2e-h200) and the per-layer
+# proxy-update A/B (results/e2e-llama7b-falqon-batched-h200).
+METHODS='"falqon", "bf16_lora", "halo_lora", "qlora_nf4", "fp8_lora"'
+MODES_BY_METHOD='falqon = ["compile_cuda_graph"]
+bf16_lora = ["compile_cuda_graph"]
+halo_lora = ["cuda_graph", "compile_cuda_graph"]
+qlora_nf4 = ["cuda_graph", "compile_cuda_graph"]
+fp8_lora = ["eager"]'
 ROOT="$OUT/e2e-best"
 mkdir -p "$ROOT"
 
-write_suite() {  # name method modes_csv [method options, TOML inline] [model] -> suite path
-  local name=$1 method=$2 modes=$3 options=${4:-} model=${5:-llama-7b}
-  local layers=32
-  [ "$model" = llama-13b ] && layers=40
+write_suite() {  # name model layers methods(TOML list items) modes_by_method(TOML lines) -> suite path
+  local name=$1 model=$2 layers=$3 methods=$4 by_method=$5
   local device=cuda seq=2048 batch=2 steps=10 warmup=4 profile=2
   if [ "$SMOKE" = 1 ]; then
     device=cpu model=tiny-llama layers=2 seq=32 steps=3 warmup=1 profile=0
-    modes=eager  # CUDA graphs need a GPU and inductor takes minutes on a shared CPU: the smoke checks the plumbing
+    # CUDA graphs need a GPU and inductor takes minutes on a shared CPU: the smoke checks the plumbing, eager only
+    by_method=$(sed -E 's/= \[.*\]/= ["eager"]/' <<< "$by_method")
   fi
-  local toml_modes
-  toml_modes=$(printf '"%s", ' ${modes//,/ })
   local path="$ROOT/$name.toml"
   cat > "$path" <<TOML
-# issue #11: $method at its best modes (written by scripts/gpu/e2e_best.sh)
+# issue #11: every method at its best modes (written by scripts/gpu/e2e_best.sh)
 kind = "e2e"
-name = "e2e-best-$name"
-description = '$model $layers layers, $batch x $seq tokens/step, rank 16, $method, modes $modes'
+name = "$name"
+description = '$model $layers layers, $batch x $seq tokens/step, rank 16, each method at its best modes'
 device = "$device"
 model = "$model"
 layers = $layers
@@ -71,36 +64,36 @@ warmup_steps = $warmup
 profile_steps = $profile
 rank = 16
 lr = 1e-4
-methods = ["$method"]
-modes = [${toml_modes%, }]
-options = {$method = {$options}}
+methods = [$methods]
+modes = ["eager"]
+
+[modes_by_method]
+$by_method
 TOML
   echo "$path"
+}
+
+run_capped() {  # run_capped NAME SUITE SECONDS: a timeout (SIGINT) keeps every finished point
+  local name=$1 suite=$2 cap=$3 rc=0
+  echo "=== $name (cap $cap s)"
+  timeout --signal=INT --kill-after=20 "$cap" \
+    python -m falqon_bench.cli run "$suite" --out "$ROOT/$name" --point-timeout-s "$POINT_TIMEOUT_S" || rc=$?
+  echo "$name: exit $rc after $((SECONDS - START)) s in all"
 }
 
 START=$SECONDS
 if [ "$SMOKE" = 0 ]; then  # the batched proxy update on this GPU: bit-identical to per-layer, capturable (~30 s)
   timeout 90 python -m pytest -q -m gpu tests/test_proxy_update_batched.py 2>&1 | tail -3 | tee "$ROOT/gpu_tests.txt" || true
 fi
-i=0
-for chunk in "${CHUNKS[@]}"; do
-  i=$((i + 1))
-  IFS=: read -r method modes options model <<< "$chunk"
-  name=$(printf '%02d-%s-%s' "$i" "$method" "${modes//,/-}")
-  [ -z "$options" ] || name="$name-${options%% *}"
-  [ -z "$model" ] || name="$name-$model"
-  left=$((LIMIT_S - (SECONDS - START)))
-  if [ "$left" -lt 45 ]; then
-    echo "=== $name: not reached (${left} s left of ${LIMIT_S} s)" | tee -a "$ROOT/not_reached.txt"
-    continue
-  fi
-  suite=$(write_suite "$name" "$method" "$modes" "$options" "$model")
-  echo "=== $name ($left s left)"
-  rc=0
-  timeout --signal=INT --kill-after=20 "$left" \
-    python -m falqon_bench.cli run "$suite" --out "$ROOT/$name" --point-timeout-s "$POINT_TIMEOUT_S" || rc=$?
-  echo "$name: exit $rc after $((SECONDS - START)) s in all"
-done
+suite=$(write_suite e2e-best-llama7b llama-7b 32 "$METHODS" "$MODES_BY_METHOD")
+run_capped e2e-best-llama7b "$suite" $((LIMIT_S - RESERVE_13B_S - (SECONDS - START)))
+left=$((LIMIT_S - (SECONDS - START)))
+suite=$(write_suite e2e-best-llama13b-halo llama-13b 40 '"halo_lora"' 'halo_lora = ["cuda_graph"]')
+if [ "$left" -ge 45 ]; then
+  run_capped e2e-best-llama13b-halo "$suite" "$left"
+else
+  echo "=== halo_lora on llama-13b: not reached (${left} s left of ${LIMIT_S} s)" | tee -a "$ROOT/not_reached.txt"
+fi
 
 tar -czf "$OUT/e2e-best.tar.gz" -C "$OUT" e2e-best
 
