@@ -10,7 +10,8 @@
 # cuda_graph and compile_cuda_graph, fp8_lora eager (in that order, each method in its own worker); then halo_lora on
 # llama-13b (40 layers, the one method session 2's llama-13b run lacks). One failing point is one error row; a
 # point not reached before the deadline is listed as such. Each point: 10 steps (4 eager warm-up, then capture;
-# 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (both run directories) and prints two tables: tokens/s per method and mode, and GPU ms per kernel class with the floor.
+# 6 timed) and 2 profiled steps. Writes $OUT/e2e-best.tar.gz (both run directories) and prints
+# two tables: tokens/s per method and mode, and GPU ms per kernel class with the floor.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the directory the results go to}"
