@@ -7,7 +7,8 @@
 # Everything goes under $OUT: $OUT/runs/ holds the run dirs (append-only points.jsonl: a re-run with the same $OUT
 # resumes) and the report; $OUT/summary.txt and $OUT/shapes-runs.tar.gz (all of runs/) are what to fetch.
 # One failing point or method never stops the rest; a capped sweep keeps every point it finished (falqon's
-# points run first). Time caps (seconds, env): FAST_ACCUM_TIMEOUT_S (default 60), SWEEP_TIMEOUT_S (default 390).
+# points run first). Time caps (seconds, env): FAST_ACCUM_TIMEOUT_S (default 60; 0 skips that phase), SWEEP_TIMEOUT_S
+# (default 390).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output directory}"
@@ -82,6 +83,7 @@ TOML
 
 run_capped() {  # run_capped SECONDS SUITE RUN_DIR: resume when the dir exists; a timeout keeps what finished
   local cap=$1 suite=$2 dir=$3 resume=()
+  if [ "$cap" -le 0 ]; then echo "=== $suite: skipped (cap $cap s)"; return 0; fi
   [ -f "$dir/points.jsonl" ] && resume=(--resume)
   echo "=== $(date -u +%T) run $suite -> $dir (cap ${cap}s)"
   timeout --signal=INT --kill-after=20 "$cap" "${CLI[@]}" run "$suite" --out "$dir" "${resume[@]}" 2>&1 \
@@ -94,7 +96,8 @@ run_capped "${SWEEP_TIMEOUT_S:-390}" "$SUITE" "$SWEEP"
 echo "=== $(date -u +%T) report"
 "${CLI[@]}" report "$SWEEP" --out "$RUNS/report" 2>&1 | tail -3 || echo "(report failed)"
 echo "=== $(date -u +%T) summary"
-python scripts/gpu/shapes_summary.py "$SWEEP" "$FAST" 2>&1 | tee "$OUT/summary.txt" || echo "(summary failed)"
+fast=(); [ -f "$FAST/points.jsonl" ] && fast=("$FAST")
+python scripts/gpu/shapes_summary.py "$SWEEP" "${fast[@]}" 2>&1 | tee "$OUT/summary.txt" || echo "(summary failed)"
 cp "$OUT/summary.txt" "$RUNS/" 2>/dev/null || true
 tar -czf "$OUT/shapes-runs.tar.gz" -C "$OUT" runs
 echo "=== $(date -u +%T) done: $OUT/shapes-runs.tar.gz"
