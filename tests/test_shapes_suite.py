@@ -36,3 +36,11 @@ def test_shapes_suite_runs_fp8_lora_and_compiled_points_only_on_a_subset():
     compiled = {p["method"] for p in points if p["compile"]}
     assert compiled == {"bf16_lora", "fp8_base_lora"}
     assert len(points) <= 270  # ~7 minutes on an H200 (estimate in the suite file)
+
+
+def test_shapes_suite_puts_fp8_lora_and_compiled_points_only_on_cells_falqon_has():
+    # a cell where only fp8_lora or a compiled method ran would count as a falqon loss it never had a chance at
+    points = expand_suite(load_suite(SUITE))
+    falqon = {(p["layer"], p["rank"], p["tokens"]) for p in points if p["method"] == "falqon" and not p["compile"]}
+    extra = {(p["layer"], p["rank"], p["tokens"]) for p in points if p["method"] == "fp8_lora" or p["compile"]}
+    assert extra and extra <= falqon, sorted(extra - falqon)
