@@ -43,6 +43,20 @@ def test_reads_a_strided_column_slice_in_place_and_can_skip_the_row_major_copy()
     assert x8 is None and same_bytes(x8_t, want_t) and torch.equal(scale, want_scale)
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_contiguous_and_strided_inputs_take_their_own_amax_pass_and_agree(where):
+    """A contiguous x takes the flat amax pass, a strided one the 2-D tiled pass: same scale, same bytes."""
+    x = torch.randn(130, 70).bfloat16()
+    x.view(-1)[0 if where == "first" else -1] = 500.0  # the amax at either end of the flat walk
+    strided = torch.empty(70, 130).bfloat16().t()
+    strided.copy_(x)
+    assert x.is_contiguous() and not strided.is_contiguous()
+    flat = quantize_transpose_fp8_triton(x, fp8.E5M2, 16)
+    tiled = quantize_transpose_fp8_triton(strided, fp8.E5M2, 16)
+    assert same_bytes(flat[0], tiled[0]) and same_bytes(flat[1], tiled[1]) and torch.equal(flat[2], tiled[2])
+    assert torch.equal(flat[2], quantize_transpose_fp8_reference(x, fp8.E5M2, 16)[2])
+
+
 def test_saturates_and_scales_like_quantize_fp8():
     x = torch.tensor([[1e4, -3.0], [0.5, -1e4]], dtype=torch.float32)
     x8, x8_t, scale = quantize_transpose_fp8_triton(x, fp8.E4M3, 16)
