@@ -112,9 +112,6 @@ others = [r for r in rows if r.get("layer") not in (None, "llama-7b", "tiny-llam
 rows = [r for r in rows if r not in others]
 f = lambda v, spec: "-" if v is None else format(v, spec)
 print(f"\n{'method':12} {'mode':19} {'tokens/s':>9} {'vs bf16':>7} {'step ms':>8} {'GPU ms':>7} {'busy':>5} {'launch':>6} {'peak GiB':>8} {'conv s':>6}")
-for r in rows:  # the A/B point: falqon with one proxy update per layer
-    if (r.get("options") or {}).get("method_options", {}).get("batched_update") is False:
-        r["mode"] = f"{r['mode']}/per-layer"
 by_id = {(r["method"], r.get("mode")): r for r in rows}
 for t in summary_table(rows):
     r = by_id.get((t["method"], t["mode"]), {})
