@@ -90,21 +90,84 @@ def render_loss_vs_lr(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+LABEL_OFFSET_PT = (5.0, 5.0)  # a label's lower-left corner from its point, when nothing is in the way
+LABEL_GAP_PX = 2.0  # the least room between two labels' boxes
+
+
 def render_accuracy_vs_speed(rows: list[dict[str, Any]]) -> Figure:
-    """Held-out loss vs tokens/s, one point per method variant at its best lr."""
+    """Held-out loss vs tokens/s, one point per method variant at its best lr; labels kept apart (_place_labels)."""
     best, colors, fig, ax = _best_of_grid_figure(rows)
+    labels = []
     for label, b in best.items():
         if b["final_loss"] is None or not b["tokens_per_s"]:
             continue
         ax.scatter([b["tokens_per_s"]], [b["final_loss"]], color=colors[label], s=50)
-        ax.annotate(f"{label} (lr {b['lr']:g})", (b["tokens_per_s"], b["final_loss"]), fontsize=8,
-                    xytext=(5, 5), textcoords="offset points")
+        labels.append(ax.annotate(
+            f"{label} (lr {b['lr']:g})", (b["tokens_per_s"], b["final_loss"]), fontsize=8, xytext=LABEL_OFFSET_PT,
+            textcoords="offset points", color=colors[label],
+        ))
     _floor(ax, rows)
     ax.set_xlabel("training throughput of the same run (tokens / s, eager, median step)")
     ax.set_ylabel("best-of-grid final held-out loss (nats / token)")
     ax.grid(alpha=0.3)
     fig.suptitle(_title(rows, "Accuracy vs speed (lower right is better)"), fontsize=10)
+    _place_labels(fig, labels)
     return fig
+
+
+def _place_labels(fig: Figure, labels: list[Any], passes: int = 4) -> None:
+    """Keep the point labels from overlapping: two methods can land at nearly the same (tokens/s, loss).
+
+    Greedy in display space, in order of the points' x: a label whose box would overlap one already placed moves
+    down one label height at a time (up instead, once it would leave the axes at the bottom); the label of a point
+    in the right third of the x range goes to the left of its point. Labels take their point's colour, so a moved
+    one (no connector line: it would cross other labels) still reads as its point's.
+    Layout (constrained) can shift the axes once labels move, so this repeats until no offset changes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not labels:
+        return
+    canvas = FigureCanvasAgg(fig)
+    to_px = fig.dpi / 72.0
+    for _ in range(passes):
+        fig.draw_without_rendering()
+        renderer = canvas.get_renderer()
+        changed = False
+        placed: list[tuple[float, float, float, float]] = []
+        for ann in sorted(labels, key=lambda a: a.xy[0]):
+            ax_box = ann.axes.get_window_extent(renderer)
+            ann.update_positions(renderer)
+            box = ann.get_window_extent(renderer)
+            dx_now, dy_now = ann.xyann
+            w, h = box.width, box.height
+            # where the box would be at offset (dx, dy): the current box moved by the change of offset
+            def x0_at(dx: float) -> float:
+                return box.x0 + (dx - dx_now) * to_px
+
+            def y0_at(dy: float) -> float:
+                return box.y0 + (dy - dy_now) * to_px
+
+            # right third of the x range: label on the left (decided in data space, so layout cannot flip it back)
+            lo, hi = ann.axes.get_xlim()
+            dx = LABEL_OFFSET_PT[0] if (ann.xy[0] - lo) <= 2 / 3 * (hi - lo) else -LABEL_OFFSET_PT[0] - w / to_px
+            step = (h + LABEL_GAP_PX) / to_px
+            down = [LABEL_OFFSET_PT[1] - k * step for k in range(len(labels) + 1)]
+            up = [LABEL_OFFSET_PT[1] + k * step for k in range(1, len(labels) + 1)]
+            for dy in [c for c in down if y0_at(c) >= ax_box.y0] + up:
+                if not any(_boxes_overlap((x0_at(dx), y0_at(dy), x0_at(dx) + w, y0_at(dy) + h), other) for other in placed):
+                    break
+            placed.append((x0_at(dx), y0_at(dy), x0_at(dx) + w, y0_at(dy) + h))
+            if abs(dx - dx_now) > 1e-6 or abs(dy - dy_now) > 1e-6:
+                ann.xyann = (dx, dy)
+                changed = True
+        if not changed:
+            return
+
+
+def _boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether two (x0, y0, x1, y1) boxes come closer than LABEL_GAP_PX in both directions."""
+    return min(a[2], b[2]) - max(a[0], b[0]) > -LABEL_GAP_PX and min(a[3], b[3]) - max(a[1], b[1]) > -LABEL_GAP_PX
 
 
 FIGURES = [
