@@ -26,11 +26,8 @@ from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax, scale_from_partials
+from falqon_core.kernels.quantize_configs import FlatConfig, config_for
 
-# tensorwise grid-stride kernels: elements per program per iteration, programs per SM
-_TENSORWISE_BLOCK = 4096
-_TENSORWISE_BLOCK_INTERPRETER = 512
-_PROGRAMS_PER_SM = 4
 # rowwise: a row of up to this many elements is held in registers (one read); longer rows take two passes
 _ROWWISE_MAX_ONE_PASS = 16384
 _ROWWISE_CHUNK = 4096
@@ -45,12 +42,12 @@ def quantize_fp8_reference(
 
 
 @triton.jit
-def _partial_amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+def _partial_amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """partial[pid] = max |x| over the blocks this program visits (grid-stride over n elements)."""
     pid = tl.program_id(0)
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid.to(tl.int64) * BLOCK, n, step):
+    for start in tl.range(pid.to(tl.int64) * BLOCK, n, step, num_stages=NUM_STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
         acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
@@ -63,7 +60,7 @@ def _cast_tensorwise_kernel(
     fp8_max, inv_max, min_scale,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
     SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    PARTIALS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Reduce the partial amaxes to the scale, then out = sat_cast(x / scale) over a grid-stride loop."""
     pid = tl.program_id(0)
@@ -71,7 +68,7 @@ def _cast_tensorwise_kernel(
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     # blocks in the reverse of launch 1's order: the last blocks it read are the ones still in L2
     n_blocks = tl.cdiv(n, BLOCK)
-    for i in range(pid, n_blocks, tl.num_programs(0)):
+    for i in tl.range(pid, n_blocks, tl.num_programs(0), num_stages=NUM_STAGES):
         offs = (n_blocks - 1 - i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -141,20 +138,48 @@ def _software_round(software_round: bool | None) -> bool:
 
 
 def tensorwise_grid(x: torch.Tensor, n: int) -> tuple[int, int]:
-    """(programs, BLOCK) of the tensorwise grid-stride kernels: enough programs to fill every SM a few times."""
-    block = _TENSORWISE_BLOCK_INTERPRETER if tc.is_interpreter() else _TENSORWISE_BLOCK
-    programs = max(1, min(triton.cdiv(n, block), tc.num_sms(x) * _PROGRAMS_PER_SM))
-    return programs, block
+    """(programs, BLOCK) of the partial amax pass over n elements (its output has `programs` partials)."""
+    cfg = config_for("partial_amax", 1, n, tc.is_interpreter())
+    return cfg.programs(n, tc.num_sms(x)), cfg.block
+
+
+def launch_partial_amax(x_flat: torch.Tensor, cfg: FlatConfig) -> torch.Tensor:
+    """partial_amax with an explicit launch config (the tuner and the config tests call it; the max is the same
+    for every config)."""
+    n = x_flat.numel()
+    programs = cfg.programs(n, tc.num_sms(x_flat))
+    partials = torch.empty(programs, device=x_flat.device, dtype=torch.float32)
+    _partial_amax_kernel[(programs,)](x_flat, partials, n, BLOCK=cfg.block, NUM_STAGES=cfg.num_stages,
+                                      num_warps=cfg.num_warps)
+    return partials
 
 
 @tc.opaque_to_compile
 def partial_amax(x_flat: torch.Tensor) -> torch.Tensor:
     """Launch 1 of tensorwise quantization: per-program max |x| of a contiguous tensor (fp32, programs,)."""
+    return launch_partial_amax(x_flat, config_for("partial_amax", 1, x_flat.numel(), tc.is_interpreter()))
+
+
+def launch_cast_tensorwise(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, software_round: bool | None, cfg: FlatConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cast_tensorwise_from_partials with an explicit launch config (bit-identical output for every config)."""
+    tc.check_fp8_dtype(dtype)
+    x_flat = x.contiguous().view(-1)
     n = x_flat.numel()
-    programs, block = tensorwise_grid(x_flat, n)
-    partials = torch.empty(programs, device=x_flat.device, dtype=torch.float32)
-    _partial_amax_kernel[(programs,)](x_flat, partials, n, BLOCK=block, num_warps=8)
-    return partials
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    scale = torch.empty((), device=x.device, dtype=torch.float32)
+    programs = cfg.programs(n, tc.num_sms(x_flat))
+    _cast_tensorwise_kernel[(programs,)](
+        x_flat, partials, partials.numel(), out, scale, n,
+        **_scale_args(x, dtype),
+        SOFTWARE_ROUND=_software_round(software_round),
+        PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
+        BLOCK=cfg.block,
+        NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
+    return out, scale
 
 
 @tc.opaque_to_compile
@@ -165,21 +190,8 @@ def cast_tensorwise_from_partials(
 
     Also used by the melded GEMM, whose epilogue writes the partial amaxes of o_a.
     """
-    tc.check_fp8_dtype(dtype)
-    x_flat = x.contiguous().view(-1)
-    n = x_flat.numel()
-    out = torch.empty(x.shape, device=x.device, dtype=dtype)
-    scale = torch.empty((), device=x.device, dtype=torch.float32)
-    programs, block = tensorwise_grid(x_flat, n)
-    _cast_tensorwise_kernel[(programs,)](
-        x_flat, partials, partials.numel(), out, scale, n,
-        **_scale_args(x, dtype),
-        SOFTWARE_ROUND=_software_round(software_round),
-        PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
-        BLOCK=block,
-        num_warps=8,
-    )
-    return out, scale
+    cfg = config_for("cast_tensorwise", 1, x.numel(), tc.is_interpreter())
+    return launch_cast_tensorwise(x, partials, dtype, software_round, cfg)
 
 
 def _quantize_tensorwise_triton(x: torch.Tensor, dtype: torch.dtype, software_round: bool | None):

@@ -27,9 +27,11 @@ from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast, scale_from_partials
 from falqon_core.kernels.quantize import _scale_args, _software_round, partial_amax, quantize_fp8_reference
+from falqon_core.kernels.quantize_configs import TileConfig, config_for
 from falqon_core.kernels.transpose import padded_length, transpose_fp8_reference
 
-# tiles of x per program step (elements): 64 x 64 keeps the transposed fp8 stores 64-byte rows
+# the 2-D amax pass (strided x only): tiles of x per program step (elements), programs per SM.
+# The cast pass takes its launch config from quantize_configs (default: these same values).
 _BLOCK_R = 64
 _BLOCK_C = 64
 _PROGRAMS_PER_SM = 4
@@ -68,7 +70,7 @@ def _cast_transpose_kernel(
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
     SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, OUT_DTYPE: tl.constexpr,
     WRITE_ROWS: tl.constexpr, TRANSPOSED_LOAD: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Scale from max(partials); per tile q = sat_cast(x / scale), stored to out_t (n_cols x n_rows_out, bytes,
     columns past n_rows zero) and, with WRITE_ROWS, to out (n_rows x n_cols, bytes). Tiles are walked in the
@@ -83,7 +85,7 @@ def _cast_transpose_kernel(
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     col_blocks = tl.cdiv(n_cols, BLOCK_C)
     n_tiles = tl.cdiv(n_rows_out, BLOCK_R) * col_blocks
-    for i in range(pid, n_tiles, tl.num_programs(0)):
+    for i in tl.range(pid, n_tiles, tl.num_programs(0), num_stages=NUM_STAGES):
         t = n_tiles - 1 - i
         rows = (t // col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = (t % col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -120,27 +122,36 @@ def partial_amax_2d(x: torch.Tensor) -> torch.Tensor:
     return partials
 
 
-@tc.opaque_to_compile
-def cast_transpose_from_partials(
+def launch_cast_transpose(
     x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, pad_to: int, keep_rows: bool,
-    software_round: bool | None = None,
+    software_round: bool | None, cfg: TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch 2: (x8 M x C, or an empty tensor without keep_rows; x8^T C x M_pad; 0-dim scale)."""
+    """cast_transpose_from_partials with an explicit launch config (bit-identical output for every config)."""
     n_rows, n_cols = x.shape
     rows_out = padded_length(n_rows, pad_to)
     out = torch.empty((n_rows, n_cols) if keep_rows else (0,), device=x.device, dtype=dtype)
     out_t = torch.empty((n_cols, rows_out), device=x.device, dtype=dtype)
     scale = torch.empty((), device=x.device, dtype=torch.float32)
-    programs = _grid(x, rows_out, n_cols)
+    programs = cfg.programs(rows_out, n_cols, tc.num_sms(x))
     _cast_transpose_kernel[(programs,)](
         x, partials, partials.numel(), out.view(torch.uint8), out_t.view(torch.uint8), scale,
         n_rows, rows_out, n_cols, x.stride(0), x.stride(1),
         **_scale_args(x, dtype),
         SOFTWARE_ROUND=_software_round(software_round), OUT_DTYPE=tc.triton_fp8_dtype(dtype),
         WRITE_ROWS=bool(keep_rows), TRANSPOSED_LOAD=bool(keep_rows) and x.element_size() == 4, PARTIALS_BLOCK=triton.next_power_of_2(partials.numel()),
-        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4,
+        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out, out_t, scale
+
+
+@tc.opaque_to_compile
+def cast_transpose_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, pad_to: int, keep_rows: bool,
+    software_round: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 2: (x8 M x C, or an empty tensor without keep_rows; x8^T C x M_pad; 0-dim scale)."""
+    cfg = config_for("cast_transpose", x.shape[0], x.shape[1])
+    return launch_cast_transpose(x, partials, dtype, pad_to, keep_rows, software_round, cfg)
 
 
 def _check(x: torch.Tensor, dtype: torch.dtype) -> None:

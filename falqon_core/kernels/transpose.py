@@ -20,11 +20,9 @@ import triton
 import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
+from falqon_core.kernels.quantize_configs import TileConfig, config_for
 
-# tile of the input per program (bytes) and warps: 64 x 64 = 4 KiB per program, 32 bytes per thread
-_BLOCK_R = 64
-_BLOCK_C = 64
-_NUM_WARPS = 4
+# the tile and warps come from quantize_configs (default 64 x 64 bytes, 4 warps: 32 bytes per thread)
 
 
 def padded_length(n: int, multiple: int) -> int:
@@ -76,21 +74,30 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"transpose_fp8 needs a 1-byte dtype (fp8 e4m3/e5m2, uint8, int8), got {x.dtype}")
 
 
-@tc.opaque_to_compile
-def transpose_fp8_triton(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
-    """The Triton kernel behind transpose_fp8; same contract as transpose_fp8_reference (any strides)."""
+def launch_transpose_bytes(x: torch.Tensor, pad_to: int, cfg: TileConfig) -> torch.Tensor:
+    """transpose_fp8_triton with an explicit tile config (the same bytes for every config). One program per tile:
+    the kernel has no grid-stride loop, so cfg.programs_per_sm and cfg.num_stages must be None."""
+    if cfg.programs_per_sm is not None or cfg.num_stages is not None:
+        raise ValueError(f"transpose_bytes runs one program per tile: programs_per_sm and num_stages must be None, got {cfg}")
     _check_input(x)
     n_rows, n_cols = x.shape
     rows_out = padded_length(n_rows, pad_to)
     out = torch.empty((n_cols, rows_out), device=x.device, dtype=torch.uint8)
     if x.numel() > 0:
         xb = x.view(torch.uint8)
-        grid = (triton.cdiv(rows_out, _BLOCK_R) * triton.cdiv(n_cols, _BLOCK_C),)
+        grid = (cfg.tiles(rows_out, n_cols),)
         _transpose_bytes_kernel[grid](
             xb, out, n_rows, rows_out, n_cols, xb.stride(0), xb.stride(1),
-            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
         )
     return out.view(x.dtype)
+
+
+@tc.opaque_to_compile
+def transpose_fp8_triton(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
+    """The Triton kernel behind transpose_fp8; same contract as transpose_fp8_reference (any strides)."""
+    _check_input(x)
+    return launch_transpose_bytes(x, pad_to, config_for("transpose_bytes", x.shape[0], x.shape[1]))
 
 
 def transpose_fp8(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
