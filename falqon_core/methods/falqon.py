@@ -86,6 +86,7 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
+from falqon_core.kernels.flush import flush_
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
 from falqon_core.methods import register_method
@@ -334,14 +335,13 @@ class FalqonLinear(nn.Module):
     @torch.no_grad()
     def flush(self) -> None:
         """Merge every row of B into W8 with the layer's rounding and zero B (flush_every). No host sync."""
-        proxy_update_variant_(
-            self.backbone_fp8, self.adapter_fp8, self.lora_B, self.out_features,
-            stochastic=self.rounding == "stochastic", seed=self.rounding_seed, merge="grid", keep_unmerged=False,
+        # one pass (falqon_core.kernels.flush): W8 merged and rounded, W8^T written from the same tiles, B zeroed
+        flush_(
+            self.backbone_fp8, self.adapter_fp8, self.lora_B, stochastic=self.rounding == "stochastic",
+            seed=self.rounding_seed, weight_t=self.weight_t,
         )
         if self.rounding == "stochastic":
             self.rounding_seed.add_(1)
-        if self.weight_t is not None:
-            self.weight_t.view(torch.uint8).copy_(self.backbone_fp8.view(torch.uint8).t())
         self.flushes_done += 1
         if self.a_redraw:
             self.redraw_adapter_rows()
