@@ -1,7 +1,7 @@
 """FALQON's flush (option flush_every): merge every row of B into the fp8 backbone, refresh W^T, zero B.
 
 W8 = round(W8 + B @ A8) over all N rows (round: saturating round-to-nearest or the stochastic rounding of the
-proxy-update variants), the cached transpose W8^T (if the layer keeps one) written from the same tile, then
+proxy-update variants), the cached transpose W8^T (if the layer keeps one) refreshed by transpose_fp8, then
 B = 0. It is proxy_update_variant_(k=N, merge="grid", keep_unmerged=False), which is what flush ran before,
 without what that general kernel carries for a row subset: no row-index list, no per-row 'changed' flag and
 its atomics (all of B is zeroed anyway), small row blocks, and a separate strided copy for W8^T.
@@ -9,7 +9,10 @@ its atomics (all of B is zeroed anyway), small row blocks, and a separate stride
 Exactness: the tile's delta is _flush_delta, the variant kernel's _merged_delta (fp32 tl.dot "ieee", masked
 ranks read as 0) over 16-rank blocks; the tile is the variant kernel's 16 x 128. On the H200 its W8 bytes
 equal the variant kernel's for general fp32 B at r = 5, 16, 24, 48, 64, both roundings (tests/test_flush.py,
-gpu); r = 1 is open (see that test). The stochastic bits are the variant kernel's: u = hash(seed, row * K + col).
+gpu); r = 1 is open (see that test).
+W8^T is not stored from the kernel's tile (tl.trans of the rounded tile): with 64 x 128 tiles that store gave
+wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile quantize_transpose works around; the
+separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t. The stochastic bits are the variant kernel's: u = hash(seed, row * K + col).
 Against the torch reference (an fp32 matmul) the usual caveat of proxy_update applies: bit-exact whenever the
 fp32 sums are exact (the CPU tests), else at most 1 e4m3 ulp next to a rounding boundary.
 """
@@ -23,6 +26,7 @@ import triton.language as tl
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
+from falqon_core.kernels.transpose import transpose_fp8_triton
 from falqon_core.kernels.proxy_update import (
     _check_variant,
     _hash_uniform,
@@ -92,13 +96,13 @@ def _flush_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_c
 
 @triton.jit
 def _flush_kernel(
-    w_ptr, a_ptr, b_ptr, wt_ptr, seed_ptr, n_rows, n_cols, rank,
-    stride_w, stride_a, stride_b, stride_b_col, stride_wt, stride_wt_col,
+    w_ptr, a_ptr, b_ptr, seed_ptr, n_rows, n_cols, rank,
+    stride_w, stride_a, stride_b, stride_b_col,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    STOCHASTIC: tl.constexpr, WRITE_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     BLOCK_RANK: tl.constexpr,
 ):
-    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + B[rows] @ A8[:, cols]); W8^T[cols, rows] = the same.
+    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + B[rows] @ A8[:, cols]).
 
     Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest (neighbouring programs write
     neighbouring bytes of the same W8 rows; B's row block and A8, r x K, stay in L2).
@@ -109,10 +113,12 @@ def _flush_kernel(
     (50 MB -> 11 us). The delta is N K r fp32 FMAs on the CUDA cores (an fp32 "ieee" dot has no tensor-core
     form, and TF32 would change the bits): 0.72 G FMAs for up at r = 16, ~22 us at the H200's ~33.5 T FMA/s,
     more in practice (the FMA lowering of tl.dot also moves operands through shared memory and registers).
-    Measured (H200, r = 16, CUDA-graph replays; without / with W8^T): up 116 / 158 us nearest, 144 / 234 us
-    stochastic (the old path: 287 / 569 and 308 / 591 us); attn 42 / 57 and 54 / 88 us (old: 106 / 194, 111 /
-    202). So this kernel is bound by the dot's instructions, not by memory: 64 x 128 tiles with 8 warps (>= 32 KB
-    in flight per SM) were no faster (117 us for up, nearest) and gave other bytes at r = 1.
+    Development timings (H200, r = 16, CUDA-graph replays of the flush alone, ad hoc, not a committed run;
+    without / with W8^T, then stored from the tile): up 116 / 158 us nearest, 144 / 234 us stochastic (the old
+    path: 287 / 569 and 308 / 591 us); attn 42 / 57 and 54 / 88 us (old: 106 / 194, 111 / 202). So this kernel
+    is bound by the dot's instructions, not by memory: 64 x 128 tiles with 8 warps (>= 32 KB in flight per SM)
+    were no faster (117 us for up, nearest) and gave other bytes at r = 1. The next lever is the delta as an
+    explicit per-rank FMA loop over register tiles (the same in-order chain, without tl.dot's FMA lowering).
     """
     pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
@@ -134,9 +140,6 @@ def _flush_kernel(
     else:
         q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
     tl.store(w_ptrs, q, mask=mask)
-    if WRITE_T:
-        wt_ptrs = wt_ptr + cols[:, None] * stride_wt + rows[None, :] * stride_wt_col
-        tl.store(wt_ptrs, tl.trans(q), mask=c_mask[:, None] & r_mask[None, :])
 
 
 @tc.opaque_to_compile
@@ -155,16 +158,17 @@ def flush_triton_(
     if n_rows > 0 and n_cols > 0:
         fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
         grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
-        wt = w8 if weight_t is None else weight_t  # a pointer the kernel never touches when WRITE_T is off
         _flush_kernel[grid](
-            w8, a8, b, wt, seed if stochastic else w8, n_rows, n_cols, a8.shape[0],
-            w8.stride(0), a8.stride(0), b.stride(0), b.stride(1), wt.stride(0), wt.stride(1),
+            w8, a8, b, seed if stochastic else w8, n_rows, n_cols, a8.shape[0],
+            w8.stride(0), a8.stride(0), b.stride(0), b.stride(1),
             FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
             SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-            STOCHASTIC=bool(stochastic), WRITE_T=weight_t is not None,
+            STOCHASTIC=bool(stochastic),
             BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_BLOCK_RANK,
             num_warps=_NUM_WARPS,
         )
+        if weight_t is not None:  # in place: a captured graph keeps weight_t's address
+            weight_t.copy_(transpose_fp8_triton(w8))
     b.zero_()
 
 
