@@ -1,6 +1,8 @@
 """Launch configs of the quantize kernels: every config in the tune grid gives the torch reference's bytes
 (interpreter), and the config table maps shape classes to configs (defaults where untuned, clear errors)."""
 
+import json
+
 import pytest
 import torch
 
@@ -101,9 +103,24 @@ def test_shape_classes_bucket_by_elements_and_width():
         qc.shape_class("cast", 4, 4)
 
 
-def test_the_table_overrides_its_class_only(monkeypatch):
-    tuned = qc._validate({"cast_transpose": {"le16M/mid": {"block_r": 128, "num_warps": 8}}})
-    monkeypatch.setattr(qc, "_TABLE", tuned)
+@pytest.fixture
+def table_file(tmp_path, monkeypatch):
+    """Write a table JSON, point FALQON_KERNEL_TABLE at it and rebuild the cached table (undone after the test)."""
+    def use(content) -> str:
+        path = tmp_path / "table.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        monkeypatch.setenv(qc.TABLE_ENV, str(path))
+        qc._table.cache_clear()
+        return str(path)
+
+    yield use
+    monkeypatch.delenv(qc.TABLE_ENV, raising=False)
+    qc._table.cache_clear()
+
+
+def test_the_table_overrides_its_class_only(table_file):
+    # a tune_quantize.py --out file: the table under "table", next to its timings
+    table_file({"results": [], "table": {"cast_transpose": {"le16M/mid": {"block_r": 128, "num_warps": 8}}}})
     assert qc.config_for("cast_transpose", 3000, 4096) == qc.TileConfig(block_r=128, num_warps=8)
     assert qc.config_for("cast_transpose", 4096, 1024) == qc.DEFAULTS["cast_transpose"]
     assert qc.config_for("partial_amax", 4096, 4096) == qc.DEFAULTS["partial_amax"]
@@ -127,3 +144,43 @@ def test_the_committed_table_and_grid_are_valid():
 def test_a_bad_table_entry_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
         qc._validate(bad)
+
+
+def test_a_bare_table_file_applies_and_source_is_recorded(table_file):
+    path = table_file({"partial_amax": {"le16M": {"block": 8192}}})
+    assert qc.config_for("partial_amax", 4096, 4096) == qc.FlatConfig(block=8192)
+    source = qc.table_source()
+    assert source["override"] == path and source["table"]["partial_amax"]["le16M"] == {"block": 8192}
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not JSON"),
+    ([1, 2], "expected"),
+    ({"cast": {}}, "unknown kernel"),
+    ({"partial_amax": {"le16M": {"blok": 8192}}}, "no field"),
+    ({"partial_amax": {"le16M": {"block": 3000}}}, "power of 2"),
+])
+def test_a_bad_table_file_is_a_clear_error_naming_the_variable(table_file, content, match):
+    table_file(content)
+    with pytest.raises(ValueError, match=match) as err:
+        qc.config_for("partial_amax", 4096, 4096)
+    assert qc.TABLE_ENV in str(err.value)
+
+
+def test_a_missing_table_file_is_an_input_error_of_the_cli(tmp_path, monkeypatch):
+    """The CLI reports it as an input error (exit 2, no traceback) before any point runs."""
+    from typer.testing import CliRunner
+
+    from falqon_bench.cli import app
+
+    monkeypatch.setenv(qc.TABLE_ENV, str(tmp_path / "missing.json"))
+    qc._table.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["run", "smoke", "--out", str(tmp_path / "run"), "--no-isolate"])
+    finally:
+        monkeypatch.delenv(qc.TABLE_ENV)
+        qc._table.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "missing.json" in result.output and "cannot read it" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "points.jsonl").exists()

@@ -231,6 +231,21 @@ def _cuda_version_text(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
+def kernel_table() -> dict[str, Any]:
+    """The quantize kernels' launch-config table the run uses (committed, or $FALQON_KERNEL_TABLE's override).
+
+    A bad override file is an input error (a clear message, exit 2), found here before any point runs."""
+    from falqon_bench.data.errors import BenchInputError
+
+    from falqon_core.kernels import quantize_configs
+
+    try:
+        return quantize_configs.table_source()
+    except ValueError as err:
+        raise BenchInputError(f"{err}. Unset FALQON_KERNEL_TABLE or point it at a scripts/gpu/tune_quantize.py "
+                              "--out file.") from None
+
+
 def collect_env(device: torch.device | str | None = None) -> dict[str, Any]:
     """Everything a results manifest records about the machine; never raises for a missing GPU or NVML."""
     if device is None:
@@ -245,6 +260,7 @@ def collect_env(device: torch.device | str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": package_versions(),
         "git": git_info(),
+        "kernel_table": kernel_table(),
     }
     if device.type == "cuda":
         env["gpu"] = gpu_info(device)

@@ -12,12 +12,14 @@ The table is keyed by shape *class*, not by shape, so shapes no suite ran get a 
 A class missing from the table takes the defaults below (what the kernels ran with before tuning).
 
 To apply a tuner run: replace TUNED with the `TUNED = {...}` block that scripts/gpu/tune_quantize.py prints
-(also under "table" in its --out JSON).
+(also under "table" in its --out JSON), or, without editing anything (another GPU, a trial), point the
+environment variable FALQON_KERNEL_TABLE at that JSON: its classes override TUNED's (read at the first launch).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from typing import Optional
 
 KERNELS = ("partial_amax", "cast_tensorwise", "cast_transpose", "transpose_bytes")
@@ -156,13 +158,64 @@ def _validate(table: dict) -> dict:
     return {k: {cls: make_config(k, o) for cls, o in table.get(k, {}).items()} for k in KERNELS}
 
 
-_TABLE = _validate(TUNED)
+# A tuner run on another GPU applies without editing this file: FALQON_KERNEL_TABLE names its --out JSON (or a
+# JSON of the table alone); its classes replace TUNED's, kernel by kernel and class by class.
+TABLE_ENV = "FALQON_KERNEL_TABLE"
+
+
+def load_table_file(path: str) -> dict:
+    """The table of a tune_quantize.py --out JSON (key "table") or of a bare table JSON; clear errors."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as err:
+        raise ValueError(f"{TABLE_ENV}={path}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{TABLE_ENV}={path}: not JSON ({err})") from None
+    table = data.get("table", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"{TABLE_ENV}={path}: expected {{kernel: {{shape class: {{field: value}}}}}} "
+                         f"(or a tune_quantize.py --out file), got {type(table).__name__}")
+    try:
+        _validate(table)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{TABLE_ENV}={path}: {err}") from None
+    return table
+
+
+def merged_table(path: str | None = None) -> dict:
+    """TUNED with the classes of the table file at `path` (default: $FALQON_KERNEL_TABLE, if set) laid over it."""
+    import os
+
+    path = os.environ.get(TABLE_ENV) if path is None else path
+    table = {k: dict(TUNED.get(k, {})) for k in KERNELS}
+    if path:
+        for kernel, classes in load_table_file(path).items():
+            table[kernel].update(classes)
+    return table
+
+
+def table_source() -> dict:
+    """What the manifest records: the committed table, or the file that overrode it (path and content)."""
+    import os
+
+    path = os.environ.get(TABLE_ENV)
+    return {"table": merged_table(), "override": path or None}
+
+
+@lru_cache(maxsize=None)
+def _table() -> dict:
+    """The validated table, built at the first launch (not at import: a bad FALQON_KERNEL_TABLE file is then an
+    error of the run that uses it, which the CLI reports as an input error before any point)."""
+    return _validate(merged_table())
 
 
 def config_for(kernel: str, n_rows: int, n_cols: int, interpreter: bool = False):
     """The launch config of `kernel` for an n_rows x n_cols input: TUNED's entry for its shape class, else the
     default. Under the interpreter the flat kernels take a small block (CPU test speed; results are the same)."""
-    cfg = _TABLE[kernel].get(shape_class(kernel, n_rows, n_cols), DEFAULTS[kernel])
+    cfg = _table()[kernel].get(shape_class(kernel, n_rows, n_cols), DEFAULTS[kernel])
     if interpreter and isinstance(cfg, FlatConfig):
         cfg = replace(cfg, block=_FLAT_BLOCK_INTERPRETER)
     return cfg

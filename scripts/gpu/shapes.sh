@@ -8,7 +8,7 @@
 # resumes) and the report; $OUT/summary.txt and $OUT/shapes-runs.tar.gz (all of runs/) are what to fetch.
 # One failing point or method never stops the rest; a capped sweep keeps every point it finished (falqon's
 # points run first). Time caps (seconds, env): FAST_ACCUM_TIMEOUT_S (default 60; 0 skips that phase), SWEEP_TIMEOUT_S
-# (default 390).
+# (default 390), TUNE_S (default 0: off; ~110 tunes the quantize kernels first, see below).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output directory}"
@@ -89,6 +89,22 @@ run_capped() {  # run_capped SECONDS SUITE RUN_DIR: resume when the dir exists; 
   timeout --signal=INT --kill-after=20 "$cap" "${CLI[@]}" run "$suite" --out "$dir" "${resume[@]}" 2>&1 \
     | grep -v -E "W[0-9]{4} |Enum subclass|_warn_once|Profiler clears" | tail -25 || echo "(run ended with status $?)"
 }
+
+# optional first phase (TUNE_S > 0): time the quantize kernels' launch configs on this GPU and run the sweep with the
+# winners (FALQON_KERNEL_TABLE; each run's manifest records the table it used). Paste the printed TUNED block into
+# falqon_core/kernels/quantize_configs.py to keep them.
+if [ "${TUNE_S:-0}" -gt 0 ]; then
+  echo "=== $(date -u +%T) tune the quantize kernels (budget ${TUNE_S}s)"
+  tune_args=(--out "$RUNS/tune_quantize.json" --budget-s "$TUNE_S")
+  [ "$SMOKE" = 1 ] && tune_args=(--cpu-smoke --out "$RUNS/tune_quantize.json")
+  if timeout --kill-after=20 "$((TUNE_S + 60))" python scripts/gpu/tune_quantize.py "${tune_args[@]}" 2>&1 | tee "$RUNS/tune_quantize.txt" | tail -40 \
+      && [ -f "$RUNS/tune_quantize.json" ]; then
+    export FALQON_KERNEL_TABLE="$RUNS/tune_quantize.json"
+    echo "=== sweep runs with FALQON_KERNEL_TABLE=$FALQON_KERNEL_TABLE"
+  else
+    echo "(tuning failed: the sweep runs with the committed table)"
+  fi
+fi
 
 run_capped "${FAST_ACCUM_TIMEOUT_S:-60}" "$FAST_SUITE" "$FAST"
 run_capped "${SWEEP_TIMEOUT_S:-390}" "$SUITE" "$SWEEP"
