@@ -33,8 +33,11 @@ from falqon_core.kernels.quantize import launch_cast_tensorwise, launch_partial_
 from falqon_core.kernels.quantize_transpose import launch_cast_transpose, quantize_transpose_fp8_reference  # noqa: E402
 from falqon_core.kernels.transpose import launch_transpose_bytes, transpose_fp8_reference  # noqa: E402
 
-SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (4096, 14336), (3000, 4096), (512, 4096), (16384, 4096)]
-TRANSPOSE_SHAPES = [(4096, 4096), (11008, 4096), (1024, 4096)]
+# one or more shapes per class that FALQON's layers hit: x (M x K) and dY (M x N) at 512-16384 tokens, incl. a GQA kv
+# dY (M x 1024) at 512 and 2048 tokens, where a step is a string of short launches (classes le1M/narrow, le4M/narrow)
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (4096, 14336), (3000, 4096), (512, 4096), (16384, 4096),
+          (512, 1024), (2048, 1024)]
+TRANSPOSE_SHAPES = [(4096, 4096), (11008, 4096), (1024, 4096)]  # W8 (N x K) of attn, up, kv
 SMOKE_SHAPES = [(77, 130), (300, 96)]
 SMOKE_TRANSPOSE_SHAPES = [(77, 130), (130, 33)]
 # cast_transpose first: the biggest lever, so a run cut short by the budget still has it
