@@ -335,7 +335,7 @@ class FalqonLinear(nn.Module):
     @torch.no_grad()
     def flush(self) -> None:
         """Merge every row of B into W8 with the layer's rounding and zero B (flush_every). No host sync."""
-        # one pass (falqon_core.kernels.flush): W8 merged and rounded, W8^T written from the same tiles, B zeroed
+        # one dense pass over W8 (falqon_core.kernels.flush), then W8^T refreshed (if cached) and B zeroed
         flush_(
             self.backbone_fp8, self.adapter_fp8, self.lora_B, stochastic=self.rounding == "stochastic",
             seed=self.rounding_seed, weight_t=self.weight_t,
