@@ -30,6 +30,7 @@ from falqon_core.kernels.transpose import transpose_fp8_triton
 from falqon_core.kernels.proxy_update import (
     _check_variant,
     _hash_uniform,
+    _merged_delta,
     _stochastic_round,
     proxy_update_variant_reference_,
 )
@@ -82,13 +83,8 @@ def _flush_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_c
     _merged_delta pads r to a multiple of 32; with 16-rank blocks (half the FMAs at r = 16) the tail is empty
     exactly when r % 32 == 16 while _merged_delta's is not: then one acc + 0.0 stands in for it.
     """
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_RANK):
-        j = j0 + tl.arange(0, BLOCK_RANK)
-        j_mask = j < rank
-        b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=r_mask[:, None] & j_mask[None, :], other=0.0)
-        a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(b_blk.to(tl.float32), a_blk.to(tl.float32), acc, input_precision="ieee")
+    acc = _merged_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, BLOCK_ROWS, BLOCK_COLS,
+                        BLOCK_RANK)
     if rank % 32 == 16:
         acc = acc + 0.0
     return acc

@@ -70,14 +70,14 @@ def proxy_update_reference_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor,
 
 @triton.jit
 def _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS: tl.constexpr,
-                  BLOCK_COLS: tl.constexpr):
-    """sum_j B[rows, j] * A[j, cols] in fp32 (ROWS x BLOCK_COLS): tl.dot over blocks of _BLOCK_RANK ranks.
+                  BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr):
+    """sum_j B[rows, j] * A[j, cols] in fp32 (ROWS x BLOCK_COLS): tl.dot over blocks of BLOCK_RANK ranks.
 
     b_rows: ROWS pointers to the selected rows of B (masked rows read as 0); A8 is upcast to fp32 exactly.
     """
     acc = tl.zeros([ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j0 in range(0, rank, _BLOCK_RANK):
-        j = j0 + tl.arange(0, _BLOCK_RANK)
+    for j0 in range(0, rank, BLOCK_RANK):
+        j = j0 + tl.arange(0, BLOCK_RANK)
         j_mask = j < rank
         b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=i_mask[:, None] & j_mask[None, :], other=0.0)
         a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
@@ -111,7 +111,8 @@ def _merge_rows_kernel(
     w_layer = w_ptr + layer * stride_wl
     a_layer = a_ptr + layer * stride_al
     b_rows = b_ptr + layer * stride_bl + rows * stride_b
-    acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
+    acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
+                        _BLOCK_RANK)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_layer + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
@@ -336,7 +337,8 @@ def _merge_rows_variant_kernel(
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     b_rows = b_ptr + rows * stride_b
-    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS)
+    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
+                        _BLOCK_RANK)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
