@@ -25,15 +25,13 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast
-from falqon_core.kernels.transpose import transpose_fp8_triton
 from falqon_core.kernels.proxy_update import (
     _check_variant,
-    _hash_uniform,
     _merged_delta,
-    _stochastic_round,
+    _round_merged,
     proxy_update_variant_reference_,
 )
+from falqon_core.kernels.transpose import transpose_fp8_triton
 
 # W8 rows x columns per program, one program per tile: the variant kernel's 16 x 128 tile (see _flush_kernel's
 # docstring: on the H200 it was the fastest of 16-128 rows x 64-256 columns, and 64-row tiles gave other bytes at r = 1)
@@ -129,12 +127,8 @@ def _flush_kernel(
     mask = r_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-    if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        u = _hash_uniform(seed, rows[:, None] * n_cols + cols[None, :])
-        q = _stochastic_round(merged, u, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
-    else:
-        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
+    q = _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+                      STOCHASTIC)
     tl.store(w_ptrs, q, mask=mask)
 
 

@@ -318,6 +318,20 @@ def _check_variant(w8, a8, b, k, stochastic, seed, merge) -> None:
 
 
 @triton.jit
+def _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
+                  MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """W8's new bytes for merged = W8 + delta (rows x cols of W8): stochastic rounding with u = hash(seed, row * K +
+    col) (the same bits wherever a row is merged: top-k update or flush), else the saturating round-to-nearest."""
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+        u = _hash_uniform(seed, rows[:, None] * n_cols + cols[None, :])
+        q = _stochastic_round(merged, u, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
+    else:
+        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
+    return q
+
+
+@triton.jit
 def _merge_rows_variant_kernel(
     w_ptr, a_ptr, b_ptr, rows_ptr, seed_ptr, flag_ptr, counts_ptr, k, n_cols, rank,
     stride_w, stride_a, stride_b, stride_b_col,
@@ -343,12 +357,8 @@ def _merge_rows_variant_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
     old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     merged = old + acc
-    if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        u = _hash_uniform(seed, rows[:, None] * n_cols + cols[None, :])
-        q = _stochastic_round(merged, u, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
-    else:
-        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
+    q = _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+                      STOCHASTIC)
     tl.store(w_ptrs, q, mask=mask)
     changed = (q.to(tl.float32) != old) & mask
     if FLAG_ROWS:
