@@ -39,7 +39,7 @@ else
   ACC_SUITE=${ACC_SUITE:-suites/accuracy-text.toml}
   LAYERS='"llama-7b.attn", "llama-7b.up", "llama-7b.down"'; RANKS='[16, 64]'; TOKENS='[4096]'; DEVICE=cuda; BUDGET=300
   UPDATE_ARGS=(--layers llama-7b.attn,llama-7b.up,llama-7b.down --ranks 16,64 --device cuda --budget-ms 200)
-  T_ACC=${T_ACC:-330}; T_LAYER=${T_LAYER:-60}; T_UPDATE=${T_UPDATE:-36}  # seconds per phase (env overrides)
+  T_ACC=${T_ACC:-330}; T_LAYER=${T_LAYER:-60}; T_UPDATE=${T_UPDATE:-50}  # seconds per phase (env overrides)
 fi
 
 cat > "$WORK/suites/falqon-variant-overhead.toml" <<TOML
