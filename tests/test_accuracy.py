@@ -96,6 +96,34 @@ def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
     assert result.exit_code == 2 and "remote code" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(
+    "corpus,expected",
+    [
+        (None, "does not exist"),
+        ("", "holds 0 text(s)"),
+        ('{"text": "a"}\n{not json\n', "line 2: not JSON"),
+        ("dir", "is not a file"),
+    ],
+)
+def test_bad_corpus_file_exits_2_before_any_point_runs(tmp_path, corpus, expected):
+    path = tmp_path / "c.jsonl"
+    if corpus == "dir":
+        path.mkdir()
+    elif corpus is not None:
+        path.write_text(corpus)
+    text = MINIMAL.format(model="tiny-llama").replace("steps = 2", f'steps = 2\ncorpus = "file"\ncorpus_path = "{path}"')
+    result = invoke("run", write(tmp_path, text), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_byte_corpus_on_a_model_with_a_smaller_vocab_exits_2(tmp_path):
+    model = _model_dir(tmp_path, "model.safetensors", {"vocab_size": 100})
+    result = invoke("run", write(tmp_path, MINIMAL.format(model=model).replace("steps = 2", 'steps = 2\ncorpus = "stdlib"')), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "256 token ids" in " ".join(result.output.split()) and "embeds only 100" in " ".join(result.output.split())
+
+
 # ---------------------------------------------------------------- corpora
 
 

@@ -170,8 +170,10 @@ def stdlib_corpus(caps: tuple[tuple[str, int], ...] | None = None) -> Corpus:
 
 def read_texts(path: Path) -> list[str]:
     """Lines of a .jsonl file ({"text": ...} each) or paragraphs of a text file; one clear error otherwise."""
-    if not path.is_file():
+    if not path.exists():
         raise BenchInputError(f"corpus file {path} does not exist")
+    if not path.is_file():
+        raise BenchInputError(f"corpus_path {path} is not a file; give a .jsonl ({{\"text\": ...}} per line) or text file")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -216,6 +218,16 @@ def _tokenizer(model_dir: str | Path | None) -> tuple[Callable[[str], list[int]]
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         return (lambda text: tok.encode(text).ids), tok.get_vocab_size()
     return (lambda text: list(text.encode("utf-8"))), BYTE_VOCAB
+
+
+def corpus_vocab(kind: str, path: str | None = None, model_dir: str | None = None) -> int:
+    """Token ids a corpus can emit; for a file it is read (format errors raise here) so a suite fails before any point runs."""
+    if kind == "synthetic":
+        return SYNTHETIC_VOCAB
+    if kind == "file" and path:
+        read_texts(Path(path))
+        return _tokenizer(model_dir)[1]
+    return BYTE_VOCAB
 
 
 def make_corpus(kind: str, seed: int, path: str | None = None, model_dir: str | None = None) -> Corpus:

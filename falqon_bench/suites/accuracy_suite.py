@@ -158,7 +158,17 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
 
     if is_model_dir(spec.model):
         check_model_dir(spec.model, spec.allow_pickle)
-    model_shape(spec.model)  # an unknown model name fails here, before any point runs
+    _, _, model_vocab = model_shape(spec.model)  # an unknown model name fails here, before any point runs
+    from falqon_bench.measure.corpora import corpus_vocab
+
+    # a missing, empty or malformed corpus file, or one whose token ids the model cannot embed, is bad input
+    # (exit 2 before any point runs), not one error row per point
+    vocab = corpus_vocab(spec.corpus, spec.corpus_path, spec.model if is_model_dir(spec.model) else None)
+    if vocab > model_vocab:
+        raise BenchInputError(
+            f"corpus `{spec.corpus}` in {where('corpus')} has {vocab} token ids but model {spec.model} embeds only "
+            f"{model_vocab} (vocab_size); use a model with vocab_size >= {vocab} or one whose directory has a tokenizer.json that fits it"
+        )
     return Suite(
         name=spec.name, description=spec.description, device=spec.device, timing=Timing(profile=False), grids=[],
         path=Path(file) if isinstance(file, Path) else None, raw_text=text, spec=spec.model_dump(mode="json"), kind=KIND,
