@@ -167,6 +167,15 @@ def test_a_pickled_only_model_dir_needs_allow_pickle(tmp_path, flag):
         assert result.exit_code == 2 and "pickled weights" in result.output and "--allow-pickle" in result.output
 
 
+def test_layers_deeper_than_a_model_dir_exit_2_instead_of_adding_random_layers(tmp_path):
+    model = _model_dir(tmp_path / "two", "model.safetensors", {})
+    path = tmp_path / "dir.toml"
+    path.write_text(TINY_SUITE.replace('"tiny-llama"', json.dumps(str(model))).replace("\nrank = 8", "\nlayers = 5\nrank = 8"))
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "exceeds the 2 decoder layers" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("flag", [[], ["--allow-pickle"]])
 def test_a_model_dir_asking_for_remote_code_is_always_refused(tmp_path, flag):
     model = _model_dir(tmp_path / "remote", "model.safetensors", {"auto_map": {"AutoModelForCausalLM": "x.Model"}})
