@@ -96,6 +96,13 @@ def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
     assert result.exit_code == 2 and "remote code" in " ".join(result.output.split())
 
 
+def test_an_option_the_variant_does_not_read_exits_2(tmp_path):
+    text = MINIMAL.format(model="tiny-llama").replace('methods = ["bf16_lora"]', 'methods = [{label = "q", method = "qlora_nf4", options = {double_quant = false}}]').replace("bf16_lora = ", "q = ")
+    result = invoke("run", write(tmp_path, text), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "double_quant of method qlora_nf4; it takes no options" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     "corpus,expected",
     [

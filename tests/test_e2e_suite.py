@@ -167,6 +167,14 @@ def test_a_pickled_only_model_dir_needs_allow_pickle(tmp_path, flag):
         assert result.exit_code == 2 and "pickled weights" in result.output and "--allow-pickle" in result.output
 
 
+def test_an_option_the_method_does_not_read_exits_2(tmp_path):
+    path = tmp_path / "opt.toml"
+    path.write_text(TINY_SUITE + "options = {bf16_lora = {freeze_b = true}}\n")
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "freeze_b of method bf16_lora; allowed: freeze_a" in " ".join(result.output.split())
+
+
 def test_layers_deeper_than_a_model_dir_exit_2_instead_of_adding_random_layers(tmp_path):
     model = _model_dir(tmp_path / "two", "model.safetensors", {})
     path = tmp_path / "dir.toml"

@@ -121,7 +121,7 @@ def _explain(e: ValidationError, file: Path | str, text: str) -> str:
 
 def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = ""):
     """Validate parsed TOML of an accuracy suite into a falqon_bench.suites.suite.Suite (kind 'accuracy')."""
-    from falqon_core.methods import method_names
+    from falqon_core.methods import check_method_options, method_names
 
     from falqon_bench.suites.suite import Suite, Timing, find_key_line
 
@@ -140,6 +140,10 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         method = entry if isinstance(entry, str) else entry.method
         if method not in registered:
             raise BenchInputError(f"unknown method `{method}` in `methods` of {where('methods')}; registered methods: {', '.join(registered)}")
+        try:
+            check_method_options(method, {} if isinstance(entry, str) else entry.options)
+        except ValueError as e:
+            raise BenchInputError(f"`methods` of {where('methods')}: {e}") from None
     if len(set(labels)) != len(labels):
         raise BenchInputError(f"`methods` of {where('methods')} names a label twice ({labels}); give each variant its own `label`")
     missing = [label for label in labels if label not in spec.lrs]

@@ -76,7 +76,7 @@ ALLOWED_KEYS = tuple(E2ESuiteFile.model_fields)
 
 def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
     """Parsed TOML -> suite.Suite of kind 'e2e' (its settings in `kind_spec`); one-paragraph BenchInputError."""
-    from falqon_core.methods import method_names
+    from falqon_core.methods import check_method_options, method_names
 
     from falqon_bench.suites.suite import Suite, Timing, explain_top_level_error, find_key_line
 
@@ -97,6 +97,11 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
             key = "methods" if name in spec.methods else "options" if name in spec.options else "modes_by_method"
             raise BenchInputError(f"unknown method `{name}` in {at(key)}; registered methods: {', '.join(registered)}; "
                                   f"baselines of other stacks (no options): {', '.join(STACK_BASELINES)}")
+    for name, method_options in spec.options.items():
+        try:
+            check_method_options(name, method_options)
+        except ValueError as e:
+            raise BenchInputError(f"`options` of {at('options')}: {e}") from None
     for name, modes in spec.modes_by_method.items():
         if name not in spec.methods or not modes:
             raise BenchInputError(f"`modes_by_method` in {at('modes_by_method')} gives {name} "

@@ -202,6 +202,7 @@ class HaloLora(Method):
     """HALO's Hadamard-rotated fp8 backbone (x, dY rotated per step; W pre-rotated) with LoRA adapters."""
 
     name = "halo_lora"
+    option_names = OPTION_NAMES
     summary = "Hadamard-rotated FP8 backbone (HALO): fp8 GEMMs on block-Hadamard-rotated x, dY, W + LoRA A, B"
     built_on = "own Triton block-Hadamard + fp8 cast (scipy.linalg.hadamard blocks) + torch._scaled_mm"
     needs_cuda = False  # the torch references and torch._scaled_mm run on CPU
