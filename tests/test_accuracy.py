@@ -110,6 +110,7 @@ def test_an_option_the_variant_does_not_read_exits_2(tmp_path):
         ("", "holds 0 text(s)"),
         ('{"text": "a"}\n{not json\n', "line 2: not JSON"),
         ("dir", "is not a file"),
+        ("".join(f'{{"text": "{i:010d}"}}\n' for i in range(20)), "heldout part of the corpus has 22 tokens"),
     ],
 )
 def test_bad_corpus_file_exits_2_before_any_point_runs(tmp_path, corpus, expected):
@@ -163,6 +164,14 @@ def test_synthetic_parts_do_not_depend_on_which_part_is_drawn_first():
     cached_base = make(0)
     held_b, tune_b = cached_base.sample("heldout", g(), 4, 16), cached_base.sample("finetune", g(), 4, 16)
     assert torch.equal(held_a, held_b) and torch.equal(tune_a, tune_b)
+
+
+def test_file_corpus_reads_a_jsonl_with_a_byte_order_mark(tmp_path):
+    from falqon_bench.measure.corpora import read_texts
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert read_texts(path) == ["a", "b"]
 
 
 def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):

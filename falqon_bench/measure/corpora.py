@@ -175,7 +175,7 @@ def read_texts(path: Path) -> list[str]:
     if not path.is_file():
         raise BenchInputError(f"corpus_path {path} is not a file; give a .jsonl ({{\"text\": ...}} per line) or text file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as e:
         raise BenchInputError(f"corpus file {path} cannot be read as UTF-8 text: {e}") from None
     if path.suffix == ".jsonl":
@@ -220,13 +220,19 @@ def _tokenizer(model_dir: str | Path | None) -> tuple[Callable[[str], list[int]]
     return (lambda text: list(text.encode("utf-8"))), BYTE_VOCAB
 
 
-def corpus_vocab(kind: str, path: str | None = None, model_dir: str | None = None) -> int:
-    """Token ids a corpus can emit; for a file it is read (format errors raise here) so a suite fails before any point runs."""
+def corpus_vocab(kind: str, path: str | None = None, model_dir: str | None = None, seq_len: int = 1) -> int:
+    """Token ids a corpus can emit. A file is read and tokenized here (a bad format, or a part shorter than
+    seq_len + 1 tokens, raises) so that a suite fails before any point runs."""
     if kind == "synthetic":
         return SYNTHETIC_VOCAB
     if kind == "file" and path:
-        read_texts(Path(path))
-        return _tokenizer(model_dir)[1]
+        corpus = file_corpus(path, model_dir)
+        for part in ("finetune", "heldout"):
+            try:
+                corpus.sample(part, torch.Generator().manual_seed(0), 1, seq_len)
+            except BenchInputError as e:
+                raise BenchInputError(f"corpus file {path}: {e} (the last tenth of its texts is held out); give a longer file or a smaller seq_len") from None
+        return corpus.vocab_size
     return BYTE_VOCAB
 
 

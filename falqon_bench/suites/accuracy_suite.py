@@ -166,9 +166,9 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
     _, _, model_vocab = model_shape(spec.model)  # an unknown model name fails here, before any point runs
     from falqon_bench.measure.corpora import corpus_vocab
 
-    # a missing, empty or malformed corpus file, or one whose token ids the model cannot embed, is bad input
+    # a missing, empty, malformed or too short corpus file, or one whose token ids the model cannot embed, is bad input
     # (exit 2 before any point runs), not one error row per point
-    vocab = corpus_vocab(spec.corpus, spec.corpus_path, spec.model if is_model_dir(spec.model) else None)
+    vocab = corpus_vocab(spec.corpus, spec.corpus_path, spec.model if is_model_dir(spec.model) else None, spec.seq_len)
     if vocab > model_vocab:
         raise BenchInputError(
             f"corpus `{spec.corpus}` in {where('corpus')} has {vocab} token ids but model {spec.model} embeds only "
