@@ -8,7 +8,7 @@ layers with adapter rank r. The suite builds a one-layer model, converts it, and
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,6 +78,8 @@ class Method(abc.ABC):
     supports_compile: ClassVar[bool] = True
     # a suite's option the method never reads would be recorded in the row as if it had applied: suites refuse it
     option_names: ClassVar[tuple[str, ...] | None] = None
+    # options -> parsed values, ValueError on an ill-typed value; None: values are checked only at convert
+    parse_options: ClassVar[Callable[[Mapping[str, Any]], Any] | None] = None
 
     def check_runnable(self, device: torch.device | str, compile: bool = False) -> None:
         """The one availability check (the runner before it starts a worker; convert_model before it touches a

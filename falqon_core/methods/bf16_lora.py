@@ -47,6 +47,7 @@ class Bf16Lora(Method):
 
     name = "bf16_lora"
     option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = "frozen BF16 W + BF16 LoRA A, B (the reference); option freeze_a: A fixed at init (LoRA-FA)"
     built_on = "PEFT"
 

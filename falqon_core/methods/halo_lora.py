@@ -203,6 +203,7 @@ class HaloLora(Method):
 
     name = "halo_lora"
     option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = "Hadamard-rotated FP8 backbone (HALO): fp8 GEMMs on block-Hadamard-rotated x, dY, W + LoRA A, B"
     built_on = "own Triton block-Hadamard + fp8 cast (scipy.linalg.hadamard blocks) + torch._scaled_mm"
     needs_cuda = False  # the torch references and torch._scaled_mm run on CPU
