@@ -428,4 +428,9 @@ def load_results(path: Path | str) -> RunData:
             return load_pytest_benchmark(path)
     if path.is_file() and path.suffix == ".jsonl" and path.name != POINTS:
         return load_points_file(path)
+    if path.is_file() and path.name not in (POINTS, POINTS_GZ):
+        raise ResultsError(
+            f"{path}: a file that is neither a points .jsonl nor a pytest-benchmark JSON (an object with "
+            "`benchmarks` and `machine_info`); give a run directory, a points .jsonl or a --benchmark-json file"
+        )
     return load_run(path)
