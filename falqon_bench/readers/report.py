@@ -248,6 +248,13 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     runs = [load_run(d) for d in run_dirs]
     for run in runs:
         require_shape_keys(run)
+    accuracy = [r.run_dir for r in runs if any(p.get("kind") == "accuracy" for p in r.points)]
+    if accuracy and len(accuracy) < len(runs):  # the layer/e2e report has no accuracy section: they would vanish
+        others = [str(r.run_dir) for r in runs if r.run_dir not in accuracy]
+        raise BenchInputError(
+            f"accuracy runs ({', '.join(map(str, accuracy))}) and other runs ({', '.join(others)}) cannot share one "
+            "report: accuracy runs have their own figures; report them separately"
+        )
     out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
