@@ -127,6 +127,13 @@ def test_resume_after_a_kill_reruns_only_unfinished_points(finished_run, tmp_pat
     assert {r["mode"] for r in rows[1:]} == {"cuda_graph"}  # only the unfinished bf16_lora point ran
 
 
+def test_the_torchrun_entry_point_refuses_resume_of_a_run_that_does_not_exist(suite_file, tmp_path, capsys):
+    from falqon_bench.measure import e2e
+
+    assert e2e.main([str(suite_file), "--out", str(tmp_path / "typo"), "--resume", "--device", "cpu"]) == 2
+    assert "holds no earlier run" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
 def test_unknown_key_exits_2_naming_file_line_key_and_allowed(tmp_path):
     path = tmp_path / "typo.toml"
     path.write_text(TINY_SUITE.replace("seq_len = 16", "seqlen = 16"))
