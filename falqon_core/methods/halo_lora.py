@@ -38,6 +38,7 @@ from torch import nn
 from falqon_core import fp8
 from falqon_core.kernels.hadamard import (
     MAX_BLOCK,
+    MIN_BLOCK,
     block_hadamard_reference,
     hadamard_block_size,
     hadamard_quantize,
@@ -50,6 +51,8 @@ from falqon_core.methods._lora_common import (
     cast_bytes,
     freeze_all,
     frozen_base_flops,
+    linear_shapes,
+    require_dims_multiple_of,
     select_target_linears,
     set_submodule,
     sgd_update_bytes,
@@ -213,10 +216,14 @@ class HaloLora(Method):
     def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         """Swap every target nn.Linear for a HaloLinear; only lora_A and lora_B stay trainable."""
         parse_options(config.options)  # fail before touching the model
+        # a shape it cannot rotate is "unavailable" (an error row saying so), as fp8_lora's unaligned shapes are
+        why = "the block-Hadamard rotation (a power-of-two block >= 16 dividing K and N)"
         if isinstance(model, nn.Linear) and config.target_modules is None:
+            require_dims_multiple_of(self.name, {"linear": (model.in_features, model.out_features)}, None, MIN_BLOCK, why)
             freeze_all(model)
             return HaloLinear.from_config(model, config)
         names = select_target_linears(model, config.target_modules)
+        require_dims_multiple_of(self.name, linear_shapes(model, names), None, MIN_BLOCK, why)
         modules = dict(model.named_modules())
         # each layer its own seed (config.seed + its index) so same-shaped layers do not start with one lora_A
         new_layers = {
