@@ -96,6 +96,42 @@ def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
     assert result.exit_code == 2 and "remote code" in " ".join(result.output.split())
 
 
+def test_an_option_the_variant_does_not_read_exits_2(tmp_path):
+    text = MINIMAL.format(model="tiny-llama").replace('methods = ["bf16_lora"]', 'methods = [{label = "q", method = "qlora_nf4", options = {double_quant = false}}]').replace("bf16_lora = ", "q = ")
+    result = invoke("run", write(tmp_path, text), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "double_quant of method qlora_nf4; it takes no options" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "corpus,expected",
+    [
+        (None, "does not exist"),
+        ("", "holds 0 text(s)"),
+        ('{"text": "a"}\n{not json\n', "line 2: not JSON"),
+        ("dir", "is not a file"),
+        ("".join(f'{{"text": "{i:010d}"}}\n' for i in range(20)), "heldout part of the corpus has 22 tokens"),
+    ],
+)
+def test_bad_corpus_file_exits_2_before_any_point_runs(tmp_path, corpus, expected):
+    path = tmp_path / "c.jsonl"
+    if corpus == "dir":
+        path.mkdir()
+    elif corpus is not None:
+        path.write_text(corpus)
+    text = MINIMAL.format(model="tiny-llama").replace("steps = 2", f'steps = 2\ncorpus = "file"\ncorpus_path = "{path}"')
+    result = invoke("run", write(tmp_path, text), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_byte_corpus_on_a_model_with_a_smaller_vocab_exits_2(tmp_path):
+    model = _model_dir(tmp_path, "model.safetensors", {"vocab_size": 100})
+    result = invoke("run", write(tmp_path, MINIMAL.format(model=model).replace("steps = 2", 'steps = 2\ncorpus = "stdlib"')), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "256 token ids" in " ".join(result.output.split()) and "embeds only 100" in " ".join(result.output.split())
+
+
 # ---------------------------------------------------------------- corpora
 
 
@@ -128,6 +164,14 @@ def test_synthetic_parts_do_not_depend_on_which_part_is_drawn_first():
     cached_base = make(0)
     held_b, tune_b = cached_base.sample("heldout", g(), 4, 16), cached_base.sample("finetune", g(), 4, 16)
     assert torch.equal(held_a, held_b) and torch.equal(tune_a, tune_b)
+
+
+def test_file_corpus_reads_a_jsonl_with_a_byte_order_mark(tmp_path):
+    from falqon_bench.measure.corpora import read_texts
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert read_texts(path) == ["a", "b"]
 
 
 def test_file_corpus_reads_jsonl_and_holds_out_the_last_tenth(tmp_path):

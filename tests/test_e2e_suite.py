@@ -127,6 +127,13 @@ def test_resume_after_a_kill_reruns_only_unfinished_points(finished_run, tmp_pat
     assert {r["mode"] for r in rows[1:]} == {"cuda_graph"}  # only the unfinished bf16_lora point ran
 
 
+def test_the_torchrun_entry_point_refuses_resume_of_a_run_that_does_not_exist(suite_file, tmp_path, capsys):
+    from falqon_bench.measure import e2e
+
+    assert e2e.main([str(suite_file), "--out", str(tmp_path / "typo"), "--resume", "--device", "cpu"]) == 2
+    assert "holds no earlier run" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
 def test_unknown_key_exits_2_naming_file_line_key_and_allowed(tmp_path):
     path = tmp_path / "typo.toml"
     path.write_text(TINY_SUITE.replace("seq_len = 16", "seqlen = 16"))
@@ -165,6 +172,23 @@ def test_a_pickled_only_model_dir_needs_allow_pickle(tmp_path, flag):
         assert "pickled" in result.output  # the plan names the model by its directory
     else:
         assert result.exit_code == 2 and "pickled weights" in result.output and "--allow-pickle" in result.output
+
+
+def test_an_option_the_method_does_not_read_exits_2(tmp_path):
+    path = tmp_path / "opt.toml"
+    path.write_text(TINY_SUITE + "options = {bf16_lora = {freeze_b = true}}\n")
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "freeze_b of method bf16_lora; allowed: freeze_a" in " ".join(result.output.split())
+
+
+def test_layers_deeper_than_a_model_dir_exit_2_instead_of_adding_random_layers(tmp_path):
+    model = _model_dir(tmp_path / "two", "model.safetensors", {})
+    path = tmp_path / "dir.toml"
+    path.write_text(TINY_SUITE.replace('"tiny-llama"', json.dumps(str(model))).replace("\nrank = 8", "\nlayers = 5\nrank = 8"))
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "exceeds the 2 decoder layers" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("flag", [[], ["--allow-pickle"]])

@@ -114,6 +114,13 @@ def test_points_missing_from_one_side_are_reported_not_regressions(tmp_path):
     assert _row(res, "fp8_lora")["verdict"] == "missing" and _row(res, "fp8_lora")["note"] == "only in new run"
 
 
+def test_runs_that_share_no_point_are_refused_not_passed(tmp_path):
+    base = _run(tmp_path, "base", {("falqon", 16): _samples(0.5)})
+    new = _run(tmp_path, "new", {("fp8_lora", 16): _samples(5.0)})
+    with pytest.raises(BenchInputError, match="share no point"):
+        compare_runs(base, new)
+
+
 def test_a_point_that_newly_fails_fails_the_gate_but_one_failing_on_both_sides_does_not(tmp_path):
     ok = make_point("fp8_lora", LAYER, 16, gpu_samples=_samples(1.0))
     err = make_point("fp8_lora", LAYER, 16, status="error", error="OutOfMemoryError: CUDA out of memory")

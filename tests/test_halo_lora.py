@@ -29,7 +29,7 @@ from torch import nn
 from bounds import accumulation_bound
 from falqon_core import fp8
 from falqon_core.kernels.hadamard import block_hadamard_reference, hadamard_quantize
-from falqon_core.methods import AdapterConfig, get_method
+from falqon_core.methods import AdapterConfig, MethodUnavailable, get_method
 from falqon_core.methods.halo_lora import HaloLinear, HaloLora, halo_layers
 
 # (M tokens, K in, N out): a square layer, and a non-square one whose dims are not multiples of 128
@@ -346,8 +346,10 @@ def test_convert_rejects_unknown_options_and_dims_without_a_16_block():
     method = get_method("halo_lora")
     with pytest.raises(ValueError, match="allowed: max_block"):
         method.convert(nn.Linear(64, 64), AdapterConfig(rank=4, options={"block": 64}))
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(MethodUnavailable, match="halo_lora: the block-Hadamard rotation .* not divisible: 0 \\(K=40, N=64\\)"):
         method.convert(nn.Sequential(nn.Linear(40, 64)), AdapterConfig(rank=4))
+    with pytest.raises(MethodUnavailable, match="not divisible: linear \\(K=100, N=36\\)"):
+        method.convert(nn.Linear(100, 36), AdapterConfig(rank=4))
 
 
 def test_max_block_option_sets_the_rotation_block():

@@ -29,6 +29,13 @@ def test_safetensors_directory_loads_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_more_layers_than_the_directory_holds_is_refused_not_filled_with_random_layers(tmp_path):
+    _save_tiny(tmp_path, safe=True)  # tiny-llama: 2 decoder layers
+    assert len(make_model(str(tmp_path), torch.device("cpu"), torch.float32, num_layers=1).model.layers) == 1
+    with pytest.raises(BenchInputError, match="layers = 3 exceeds the 2 decoder layers"):
+        make_model(str(tmp_path), torch.device("cpu"), torch.float32, num_layers=3)
+
+
 def test_pickled_only_directory_is_refused_unless_allowed(tmp_path):
     saved = _save_tiny(tmp_path, safe=False)
     assert not list(tmp_path.glob("*.safetensors"))

@@ -119,3 +119,14 @@ def test_method_names_put_the_reference_methods_first():
     names = method_names()
     assert names[:2] == ["bf16_linear", "bf16_lora"]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("name", shipped_method_names())
+def test_every_method_declares_the_options_it_reads(name):
+    """Suites check options against `option_names` at load: an undeclared method would let any typo through."""
+    from falqon_core.methods import check_method_options
+
+    assert type(get_method(name)).option_names is not None
+    check_method_options(name, {})
+    with pytest.raises(ValueError, match=f"unknown option.*not_an_option of method {name}"):
+        check_method_options(name, {"not_an_option": 1})

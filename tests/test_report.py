@@ -192,6 +192,30 @@ def test_missing_or_corrupt_results_raise_results_error(tmp_path):
         render_report([run_dir], tmp_path / "out")
 
 
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_out_that_is_a_file_or_under_one_exits_2_not_a_traceback(tmp_path, sub):
+    from typer.testing import CliRunner
+
+    from falqon_bench.cli import app
+
+    run_dir = write_cpu_run(tmp_path / "results")
+    out = run_dir / "points.jsonl" / sub if sub else run_dir / "points.jsonl"
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "cannot be made" in result.output and "give --out a directory path" in " ".join(result.output.split())
+
+
+def test_an_accuracy_run_beside_a_layer_run_exits_2_instead_of_vanishing_from_the_report(tmp_path):
+    from pathlib import Path
+
+    from falqon_bench.data.errors import BenchInputError
+
+    accuracy_run = Path(__file__).resolve().parents[1] / "results" / "accuracy-synthetic-cpu"
+    with pytest.raises(BenchInputError, match="cannot share one report"):
+        render_report([write_cpu_run(tmp_path / "results"), accuracy_run], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fig5_compares_only_points_every_gpu_ran(tmp_path):
     """A compiled variant measured on one GPU only must not make that GPU's group look faster."""
     import pandas as pd

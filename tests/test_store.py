@@ -145,3 +145,20 @@ def test_a_gzipped_run_loads_like_the_plain_one(tmp_path):
     (run / store.POINTS).unlink()
     assert load_run(run).points == plain
     assert store.find_runs(tmp_path) == [run]
+
+
+def test_run_id_is_one_path_component_whatever_the_suite_name():
+    import datetime as dt
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    run_id = store.new_run_id("../../evil x/y", "CPU", now)
+    assert "/" not in run_id and " " not in run_id and run_id == "20260102-030405-..-..-evil-x-y-cpu"
+    assert store.new_run_id("fast-stacks_v1.2", "NVIDIA H200", now) == "20260102-030405-fast-stacks_v1.2-nvidia-h200"
+
+
+@pytest.mark.parametrize("text", ['{"a": 1}', "not json", "[]"])
+def test_a_results_file_of_no_known_format_is_named_as_such(tmp_path, text):
+    path = tmp_path / "out.json"
+    path.write_text(text)
+    with pytest.raises(ResultsError, match="neither a points .jsonl nor a pytest-benchmark JSON"):
+        store.load_results(path)

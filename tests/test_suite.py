@@ -183,3 +183,18 @@ def test_validate_suite_dispatches_every_kind_and_names_the_allowed_ones():
     assert validate_suite(e2e).kind == "e2e"
     with pytest.raises(BenchInputError, match="unknown suite kind 'speed'.*allowed: layers, e2e, accuracy"):
         validate_suite({**e2e, "kind": "speed"})
+
+
+@pytest.mark.parametrize(
+    "method,options,expected",
+    [
+        ("fp8_lora", "{fast_accum = false}", "fast_accum of method fp8_lora; it takes no options"),
+        ("falqon", '{rounding_mode = "stochastic"}', "rounding_mode of method falqon; allowed: topk"),
+        ("falqon", '{topk = "16"}', "falqon option topk must be an integer, got '16'"),
+        ("bf16_lora", '{freeze_a = "yes"}', "freeze_a must be true or false"),
+    ],
+)
+def test_an_option_the_method_does_not_read_exits_2_instead_of_being_recorded_as_applied(tmp_path, method, options, expected):
+    text = GOOD.replace('methods = ["bf16_linear"]', f'methods = ["{method}"]\noptions = {{{method} = {options}}}')
+    message = run_cli_error(write(tmp_path, text))
+    assert expected in message and "line 11" in message

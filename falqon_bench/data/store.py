@@ -54,9 +54,14 @@ def device_slug(device_name: str) -> str:
 
 
 def new_run_id(suite_name: str, device_name: str, now: _dt.datetime | None = None) -> str:
-    """'<UTC timestamp>-<suite>-<device slug>', sortable by time."""
+    """'<UTC timestamp>-<suite>-<device slug>', sortable by time; one path component whatever the suite's name.
+
+    A suite name is free text (a '/' or '../' in it would put the run outside results/), so characters other
+    than letters, digits, '.', '_' and '-' become '-'; the manifest keeps the name as written.
+    """
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{suite_name}-{device_slug(device_name)}"
+    suite_part = re.sub(r"[^A-Za-z0-9._-]+", "-", suite_name)
+    return f"{now:%Y%m%d-%H%M%S}-{suite_part}-{device_slug(device_name)}"
 
 
 def utc_now() -> str:
@@ -423,4 +428,9 @@ def load_results(path: Path | str) -> RunData:
             return load_pytest_benchmark(path)
     if path.is_file() and path.suffix == ".jsonl" and path.name != POINTS:
         return load_points_file(path)
+    if path.is_file() and path.name not in (POINTS, POINTS_GZ):
+        raise ResultsError(
+            f"{path}: a file that is neither a points .jsonl nor a pytest-benchmark JSON (an object with "
+            "`benchmarks` and `machine_info`); give a run directory, a points .jsonl or a --benchmark-json file"
+        )
     return load_run(path)

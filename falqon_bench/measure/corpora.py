@@ -170,10 +170,12 @@ def stdlib_corpus(caps: tuple[tuple[str, int], ...] | None = None) -> Corpus:
 
 def read_texts(path: Path) -> list[str]:
     """Lines of a .jsonl file ({"text": ...} each) or paragraphs of a text file; one clear error otherwise."""
-    if not path.is_file():
+    if not path.exists():
         raise BenchInputError(f"corpus file {path} does not exist")
+    if not path.is_file():
+        raise BenchInputError(f"corpus_path {path} is not a file; give a .jsonl ({{\"text\": ...}} per line) or text file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as e:
         raise BenchInputError(f"corpus file {path} cannot be read as UTF-8 text: {e}") from None
     if path.suffix == ".jsonl":
@@ -216,6 +218,22 @@ def _tokenizer(model_dir: str | Path | None) -> tuple[Callable[[str], list[int]]
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         return (lambda text: tok.encode(text).ids), tok.get_vocab_size()
     return (lambda text: list(text.encode("utf-8"))), BYTE_VOCAB
+
+
+def corpus_vocab(kind: str, path: str | None = None, model_dir: str | None = None, seq_len: int = 1) -> int:
+    """Token ids a corpus can emit. A file is read and tokenized here (a bad format, or a part shorter than
+    seq_len + 1 tokens, raises) so that a suite fails before any point runs."""
+    if kind == "synthetic":
+        return SYNTHETIC_VOCAB
+    if kind == "file" and path:
+        corpus = file_corpus(path, model_dir)
+        for part in ("finetune", "heldout"):
+            try:
+                corpus.sample(part, torch.Generator().manual_seed(0), 1, seq_len)
+            except BenchInputError as e:
+                raise BenchInputError(f"corpus file {path}: {e} (the last tenth of its texts is held out); give a longer file or a smaller seq_len") from None
+        return corpus.vocab_size
+    return BYTE_VOCAB
 
 
 def make_corpus(kind: str, seed: int, path: str | None = None, model_dir: str | None = None) -> Corpus:

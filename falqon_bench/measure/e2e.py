@@ -267,6 +267,10 @@ def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: boo
                               "suites (use `falqon-bench run` for the others)")
     suite.allow_pickle = suite.allow_pickle or allow_pickle
     info = init_distributed(device or suite.device)
+    if resume:  # as `falqon-bench run --resume`: a mistyped --out must not start a fresh run; every rank reads it, all stop
+        from falqon_bench.measure.runner import check_resumable
+
+        check_resumable(out, suite, envinfo.device_name(info.device))
     points = expand_e2e_suite(suite, world_size=info.world_size)
     if methods:
         points = filter_methods(points, methods)

@@ -361,7 +361,7 @@ def _find_resumable(results_root: Path, suite: Suite, options: RunOptions, label
     )
 
 
-def _check_resumable(run_dir: Path, suite: Suite, label: str) -> None:
+def check_resumable(run_dir: Path, suite: Suite, label: str) -> None:
     """--resume continues a run of the same suite on the same device; anything else would mix two sweeps in one file."""
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.exists():
@@ -405,7 +405,7 @@ def run_suite(suite: Suite, options: RunOptions, console: Console | None = None)
         run_id = new_run_id(suite.name, label) + (f"-shard{options.shard[0]}of{options.shard[1]}" if options.shard else "")
         run_dir = options.results_root / run_id
     if options.resume:
-        _check_resumable(run_dir, suite, label)
+        check_resumable(run_dir, suite, label)
 
     manifest = new_manifest(
         run_dir.name, suite.name, label, envinfo.collect_env(device), len(points),

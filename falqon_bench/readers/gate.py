@@ -12,7 +12,8 @@ Like asv, a point regressed only when both hold:
      pattern on the point key "method/layer/rank/tokens/eager|compile" -> factor; the first pattern
      that matches wins.
 Samples are gpu_samples_ms when both sides have them, else wall_samples_ms. Runs from different GPU
-models are never compared. A point present on one side only is reported as "missing"; a point that
+models are never compared. A point present on one side only is reported as "missing" (two runs that share
+no point at all are refused: nothing would be gated); a point that
 errored is "failed", and one that ran in the baseline but errors in the new run fails the gate.
 """
 
@@ -219,6 +220,12 @@ def compare_runs(
         raise BenchInputError(f"base ran on {base_dev}, new on {new_dev}: compare runs from the same GPU model")
     base_pts = {_match_key(p): p for p in base_run.points}
     new_pts = {_match_key(p): p for p in new_run.points}
+    if base_pts and new_pts and not set(base_pts) & set(new_pts):
+        # every point 'missing' would pass the gate while gating nothing (e.g. a baseline of another suite)
+        raise BenchInputError(
+            f"{base} and {new} share no point (same method, layer, rank, tokens, variant and options): nothing to "
+            "compare; give a baseline and a new run of the same suite"
+        )
     rows = []
     for mk in sorted(set(base_pts) | set(new_pts)):
         b, n = base_pts.get(mk), new_pts.get(mk)

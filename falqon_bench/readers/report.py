@@ -48,6 +48,7 @@ from falqon_bench.readers.figures.floor import has_floor
 from falqon_bench.readers.figures.style import sorted_variants
 from falqon_bench.data.identity import WARNING_SIGN, layer_problem, method_problem, row_problems
 from falqon_bench.data.derived import pct_of_floor
+from falqon_bench.data.errors import BenchInputError
 from falqon_bench.readers.safe_markup import markdown_to_html, md_code, md_text
 from falqon_bench.data.store import RunData, latest_run, load_run, require_shape_keys
 
@@ -247,12 +248,22 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     runs = [load_run(d) for d in run_dirs]
     for run in runs:
         require_shape_keys(run)
+    accuracy = [r.run_dir for r in runs if any(p.get("kind") == "accuracy" for p in r.points)]
+    if accuracy and len(accuracy) < len(runs):  # the layer/e2e report has no accuracy section: they would vanish
+        others = [str(r.run_dir) for r in runs if r.run_dir not in accuracy]
+        raise BenchInputError(
+            f"accuracy runs ({', '.join(map(str, accuracy))}) and other runs ({', '.join(others)}) cannot share one "
+            "report: accuracy runs have their own figures; report them separately"
+        )
+    out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # --out names a file, or a path under one
+        raise BenchInputError(f"report directory {out} cannot be made ({e.strerror}: {e.filename}); give --out a directory path") from None
     if all(p.get("kind") == "accuracy" for r in runs for p in r.points):  # accuracy suites: their own figures
         from falqon_bench.readers.figures.accuracy import render_accuracy_report
 
-        return render_accuracy_report(runs, Path(out_dir) if out_dir else REPORTS_ROOT / _report_name(runs), _cell)
-    out = Path(out_dir) if out_dir is not None else REPORTS_ROOT / _report_name(runs)
-    out.mkdir(parents=True, exist_ok=True)
+        return render_accuracy_report(runs, out, _cell)
     from falqon_bench.readers.figures.e2e import FIGURE_NAME as E2E_FIGURE, render_e2e_section  # suite kind "e2e"
 
     e2e_md = render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)

@@ -121,7 +121,7 @@ def _explain(e: ValidationError, file: Path | str, text: str) -> str:
 
 def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str = ""):
     """Validate parsed TOML of an accuracy suite into a falqon_bench.suites.suite.Suite (kind 'accuracy')."""
-    from falqon_core.methods import method_names
+    from falqon_core.methods import check_method_options, method_names
 
     from falqon_bench.suites.suite import Suite, Timing, find_key_line
 
@@ -140,6 +140,10 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         method = entry if isinstance(entry, str) else entry.method
         if method not in registered:
             raise BenchInputError(f"unknown method `{method}` in `methods` of {where('methods')}; registered methods: {', '.join(registered)}")
+        try:
+            check_method_options(method, {} if isinstance(entry, str) else entry.options)
+        except ValueError as e:
+            raise BenchInputError(f"`methods` of {where('methods')}: {e}") from None
     if len(set(labels)) != len(labels):
         raise BenchInputError(f"`methods` of {where('methods')} names a label twice ({labels}); give each variant its own `label`")
     missing = [label for label in labels if label not in spec.lrs]
@@ -154,11 +158,22 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         )
     if spec.corpus == "file" and not spec.corpus_path:
         raise BenchInputError(f"corpus = \"file\" in {where('corpus')} needs corpus_path = \"...\" (a .jsonl or text file)")
-    from falqon_bench.suites.models import check_model_dir, is_model_dir
+    from falqon_bench.suites.models import check_dir_layers, check_model_dir, is_model_dir
 
     if is_model_dir(spec.model):
         check_model_dir(spec.model, spec.allow_pickle)
-    model_shape(spec.model)  # an unknown model name fails here, before any point runs
+        check_dir_layers(spec.model, json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")), spec.layers)
+    _, _, model_vocab = model_shape(spec.model)  # an unknown model name fails here, before any point runs
+    from falqon_bench.measure.corpora import corpus_vocab
+
+    # a missing, empty, malformed or too short corpus file, or one whose token ids the model cannot embed, is bad input
+    # (exit 2 before any point runs), not one error row per point
+    vocab = corpus_vocab(spec.corpus, spec.corpus_path, spec.model if is_model_dir(spec.model) else None, spec.seq_len)
+    if vocab > model_vocab:
+        raise BenchInputError(
+            f"corpus `{spec.corpus}` in {where('corpus')} has {vocab} token ids but model {spec.model} embeds only "
+            f"{model_vocab} (vocab_size); use a model with vocab_size >= {vocab} or one whose directory has a tokenizer.json that fits it"
+        )
     return Suite(
         name=spec.name, description=spec.description, device=spec.device, timing=Timing(profile=False), grids=[],
         path=Path(file) if isinstance(file, Path) else None, raw_text=text, spec=spec.model_dump(mode="json"), kind=KIND,

@@ -76,7 +76,7 @@ ALLOWED_KEYS = tuple(E2ESuiteFile.model_fields)
 
 def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
     """Parsed TOML -> suite.Suite of kind 'e2e' (its settings in `kind_spec`); one-paragraph BenchInputError."""
-    from falqon_core.methods import method_names
+    from falqon_core.methods import check_method_options, method_names
 
     from falqon_bench.suites.suite import Suite, Timing, explain_top_level_error, find_key_line
 
@@ -97,6 +97,11 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
             key = "methods" if name in spec.methods else "options" if name in spec.options else "modes_by_method"
             raise BenchInputError(f"unknown method `{name}` in {at(key)}; registered methods: {', '.join(registered)}; "
                                   f"baselines of other stacks (no options): {', '.join(STACK_BASELINES)}")
+    for name, method_options in spec.options.items():
+        try:
+            check_method_options(name, method_options)
+        except ValueError as e:
+            raise BenchInputError(f"`options` of {at('options')}: {e}") from None
     for name, modes in spec.modes_by_method.items():
         if name not in spec.methods or not modes:
             raise BenchInputError(f"`modes_by_method` in {at('modes_by_method')} gives {name} "
@@ -114,7 +119,7 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
 
 def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str, int, int, int]:
     """(label, hidden size K, intermediate size N, decoder layers) of a named model or a checked local directory."""
-    from falqon_bench.suites.models import check_model_dir, is_model_dir, llama_config
+    from falqon_bench.suites.models import check_dir_layers, check_model_dir, is_model_dir, llama_config
 
     if is_model_dir(model):
         import json
@@ -125,6 +130,7 @@ def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str
             hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
         except (KeyError, TypeError, ValueError):
             raise BenchInputError(f"{root}/config.json lacks hidden_size / intermediate_size: not a LLaMA-like model") from None
+        check_dir_layers(root, config, layers)
         return root.resolve().name, hidden, inter, int(layers or config.get("num_hidden_layers", 0))
     config = llama_config(model, layers)
     return model, int(config.hidden_size), int(config.intermediate_size), int(config.num_hidden_layers)

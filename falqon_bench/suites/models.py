@@ -112,6 +112,16 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     return root
 
 
+def check_dir_layers(path: str | Path, config: dict, num_layers: int | None) -> None:
+    """Refuse `layers` deeper than a model directory's own: from_pretrained would add randomly initialized layers."""
+    depth = config.get("num_hidden_layers")
+    if num_layers is not None and isinstance(depth, int) and int(num_layers) > depth:
+        raise BenchInputError(
+            f"layers = {num_layers} exceeds the {depth} decoder layers of the model directory {path}; "
+            f"give layers <= {depth} (or leave it out for the model's own depth)"
+        )
+
+
 def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype", allow_pickle: bool = False,
                    num_layers: int | None = None) -> "nn.Module":
     """A causal LM from a checked local directory (`check_model_dir`), never from a hub, never remote code."""
@@ -120,6 +130,7 @@ def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype
     root = check_model_dir(path, allow_pickle)
     has_safetensors = any(p.name.endswith(SAFE_WEIGHT_SUFFIXES) for p in root.iterdir())
     config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    check_dir_layers(root, config.to_dict(), num_layers)
     if num_layers is not None:
         config.num_hidden_layers = int(num_layers)
     model = AutoModelForCausalLM.from_pretrained(

@@ -372,7 +372,7 @@ def validate_suite(data: dict[str, Any], file: Path | str = "<suite>", text: str
 
 def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
     """[[grid]] #i with defaults applied; unknown methods/layers and empty axes are errors."""
-    from falqon_core.methods import method_names
+    from falqon_core.methods import check_method_options, method_names
 
     grid, defaults = spec.grid[i], spec.defaults
     builtin = {"compile": [False], "cache": [spec.timing.cache], "dtype": ["bfloat16"], "options": [{}]}
@@ -412,6 +412,10 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
                     f"unknown method `{name}` in `options` of {_at(file, text, origin['options'], 'options')}; "
                     f"options are keyed by method name; registered methods: {', '.join(registered)}"
                 )
+            try:
+                check_method_options(name, table[name])
+            except ValueError as e:
+                raise BenchInputError(f"`options` of {_at(file, text, origin['options'], 'options')}: {e}") from None
 
     layers: list[LayerShape] = []
     for item in values["layers"]:

@@ -15,6 +15,7 @@ __all__ = [
     "Method",
     "MethodUnavailable",
     "UnknownMethodError",
+    "check_method_options",
     "get_method",
     "method_names",
     "register_method",
@@ -65,3 +66,17 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise UnknownMethodError(f"unknown method {name!r}; allowed: {', '.join(method_names())}")
     return _REGISTRY[name]()
+
+
+def check_method_options(name: str, options: dict) -> None:
+    """ValueError when `options` names a key method `name` does not read (its class's `option_names`), or holds
+    a value its `parse_options` refuses."""
+    _discover()
+    allowed = _REGISTRY[name].option_names if name in _REGISTRY else None
+    unknown = sorted(set(options) - set(allowed)) if allowed is not None else []
+    if unknown:
+        takes = f"allowed: {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} of method {name}; {takes}")
+    parse = _REGISTRY[name].parse_options if name in _REGISTRY else None
+    if parse is not None:
+        parse(options)

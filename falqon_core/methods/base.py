@@ -8,7 +8,7 @@ layers with adapter rank r. The suite builds a one-layer model, converts it, and
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,6 +67,7 @@ class Method(abc.ABC):
       needs_cuda   True when it cannot run on CPU at all (its CPU error says why)
       needs_fp8_tensor_cores  True when its CUDA path runs fp8 GEMMs (sm_89+)
       supports_compile  whether `torch.compile` of the converted model is expected to work
+      option_names the AdapterConfig.options keys it reads; None: not declared (anything passes the suite check)
     """
 
     name: ClassVar[str] = ""
@@ -75,6 +76,10 @@ class Method(abc.ABC):
     needs_cuda: ClassVar[bool] = False
     needs_fp8_tensor_cores: ClassVar[bool] = False  # on CUDA, refuse GPUs older than sm_89 (Ada/Hopper)
     supports_compile: ClassVar[bool] = True
+    # a suite's option the method never reads would be recorded in the row as if it had applied: suites refuse it
+    option_names: ClassVar[tuple[str, ...] | None] = None
+    # options -> parsed values, ValueError on an ill-typed value; None: values are checked only at convert
+    parse_options: ClassVar[Callable[[Mapping[str, Any]], Any] | None] = None
 
     def check_runnable(self, device: torch.device | str, compile: bool = False) -> None:
         """The one availability check (the runner before it starts a worker; convert_model before it touches a

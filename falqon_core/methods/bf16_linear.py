@@ -21,6 +21,7 @@ class Bf16Linear(Method):
     """Frozen nn.Linear in config.dtype (bf16); nothing is trained, the bench still takes dX."""
 
     name = "bf16_linear"
+    option_names = ()
     summary = "frozen BF16 nn.Linear, no adapter (forward + dX only): the cost floor of every method"
     built_on = "torch nn.Linear"
 

@@ -46,6 +46,8 @@ class Bf16Lora(Method):
     """PEFT LoraConfig/get_peft_model on the target linears (r, alpha from the config, dropout 0), all bf16."""
 
     name = "bf16_lora"
+    option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = "frozen BF16 W + BF16 LoRA A, B (the reference); option freeze_a: A fixed at init (LoRA-FA)"
     built_on = "PEFT"
 

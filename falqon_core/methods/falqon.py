@@ -529,6 +529,8 @@ class Falqon(Method):
     """
 
     name = "falqon"
+    option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = "melded fp8 [W; A] in one GEMM, B merged into W8 by a top-k row-wise proxy update"
     built_on = "own fp8 GEMM (torch._scaled_mm) + Triton kernels"
     needs_cuda = False  # the torch references run on CPU

@@ -386,6 +386,7 @@ class Fp6Lora(Method):
     """
 
     name = "fp6_lora"
+    option_names = ("fp6_format", "fp6_backend")
     summary = (
         "FP6 (E3M2/E2M3) weight-only backbone + BF16 LoRA: W stored 0.75 B/elem, dequantized to BF16 for each "
         "GEMM (fused fp6-llm GEMM only where torchao ships fpx)"

@@ -103,6 +103,7 @@ class Fp8Lora(Method):
     """
 
     name = "fp8_lora"
+    option_names = ()
     summary = "LoRA with every linear in FP8 incl. A and B (torchao float8, tensorwise e4m3/e5m2)"
     built_on = "PEFT + torchao float8"
 

@@ -38,6 +38,7 @@ from torch import nn
 from falqon_core import fp8
 from falqon_core.kernels.hadamard import (
     MAX_BLOCK,
+    MIN_BLOCK,
     block_hadamard_reference,
     hadamard_block_size,
     hadamard_quantize,
@@ -50,6 +51,8 @@ from falqon_core.methods._lora_common import (
     cast_bytes,
     freeze_all,
     frozen_base_flops,
+    linear_shapes,
+    require_dims_multiple_of,
     select_target_linears,
     set_submodule,
     sgd_update_bytes,
@@ -202,6 +205,8 @@ class HaloLora(Method):
     """HALO's Hadamard-rotated fp8 backbone (x, dY rotated per step; W pre-rotated) with LoRA adapters."""
 
     name = "halo_lora"
+    option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = "Hadamard-rotated FP8 backbone (HALO): fp8 GEMMs on block-Hadamard-rotated x, dY, W + LoRA A, B"
     built_on = "own Triton block-Hadamard + fp8 cast (scipy.linalg.hadamard blocks) + torch._scaled_mm"
     needs_cuda = False  # the torch references and torch._scaled_mm run on CPU
@@ -211,10 +216,14 @@ class HaloLora(Method):
     def convert(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
         """Swap every target nn.Linear for a HaloLinear; only lora_A and lora_B stay trainable."""
         parse_options(config.options)  # fail before touching the model
+        # a shape it cannot rotate is "unavailable" (an error row saying so), as fp8_lora's unaligned shapes are
+        why = "the block-Hadamard rotation (a power-of-two block >= 16 dividing K and N)"
         if isinstance(model, nn.Linear) and config.target_modules is None:
+            require_dims_multiple_of(self.name, {"linear": (model.in_features, model.out_features)}, None, MIN_BLOCK, why)
             freeze_all(model)
             return HaloLinear.from_config(model, config)
         names = select_target_linears(model, config.target_modules)
+        require_dims_multiple_of(self.name, linear_shapes(model, names), None, MIN_BLOCK, why)
         modules = dict(model.named_modules())
         # each layer its own seed (config.seed + its index) so same-shaped layers do not start with one lora_A
         new_layers = {

@@ -77,6 +77,7 @@ class QloraNf4(Method):
     """Swap each target nn.Linear for bitsandbytes Linear4bit (NF4, double quant, bf16 compute), then PEFT LoRA."""
 
     name = "qlora_nf4"
+    option_names = ()
     summary = "W in NF4 with double quant, dequantized to BF16 per GEMM; BF16 LoRA (QLoRA)"
     built_on = "bitsandbytes Linear4bit + PEFT"
 
