@@ -192,6 +192,8 @@ def test_validate_suite_dispatches_every_kind_and_names_the_allowed_ones():
         ("falqon", '{rounding_mode = "stochastic"}', "rounding_mode of method falqon; allowed: topk"),
         ("falqon", '{topk = "16"}', "falqon option topk must be an integer, got '16'"),
         ("bf16_lora", '{freeze_a = "yes"}', "freeze_a must be true or false"),
+        ("fp6_lora", '{fp6_format = "e9m9"}', "fp6_format='e9m9'; allowed: e3m2, e2m3"),
+        ("fp6_lora", '{fp6_backend = "fp7"}', "fp6_backend='fp7'; allowed: auto, fpx, floatx"),
     ],
 )
 def test_an_option_the_method_does_not_read_exits_2_instead_of_being_recorded_as_applied(tmp_path, method, options, expected):
