@@ -309,6 +309,11 @@ def export(
     """
     from falqon_bench.data.store import export_points
 
+    if to.is_dir():  # its empty suffix would read as "unknown export format ''"
+        raise BenchInputError(
+            f"--to {to} is a directory; --to expects an output file: .parquet or .csv, or .json with "
+            f"--format pytest-benchmark (e.g. --to {to / 'points.csv'})"
+        )
     if output_format == ExportFormat.pytest_benchmark:
         if len(runs) != 1:
             raise BenchInputError(f"--format pytest-benchmark writes one run per file (one machine_info); got {len(runs)} runs")

@@ -98,6 +98,16 @@ def test_export_and_merge_through_the_cli(tmp_path):
     assert result.exit_code == 2 and "no such results directory" in result.stderr
 
 
+@pytest.mark.parametrize("fmt", ["table", "pytest-benchmark"])
+def test_export_to_an_existing_directory_names_it_and_what_to_expects(tmp_path, fmt):
+    run = write_run(tmp_path / "a", ranks=(4,))
+    (tmp_path / "out").mkdir()
+    result = invoke("export", str(run), "--to", str(tmp_path / "out"), "--format", fmt)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--to {tmp_path / 'out'} is a directory" in result.stderr
+    assert ".parquet or .csv, or .json with --format pytest-benchmark" in result.stderr
+
+
 def fake_module(monkeypatch, name, **attrs):
     mod = types.ModuleType(name)
     for k, v in attrs.items():

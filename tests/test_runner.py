@@ -153,6 +153,23 @@ def test_a_method_that_raises_becomes_an_error_row_and_the_run_continues(tmp_pat
     assert outcome.status == "complete"
 
 
+def test_summary_prints_an_error_repeated_at_every_token_count_once_and_keeps_every_row(tmp_path):
+    from rich.console import Console
+
+    path = write_suite(tmp_path / "s.toml", ["tiny_raises"], ranks=(4,))
+    path.write_text(path.read_text().replace("tokens = [16]", "tokens = [16, 32, 48]"))
+    outcome = run_suite(load_suite(path), RunOptions(out_dir=tmp_path / "run", isolate=False))
+    rows = load_run(tmp_path / "run").points
+    assert len(rows) == 3 and {r["tokens"] for r in rows} == {16, 32, 48}
+    assert all(r["status"] == "error" and "boom" in r["error"] for r in rows)
+    console = Console(record=True, width=400)
+    print_summary(outcome, console)
+    lines = [line for line in console.export_text().splitlines() if "boom" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].strip().startswith("tiny_raises t.32x48 r=4: ")
+    assert lines[0].endswith("(3 points: tokens=16, tokens=32, tokens=48)")
+
+
 def test_ctrl_c_marks_the_run_interrupted_keeps_finished_points_and_resume_completes_it(tmp_path):
     suite_path = write_suite(tmp_path / "s.toml", ["tiny_full_ft", "tiny_interrupts"])
     outcome = run_suite(load_suite(suite_path), RunOptions(out_dir=tmp_path / "run", isolate=False))

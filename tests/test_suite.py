@@ -133,6 +133,15 @@ def test_missing_axis_and_missing_grid_are_explained(tmp_path):
     assert "has no [[grid]] table" in msg
 
 
+def test_inline_layer_reusing_a_named_shapes_name_with_other_dims_exits_2(tmp_path):
+    """Rows carry the layer name: 'llama-7b.attn' at 64x64 would pass for the real 4096x4096 layer."""
+    msg = run_cli_error(write(tmp_path, GOOD.replace('name = "t.32x48", K = 32, N = 48', 'name = "llama-7b.attn", K = 64, N = 64')))
+    assert "inline layer `llama-7b.attn` (K=64, N=64)" in msg and "line 8" in msg
+    assert "(K=4096, N=4096)" in msg
+    same = load_suite(write(tmp_path, GOOD.replace('name = "t.32x48", K = 32, N = 48', 'name = "llama-7b.attn", K = 4096, N = 4096')))
+    assert [(s.name, s.K, s.N) for s in same.grids[0].layers] == [("llama-7b.attn", 4096, 4096)]
+
+
 def test_inline_layer_with_unknown_key_is_explained(tmp_path):
     msg = run_cli_error(write(tmp_path, GOOD.replace("K = 32", "k = 32")))
     assert "`layers`" in msg and "unknown key `k`" in msg and "name, K, N, per_block" in msg
@@ -192,6 +201,8 @@ def test_validate_suite_dispatches_every_kind_and_names_the_allowed_ones():
         ("falqon", '{rounding_mode = "stochastic"}', "rounding_mode of method falqon; allowed: topk"),
         ("falqon", '{topk = "16"}', "falqon option topk must be an integer, got '16'"),
         ("bf16_lora", '{freeze_a = "yes"}', "freeze_a must be true or false"),
+        ("fp6_lora", '{fp6_format = "e9m9"}', "fp6_format='e9m9'; allowed: e3m2, e2m3"),
+        ("fp6_lora", '{fp6_backend = "fp7"}', "fp6_backend='fp7'; allowed: auto, fpx, floatx"),
     ],
 )
 def test_an_option_the_method_does_not_read_exits_2_instead_of_being_recorded_as_applied(tmp_path, method, options, expected):

@@ -492,6 +492,16 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def error_groups(errors: list[dict[str, Any]]) -> list[tuple[tuple[str, str, Any, str], list[str]]]:
+    """Error rows grouped by (method, layer, rank, message), in first-seen order, each with its points' labels
+    (tokens, and compile/cold where set): a method failing alike at every token count is one summary line."""
+    groups: dict[tuple[str, str, Any, str], list[str]] = {}
+    for r in errors:
+        label = f"tokens={r.get('tokens')}" + (" compile" if r.get("compile") else "") + (" cold" if r.get("cache") == "cold" else "")
+        groups.setdefault((r["method"], r["layer"], r["rank"], str(r.get("error"))), []).append(label)
+    return list(groups.items())
+
+
 def print_summary(outcome: RunOutcome, console: Console) -> None:
     """The summary table of this run's points, the errors in short, and the CPU warning on CPU runs."""
     if outcome.run_dir is None:
@@ -509,9 +519,13 @@ def print_summary(outcome: RunOutcome, console: Console) -> None:
     errors = [r for r in rows if r.get("status") != "ok"]
     ok = len(rows) - len(errors)
     console.print(f"{ok} ok, {len(errors)} error(s), {outcome.skipped} already done before this run; results: {outcome.run_dir}")
-    for r in errors[:12]:
-        console.print(f"  [red]{escape(r['method'])} {escape(r['layer'])} r={r['rank']}[/red]: {escape(str(r.get('error')))}", highlight=False)
-    if len(errors) > 12:
-        console.print(f"  ... and {len(errors) - 12} more (see {outcome.run_dir / POINTS})")
+    groups = error_groups(errors)
+    for (method, layer, rank, error), points in groups[:12]:
+        where = f"({len(points)} points: {', '.join(points)})" if len(points) > 1 else ""
+        line = f"  [red]{escape(method)} {escape(layer)} r={rank}[/red]: {escape(error)}"
+        console.print(f"{line} {escape(where)}" if where else line, highlight=False)
+    shown = sum(len(points) for _, points in groups[:12])
+    if len(errors) > shown:
+        console.print(f"  ... and {len(errors) - shown} more (see {outcome.run_dir / POINTS})")
     if all(r.get("device") == "CPU" for r in rows):
         console.print(f"[yellow]{CPU_WARNING}[/yellow]")

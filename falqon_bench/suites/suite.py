@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.suites.layers import LayerShape, allowed_layer_names, custom_layer, resolve_layer
+from falqon_bench.suites.layers import LayerShape, allowed_layer_names, custom_layer, named_layers, resolve_layer
 
 AXES = ("layers", "ranks", "tokens", "methods", "compile", "cache", "dtype", "options")
 REQUIRED_AXES = ("layers", "ranks", "tokens", "methods")
@@ -420,6 +420,15 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
     layers: list[LayerShape] = []
     for item in values["layers"]:
         if isinstance(item, InlineLayer):
+            # rows carry the layer's name: a real layer's name on other dims would pass for that layer
+            named = named_layers().get(item.name) if item.name else None
+            if named is not None and (named.K, named.N) != (item.K, item.N):
+                raise BenchInputError(
+                    f"inline layer `{item.name}` (K={item.K}, N={item.N}) in `layers` of "
+                    f"{_at(file, text, origin['layers'], 'layers')} has the name of a named shape with other dims "
+                    f"(K={named.K}, N={named.N}); write \"{item.name}\" for the named shape, or give the inline layer "
+                    f"another name"
+                )
             layers.append(custom_layer(item.K, item.N, item.name, item.per_block))
             continue
         try:

@@ -56,7 +56,10 @@ def linear_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int
 def require_dims_multiple_of(
     method: str, shapes: dict[str, tuple[int, int]], rank: int | None, multiple: int, why: str
 ) -> None:
-    """Raise MethodUnavailable when the rank or any layer's K or N is not a multiple of `multiple`."""
+    """Raise MethodUnavailable when the rank or any layer's K or N is not a multiple of `multiple`.
+
+    rank None: the caller's rank is not constrained (halo_lora, fp8_base_lora), so the hint names only K and N.
+    """
     problems = []
     if rank is not None and rank % multiple:
         problems.append(f"rank {rank}")
@@ -64,10 +67,14 @@ def require_dims_multiple_of(
         if k % multiple or n % multiple:
             problems.append(f"{name} (K={k}, N={n})")
     if problems:
+        hint = (
+            f"Use a rank and layer sizes that are multiples of {multiple} (e.g. rank {multiple} or {3 * multiple})."
+            if rank is not None
+            else f"Use layer sizes (K and N) that are multiples of {multiple}."
+        )
         raise MethodUnavailable(
             f"{method}: {why} needs every GEMM dimension divisible by {multiple}; not divisible: "
-            f"{', '.join(problems[:8])}. Use a rank and layer sizes that are multiples of {multiple} "
-            f"(e.g. rank {multiple} or {3 * multiple})."
+            f"{', '.join(problems[:8])}. {hint}"
         )
 
 

@@ -64,20 +64,32 @@ AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny positive scale (its codes are 
 # options
 
 
+OPTION_NAMES = ("fp6_format", "fp6_backend")
+
+
+def parse_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """AdapterConfig.options -> {'fp6_format', 'fp6_backend'} with defaults; ValueError names an unknown option or
+    a value outside the allowed ones (suites call this at load, so a typo is not one error row per point)."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"fp6_lora: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(OPTION_NAMES)}")
+    fmt = options.get("fp6_format", "e3m2")
+    if not isinstance(fmt, str) or fmt not in FP6_FORMATS:
+        raise ValueError(f"fp6_lora: fp6_format={fmt!r}; allowed: {', '.join(FP6_FORMATS)}")
+    backend = options.get("fp6_backend", "auto")
+    if not isinstance(backend, str) or backend not in FP6_BACKENDS:
+        raise ValueError(f"fp6_lora: fp6_backend={backend!r}; allowed: {', '.join(FP6_BACKENDS)}")
+    return {"fp6_format": fmt, "fp6_backend": backend}
+
+
 def fp6_format(config: AdapterConfig) -> tuple[int, int]:
     """(exponent bits, mantissa bits) from config.options['fp6_format']."""
-    fmt = config.options.get("fp6_format", "e3m2")
-    if fmt not in FP6_FORMATS:
-        raise ValueError(f"fp6_lora: fp6_format={fmt!r}; allowed: {', '.join(FP6_FORMATS)}")
-    return FP6_FORMATS[fmt]
+    return FP6_FORMATS[parse_options(config.options)["fp6_format"]]
 
 
 def requested_backend(config: AdapterConfig) -> str:
     """config.options['fp6_backend']: 'auto' (default), 'fpx' or 'floatx'."""
-    backend = config.options.get("fp6_backend", "auto")
-    if backend not in FP6_BACKENDS:
-        raise ValueError(f"fp6_lora: fp6_backend={backend!r}; allowed: {', '.join(FP6_BACKENDS)}")
-    return backend
+    return parse_options(config.options)["fp6_backend"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +398,8 @@ class Fp6Lora(Method):
     """
 
     name = "fp6_lora"
-    option_names = ("fp6_format", "fp6_backend")
+    option_names = OPTION_NAMES
+    parse_options = staticmethod(parse_options)
     summary = (
         "FP6 (E3M2/E2M3) weight-only backbone + BF16 LoRA: W stored 0.75 B/elem, dequantized to BF16 for each "
         "GEMM (fused fp6-llm GEMM only where torchao ships fpx)"
