@@ -56,13 +56,21 @@ def variant_color(variant: str) -> str:
     return _PALETTE[idx % len(_PALETTE)]
 
 
+MAX_PANELS_PER_ROW = 5  # a sweep over 15 layers gave a 6776-pixel-wide, unreadable single row
+
+
 def new_figure(n_panels: int, title: str, panel_width: float = 4.4, height: float = 4.6) -> tuple[Figure, list[Axes]]:
-    """A figure with n_panels side by side (at least one) and a suptitle."""
+    """A figure with n_panels (at least one), up to MAX_PANELS_PER_ROW side by side, further ones in more rows
+    (unused cells of the last row removed), and a suptitle. `height` is per row."""
     n = max(1, n_panels)
-    fig = Figure(figsize=(max(8.0, panel_width * n), height), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0].tolist()
+    cols = min(n, MAX_PANELS_PER_ROW)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(max(8.0, panel_width * cols), height * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in grid[n:]:
+        ax.remove()
     fig.suptitle(title, fontsize=12)
-    return fig, axes
+    return fig, grid[:n]
 
 
 def add_footer(fig: Figure, label: RunLabel, gpus: Sequence[str], metric: str) -> None:
