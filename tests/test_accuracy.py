@@ -220,7 +220,7 @@ def check_synthetic_claims(rows, start_tolerance=0.0):
     return lora, variant
 
 
-VARIANT = "falqon+kA+sr+keep+f4"
+VARIANT = "falqon+kA+sr+f1"
 
 
 def test_committed_synthetic_run_meets_the_claims_it_states():

@@ -306,3 +306,28 @@ def test_flush_every_is_validated_and_counted_in_step_cost():
     flushed = method.step_cost(4096, 4096, 16, 4096, {"flush_every": 4}).quant_bytes  # options in, no state
     # a flush reads and writes N x K e4m3 bytes, reads A8 (r x K) and reads and zeroes B (N x r fp32), every 4th step
     assert flushed - base == pytest.approx((2 * 4096 * 4096 + 16 * 4096 + 2 * 4 * 4096 * 16) / 4)
+
+
+def test_flush_every_one_is_the_whole_update_without_a_top_k_merge_first():
+    """flush_every = 1: every row of B merged every update (W8 bit-identical to one merge of all N rows by the
+    torch reference), B zero, k reported as N, and the floor's bytes without the top-k update's."""
+    from falqon_core.methods.falqon import Falqon, FalqonLinear
+
+    layer = FalqonLinear(_linear(64, 48, 0.05), 8, flush_every=1)
+    w8, a8 = layer.backbone_fp8.clone(), layer.adapter_fp8.clone()
+    for _ in range(2):
+        b = (torch.randn(48, 8) * 4).round() / 8  # multiples of 2^-3: every sum exact in fp32
+        with torch.no_grad():
+            layer.lora_B.copy_(b)
+        rows = layer.proxy_update()
+        proxy_update_reference_(w8, a8, b.clone(), 48)
+        assert torch.equal(layer.backbone_fp8.view(torch.uint8), w8.view(torch.uint8))
+        assert (layer.lora_B == 0).all() and rows.tolist() == list(range(48)) and layer.last_k == 48
+    assert layer.flushes_done == 2 and layer.updates_done == 2
+    method = Falqon()
+    n, k_dim, r = 4096, 4096, 16
+    base = method.step_cost(n, k_dim, r, 4096, {}).quant_bytes
+    every = method.step_cost(n, k_dim, r, 4096, {"flush_every": 1}).quant_bytes
+    top_k_update = 2 * 4 * n * r + r * k_dim + 2 * r * k_dim + 4 * r * r  # B ranked + zeroed, A8, k rows of W8, k rows of B
+    flush = 2 * n * k_dim + r * k_dim + 2 * 4 * n * r
+    assert every - base == pytest.approx(flush - top_k_update)

@@ -59,7 +59,9 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
                   steps to reach W8 instead of ~N/k (256 steps for k = 16 of 4096 rows). Costs one read and write
                   of all N rows of W8 per flush (step_cost counts it spread over the steps). Chosen on the host
                   from the update count, like the k schedule: a captured graph replays what its capture did.
-                  Its merges are not in `lost_stats`.
+                  Its merges are not in `lost_stats`. flush_every = 1 (the recommended variant, docs/accuracy.md):
+                  the flush replaces the top-k update (no row norms, no top-k; keep_unmerged has no effect), so
+                  every update of B reaches the forward at the next step, as LoRA's does.
   a_redraw        rows of A redrawn after every flush (default 0: A fixed, as the reference; needs flush_every > 0).
                   FALQON never trains A, so every update of W lies in the r-dimensional row space of A (LoRA-FA);
                   LoRA trains A and finds a better subspace. Right after a flush B is zero, so A can change without
@@ -308,7 +310,16 @@ class FalqonLinear(nn.Module):
         """Merge the top-k rows of B into W8 and zero B (no host sync: CUDA-graph capturable). Returns rows (k,).
 
         k is chosen on the host from the update count; a captured graph replays the k it was captured with.
+        With flush_every = 1 the flush is the whole update (every row of B merged every step): the top-k merge
+        before it would only round the same rows twice, so it is skipped; returns all N rows.
         """
+        if self.flush_every == 1:
+            if self.track_lost and self.lost_stats is None:  # the flush does not count lost entries: stays zero
+                self.lost_stats = torch.zeros(3, dtype=torch.int64, device=self.melded.device)
+            self.last_k = self.out_features
+            self.updates_done += 1
+            self.flush()
+            return torch.arange(self.out_features, device=self.melded.device)
         k = self.next_k()
         if self.uses_plain_update():
             rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
@@ -579,8 +590,9 @@ class Falqon(Method):
         SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
         W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows;
-        flush_every = T adds one such all-row merge every T steps (and a_redraw x K bytes of A8). k is the steady-state k: the
-        `topk_after` option when set (every update past `warmup_steps` uses it), else `topk` (default r).
+        flush_every = T adds one such all-row merge every T steps (and a_redraw x K bytes of A8); T = 1 replaces
+        the top-k update. k is the steady-state k: the `topk_after` option when set (every update past
+        `warmup_steps` uses it), else `topk` (default r).
         `options` are the layer's AdapterConfig.options (topk, topk_after, cache_weight_t, merge).
         """
         M, r, options = tokens, rank, options or {}
@@ -599,8 +611,9 @@ class Falqon(Method):
         if not cached:
             quant += 2 * e * N * K
         quant += 3 * f32 * N * r
-        quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
         flush_every = int(options.get("flush_every") or 0)
+        if flush_every != 1:  # flush_every = 1: the flush replaces the top-k update (FalqonLinear.proxy_update)
+            quant += 2 * f32 * N * r + e * r * K + 2 * e * k * K + f32 * k * r + (e * k * K if cached else 0)
         if flush_every:  # a merge of all N rows (W8 read + write, A8, B read + zeroed) every flush_every steps
             quant += (2 * e * N * K + e * r * K + 2 * f32 * N * r + (2 * e * N * K if cached else 0)) / flush_every
             quant += e * int(options.get("a_redraw") or 0) * K / flush_every  # a_redraw rows of A8 written per flush
