@@ -39,17 +39,21 @@ from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels.proxy_update import _check_variant, _round_merged, proxy_update_variant_reference_
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
-# W8 rows x columns per program, one program per tile. 128 x 128 with 8 warps (two warpgroups of 64 x 128 MMAs):
-# a 16 KB W8 tile read and written per program, enough bytes in flight per SM to stream W8 at memory speed, and
-# the 128 x 128 fp32 accumulator is 64 registers a thread. Rank blocks: 16 (the smallest bf16 tl.dot K) up to
-# r = 16, else 32 (fewer loop trips; the pieces of a 128 x 32 B block stay in registers).
-_BLOCK_ROWS = 128
+# W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma). Chosen from an
+# ahead-of-time compile for sm_90 (registers, spills; not yet timed): a thread holds 64 accumulator entries
+# (as with 128 x 128 and 8 warps) and the epilogue (stochastic hash) is register-hungry; ptxas takes 192-255
+# registers unless capped, i.e. 1-2 programs per SM. Capped at 168 it spills nothing and 3 programs share an
+# SM: while one waits for its W8 tile (8 KB) the others compute, 24 KB of W8 in flight per SM (HBM needs ~25).
+# (128 registers: 4 programs, but 60-180 bytes a thread spilled.)
+_BLOCK_ROWS = 64
 _BLOCK_COLS = 128
-_NUM_WARPS = 8
+_NUM_WARPS = 4
+_MAX_REGISTERS = 168
 _NUM_STAGES = 2  # the rank loop has 1-4 trips: double-buffer its B and A8 blocks, no deeper
 
 
 def _block_rank(rank: int) -> int:
+    """Ranks per tl.dot: 16 (the smallest bf16 dot K) up to r = 16, else 32 (fewer loop trips)."""
     return 16 if rank <= 16 else 32
 
 
@@ -142,24 +146,28 @@ def _flush_kernel(
 
     Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
     same row block of B (kept in L2 while they run) and walk A8 (r x K, at most a few MB) which L2 holds whole.
-    The W8 tile is loaded before the delta so its latency overlaps the MMAs.
+    The W8 tile is loaded after the delta: loaded before, it and its pointers stay live across the rank loop
+    (~255 registers a thread in the sm_90 compile); the other programs on the SM hide its latency. Tile offsets
+    are int32 from an int64 tile base (per-entry int64 pointers cost registers too).
     """
     pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
-    pid_r = pid // n_col_blocks
-    pid_c = pid % n_col_blocks
-    rows = (pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row0 = (pid // n_col_blocks) * BLOCK_ROWS
+    col0 = (pid % n_col_blocks) * BLOCK_COLS
+    r_loc = tl.arange(0, BLOCK_ROWS)
+    c_loc = tl.arange(0, BLOCK_COLS)
+    rows = row0 + r_loc
+    cols = col0 + c_loc
     r_mask = rows < n_rows
-    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     mask = r_mask[:, None] & c_mask[None, :]
-    w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
+    w_ptrs = (w_ptr + row0.to(tl.int64) * stride_w + col0) + (r_loc[:, None] * stride_w + c_loc[None, :])
+    acc = _flush_delta(b_ptr + rows.to(tl.int64) * stride_b, r_mask, a_ptr, cols, c_mask, rank, stride_a,
+                       stride_b_col, BLOCK_ROWS, BLOCK_COLS, BLOCK_RANK, DOT_F32)
     w = tl.load(w_ptrs, mask=mask, other=0.0)
-    acc = _flush_delta(b_ptr + rows * stride_b, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col,
-                       BLOCK_ROWS, BLOCK_COLS, BLOCK_RANK, DOT_F32)
     merged = w.to(tl.float32) + acc
-    q = _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
-                      STOCHASTIC)
+    q = _round_merged(merged, rows.to(tl.int64), cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP,
+                      SOFTWARE_ROUND, STOCHASTIC)
     tl.store(w_ptrs, q, mask=mask)
 
 
@@ -186,7 +194,7 @@ def flush_triton_(
             SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
             STOCHASTIC=bool(stochastic),
             BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(a8.shape[0]),
-            DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+            DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
         )
         if weight_t is not None:  # in place: a captured graph keeps weight_t's address
             weight_t.copy_(transpose_fp8_triton(w8))
