@@ -169,6 +169,19 @@ def test_flush_splits_fp32_b_exactly(stochastic):
     assert _same(w_t, w_r) and not _same(w_t, w8)
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_flush_keeps_infinite_b_whole(stochastic):
+    """+-inf and near-fp32-max entries of B: the split neither makes inf - inf (NaN) nor overflows; the bytes
+    are the reference's (saturated rows)."""
+    w8, a8, b = exact_inputs(70, 200, 5)
+    b = b.float()
+    b[3, 1], b[4, 2], b[5, 0] = float("inf"), -float("inf"), 3.0e38
+    options = dict(stochastic=stochastic, seed=torch.tensor(3) if stochastic else None)
+    w_t, _, _ = _run(flush_triton_, w8, a8, b, False, **options)
+    w_r, _, _ = _run(flush_reference_, w8, a8, b, False, **options)
+    assert _same(w_t, w_r) and (w_t[3:6].float().abs() == 448).float().mean() > 0.9
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("n,k_dim,r", [(1000, 1500, 1), (1000, 1500, 5), (1000, 1500, 16), (1000, 1500, 24),

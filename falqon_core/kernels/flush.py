@@ -22,7 +22,8 @@ Exactness: whenever the fp32 sums are exact (the CPU tests' inputs) the bytes ar
 general fp32 B the merged fp32 value is within gamma_{9r+1}(2^-23) (|W8| + sum_j |B_j A8_j|) of the exact one
 (tests/test_flush.py derives it, allowing for tensor cores that truncate instead of rounding), so W8 differs
 from an exact-arithmetic rounding only where the exact merged value is that close to a rounding boundary, and
-there by one e4m3 step. B must be finite (an infinite entry of B gives NaN here, +-448 in the reference).
+there by one e4m3 step. An infinite entry of B stays whole (its pieces b1, b2 are 0): its products are
++-inf (NaN times a zero of A8) as in the reference, and saturate to +-448.
 W8^T is not stored from the kernel's tile (tl.trans of the rounded tile): with 64 x 128 tiles that store gave
 wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile quantize_transpose works around; the
 separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t.
