@@ -41,11 +41,12 @@ from falqon_core.kernels.proxy_update import _check_variant, _round_merged, prox
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
 # W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma). Chosen from an
-# ahead-of-time compile for sm_90 (registers, spills; not yet timed): a thread holds 64 accumulator entries
-# (as with 128 x 128 and 8 warps) and the epilogue (stochastic hash) is register-hungry; ptxas takes 192-255
-# registers unless capped, i.e. 1-2 programs per SM. Capped at 168 it spills nothing and 3 programs share an
-# SM: while one waits for its W8 tile (8 KB) the others compute, 24 KB of W8 in flight per SM (HBM needs ~25).
-# (128 registers: 4 programs, but 60-180 bytes a thread spilled.)
+# ahead-of-time compile for sm_90 (registers, spills, shared memory; not yet timed). A thread holds 64 entries
+# of the tile; uncapped, ptxas takes 128-163 registers (nearest) and 168-192 (stochastic: the hash), i.e. 2-4
+# programs per SM; capped at 168 nothing spills and at least 3 share an SM: while one waits for its W8 tile
+# (8 KB) the others compute, >= 24 KB of W8 in flight per SM (HBM needs ~25 KB: 4.8 TB/s x ~0.7 us / 132).
+# 128 x 128 with 8 warps takes 136-198 registers: one program per SM. A cap of 128: 4 programs, but 60-180 bytes
+# a thread spilled.
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 128
 _NUM_WARPS = 4
