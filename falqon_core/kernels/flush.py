@@ -45,8 +45,8 @@ from falqon_core.kernels.transpose import transpose_fp8_triton
 # of the tile; uncapped, ptxas takes 128-163 registers (nearest) and 168-192 (stochastic: the hash), i.e. 2-4
 # programs per SM; capped at 168 nothing spills and at least 3 share an SM: while one waits for its W8 tile
 # (8 KB) the others compute, >= 24 KB of W8 in flight per SM (HBM needs ~25 KB: 4.8 TB/s x ~0.7 us / 132).
-# 128 x 128 with 8 warps takes 136-198 registers: one program per SM. A cap of 128: 4 programs, but 60-180 bytes
-# a thread spilled.
+# 128 x 128 with 8 warps takes 136-198 registers: one program per SM. A cap of 128: 4 programs, but up to 176
+# bytes a thread spilled.
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 128
 _NUM_WARPS = 4
