@@ -1,20 +1,32 @@
 """FALQON's flush (option flush_every): merge every row of B into the fp8 backbone, refresh W^T, zero B.
 
 W8 = round(W8 + B @ A8) over all N rows (round: saturating round-to-nearest or the stochastic rounding of the
-proxy-update variants), the cached transpose W8^T (if the layer keeps one) refreshed by transpose_fp8, then
-B = 0. It is proxy_update_variant_(k=N, merge="grid", keep_unmerged=False), which is what flush ran before,
-without what that general kernel carries for a row subset: no row-index list, no per-row 'changed' flag and
-its atomics (all of B is zeroed anyway), small row blocks, and a separate strided copy for W8^T.
+proxy-update variants, u = hash(seed, row * K + col): _round_merged, shared with the variant kernel), the cached
+transpose W8^T (if the layer keeps one) refreshed by transpose_fp8, then B = 0. One dense pass over W8: no row
+list, no per-row 'changed' flag (all of B is zeroed anyway).
 
-Exactness: the tile's delta is _flush_delta, the variant kernel's _merged_delta (fp32 tl.dot "ieee", masked
-ranks read as 0) over 16-rank blocks; the tile is the variant kernel's 16 x 128. On the H200 its W8 bytes
-equal the variant kernel's for general fp32 B at r = 5, 16, 24, 48, 64, both roundings (tests/test_flush.py,
-gpu); r = 1 is open (see that test).
+Floor (H200, 4.8 TB/s HBM): bytes = N K (W8 read) + N K (W8 written) [+ 2 N K (transpose_fp8)] + 4 N r (B read)
++ r K (A8 read), then B.zero_() writes 4 N r. llama-7b up/gate (N = 11008, K = 4096): ~91 MB -> ~19 us; attn
+4096 x 4096: ~34 MB -> ~7 us.
+
+Why tensor cores: the delta B @ A8 is N K r multiply-adds. As an fp32 "ieee" tl.dot (what this kernel used to
+run, the variant kernel's _merged_delta) it runs on the CUDA cores and bounds the flush (H200, llama-7b up:
+152 us at r = 16, 336 us at r = 64, against the ~19 us floor). Here it is three bf16 tensor-core dots whose
+products are exact (_flush_delta): A8 (e4m3: 4 significant bits, exponents -9..8) is exact in bf16, fp32 B is
+split exactly into three bf16 pieces (_bf16_pieces: 8 + 8 + 8 significant bits), and a bf16 x bf16 product
+(at most 16 significant bits) is exact in fp32. So the delta is a sum of 3 r exact products in an fp32
+accumulator; only the order and rounding of that sum differ from an fp32 matmul. (tf32x3 would need as many
+dots at half the bf16 rate, and its two tf32 pieces of B keep only ~22 of B's 24 bits.)
+
+Exactness: whenever the fp32 sums are exact (the CPU tests' inputs) the bytes are the torch reference's. For
+general fp32 B the merged fp32 value is within gamma_{9r+1}(2^-23) (|W8| + sum_j |B_j A8_j|) of the exact one
+(tests/test_flush.py derives it, allowing for tensor cores that truncate instead of rounding), so W8 differs
+from an exact-arithmetic rounding only where the exact merged value is that close to a rounding boundary, and
+there by one e4m3 step. An infinite entry of B stays whole (its pieces b1, b2 are 0): its products are
++-inf (NaN times a zero of A8) as in the reference, and saturate to +-448.
 W8^T is not stored from the kernel's tile (tl.trans of the rounded tile): with 64 x 128 tiles that store gave
 wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile quantize_transpose works around; the
-separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t. The stochastic bits are the variant kernel's: u = hash(seed, row * K + col).
-Against the torch reference (an fp32 matmul) the usual caveat of proxy_update applies: bit-exact whenever the
-fp32 sums are exact (the CPU tests), else at most 1 e4m3 ulp next to a rounding boundary.
+separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t.
 """
 
 from __future__ import annotations
@@ -25,20 +37,26 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels.proxy_update import (
-    _check_variant,
-    _merged_delta,
-    _round_merged,
-    proxy_update_variant_reference_,
-)
+from falqon_core.kernels.proxy_update import _check_variant, _round_merged, proxy_update_variant_reference_
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
-# W8 rows x columns per program, one program per tile: the variant kernel's 16 x 128 tile (see _flush_kernel's
-# docstring: on the H200 it was the fastest of 16-128 rows x 64-256 columns, and 64-row tiles gave other bytes at r = 1)
-_BLOCK_ROWS = 16
+# W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma). Chosen from an
+# ahead-of-time compile for sm_90 (registers, spills, shared memory; not yet timed). A thread holds 64 entries
+# of the tile; uncapped, ptxas takes 128-163 registers (nearest) and 168-192 (stochastic: the hash), i.e. 2-4
+# programs per SM; capped at 168 nothing spills and at least 3 share an SM: while one waits for its W8 tile
+# (8 KB) the others compute, >= 24 KB of W8 in flight per SM (HBM needs ~25 KB: 4.8 TB/s x ~0.7 us / 132).
+# 128 x 128 with 8 warps takes 136-198 registers: one program per SM. A cap of 128: 4 programs, but up to 176
+# bytes a thread spilled.
+_BLOCK_ROWS = 64
 _BLOCK_COLS = 128
 _NUM_WARPS = 4
-_BLOCK_RANK = 16  # the smallest tl.dot K; _flush_delta says why any block size gives the same sums
+_MAX_REGISTERS = 168
+_NUM_STAGES = 2  # the rank loop has 1-4 trips: double-buffer its B and A8 blocks, no deeper
+
+
+def _block_rank(rank: int) -> int:
+    """Ranks per tl.dot: 16 (the smallest bf16 dot K) up to r = 16, else 32 (fewer loop trips)."""
+    return 16 if rank <= 16 else 32
 
 
 @torch.no_grad()
@@ -70,21 +88,51 @@ def _check_flush(w8, a8, b, stochastic, seed, weight_t) -> None:
 
 
 @triton.jit
-def _flush_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, BLOCK_ROWS: tl.constexpr,
-                 BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr):
-    """_merged_delta (proxy_update) over blocks of BLOCK_RANK ranks, meant to give the same fp32 values.
+def _bf16_pieces(b):
+    """fp32 b -> (b0, b1, b2) in bf16 with b0 + b1 + b2 = b, the pieces of b's significand (8 + 8 + 8 bits).
 
-    Why it should: an fp32 "ieee" tl.dot is, per output element, the chain acc = fma(B[i, j], A[j, c], acc) over j in order;
-    across rank blocks the chain goes on (acc is the dot's accumulator). So the block size changes only the
-    masked tail: ranks past r padded with zeros, each step fma(0, 0, acc) = acc + 0.0. Those steps are
-    identities except that -0.0 becomes +0.0 (and the first one does all that any number of them do).
-    _merged_delta pads r to a multiple of 32; with 16-rank blocks (half the FMAs at r = 16) the tail is empty
-    exactly when r % 32 == 16 while _merged_delta's is not: then one acc + 0.0 stands in for it.
+    b0 is b with its low 16 bits cleared (a bf16 value, truncated: never rounds up to inf), rest = b - b0 is
+    exact (b's low 16 bits), b1 is rest with its low 16 bits cleared, b2 = rest - b1 has at most 8 significant
+    bits. All three have b's sign and |b0| + |b1| + |b2| = |b|. Exact whenever |b| >= 2^-103 (then every
+    nonzero piece is a multiple of b's ulp >= 2^-126, a normal bf16); below that a piece may be subnormal or
+    below bf16's subnormals (and a tensor core may flush subnormal inputs): what is lost is < 2^-126 per entry.
+    The where keeps an infinite b from giving inf - inf; a NaN stays NaN.
     """
-    acc = _merged_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, BLOCK_ROWS, BLOCK_COLS,
-                        BLOCK_RANK)
-    if rank % 32 == 16:
-        acc = acc + 0.0
+    b0 = (b.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+    rest = tl.where(b0 == b, 0.0, b - b0)
+    b1 = (rest.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+    b2 = rest - b1
+    return b0.to(tl.bfloat16), b1.to(tl.bfloat16), b2.to(tl.bfloat16)
+
+
+@triton.jit
+def _flush_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr, DOT_F32: tl.constexpr):
+    """sum_j B[rows, j] * A8[j, cols] (BLOCK_ROWS x BLOCK_COLS, fp32) as 3 bf16 tensor-core dots per rank block.
+
+    Each of the 3 r products (b0, b1, b2 of B times A8, which is exact in bf16) is exact in fp32; the dots add
+    them into one fp32 accumulator. Ranks past r (and rows past N) read as 0: zero products, exact.
+    DOT_F32 (the interpreter, whose tl.dot multiplies bf16's uint16 storage as integers): the same bf16 pieces
+    and A8, upcast to fp32 (exact) for an fp32 dot.
+    """
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_RANK):
+        j = j0 + tl.arange(0, BLOCK_RANK)
+        j_mask = j < rank
+        b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=r_mask[:, None] & j_mask[None, :],
+                        other=0.0)
+        a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :],
+                        other=0.0).to(tl.bfloat16)
+        b0, b1, b2 = _bf16_pieces(b_blk.to(tl.float32))
+        if DOT_F32:
+            a32 = a_blk.to(tl.float32)
+            acc = tl.dot(b0.to(tl.float32), a32, acc, input_precision="ieee")
+            acc = tl.dot(b1.to(tl.float32), a32, acc, input_precision="ieee")
+            acc = tl.dot(b2.to(tl.float32), a32, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b0, a_blk, acc)
+            acc = tl.dot(b1, a_blk, acc)
+            acc = tl.dot(b2, a_blk, acc)
     return acc
 
 
@@ -94,41 +142,34 @@ def _flush_kernel(
     stride_w, stride_a, stride_b, stride_b_col,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
     STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    BLOCK_RANK: tl.constexpr,
+    BLOCK_RANK: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + B[rows] @ A8[:, cols]).
 
-    Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest (neighbouring programs write
-    neighbouring bytes of the same W8 rows; B's row block and A8, r x K, stay in L2).
-
-    Floor (H200, 4.8 TB/s HBM): bytes = N K (W8 read) + N K (W8 written) [+ N K (W8^T written)] + 4 N r (B read)
-    + r K (A8 read), then B.zero_() writes 4 N r. llama-7b up/gate (N = 11008, K = 4096, r = 16): 45.1 + 45.1
-    [+ 45.1] + 0.7 + 0.07 MB = 91 MB -> 19 us (136 MB -> 28 us with W8^T); attn 4096 x 4096: 34 MB -> 7 us
-    (50 MB -> 11 us). The delta is N K r fp32 FMAs on the CUDA cores (an fp32 "ieee" dot has no tensor-core
-    form, and TF32 would change the bits): 0.72 G FMAs for up at r = 16, ~22 us at the H200's ~33.5 T FMA/s,
-    more in practice (the FMA lowering of tl.dot also moves operands through shared memory and registers).
-    Development timings (H200, r = 16, CUDA-graph replays of the flush alone, ad hoc, not a committed run;
-    without / with W8^T, then stored from the tile): up 116 / 158 us nearest, 144 / 234 us stochastic (the old
-    path: 287 / 569 and 308 / 591 us); attn 42 / 57 and 54 / 88 us (old: 106 / 194, 111 / 202). So this kernel
-    is bound by the dot's instructions, not by memory: 64 x 128 tiles with 8 warps (>= 32 KB in flight per SM)
-    were no faster (117 us for up, nearest) and gave other bytes at r = 1. The next lever is the delta as an
-    explicit per-rank FMA loop over register tiles (the same in-order chain, without tl.dot's FMA lowering).
+    Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
+    same row block of B (kept in L2 while they run) and walk A8 (r x K, at most a few MB) which L2 holds whole.
+    The W8 tile is loaded after the delta: loaded before, it and its pointers stay live across the rank loop
+    (~255 registers a thread in the sm_90 compile); the other programs on the SM hide its latency. Tile offsets
+    are int32 from an int64 tile base (per-entry int64 pointers cost registers too).
     """
     pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
-    pid_r = pid // n_col_blocks
-    pid_c = pid % n_col_blocks
-    rows = (pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row0 = (pid // n_col_blocks) * BLOCK_ROWS
+    col0 = (pid % n_col_blocks) * BLOCK_COLS
+    r_loc = tl.arange(0, BLOCK_ROWS)
+    c_loc = tl.arange(0, BLOCK_COLS)
+    rows = row0 + r_loc
+    cols = col0 + c_loc
     r_mask = rows < n_rows
-    cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
-    acc = _flush_delta(b_ptr + rows * stride_b, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col,
-                       BLOCK_ROWS, BLOCK_COLS, BLOCK_RANK)
     mask = r_mask[:, None] & c_mask[None, :]
-    w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
-    merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-    q = _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
-                      STOCHASTIC)
+    w_ptrs = (w_ptr + row0.to(tl.int64) * stride_w + col0) + (r_loc[:, None] * stride_w + c_loc[None, :])
+    acc = _flush_delta(b_ptr + rows.to(tl.int64) * stride_b, r_mask, a_ptr, cols, c_mask, rank, stride_a,
+                       stride_b_col, BLOCK_ROWS, BLOCK_COLS, BLOCK_RANK, DOT_F32)
+    w = tl.load(w_ptrs, mask=mask, other=0.0)
+    merged = w.to(tl.float32) + acc
+    q = _round_merged(merged, rows.to(tl.int64), cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP,
+                      SOFTWARE_ROUND, STOCHASTIC)
     tl.store(w_ptrs, q, mask=mask)
 
 
@@ -154,8 +195,8 @@ def flush_triton_(
             FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
             SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
             STOCHASTIC=bool(stochastic),
-            BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_BLOCK_RANK,
-            num_warps=_NUM_WARPS,
+            BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(a8.shape[0]),
+            DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
         )
         if weight_t is not None:  # in place: a captured graph keeps weight_t's address
             weight_t.copy_(transpose_fp8_triton(w8))
