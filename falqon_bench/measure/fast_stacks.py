@@ -10,7 +10,7 @@ around the linears (RMSNorm, SwiGLU, RoPE, casts, the loss over the vocabulary).
 - Unsloth (`build_unsloth_model`): its own fused LoRA kernels, so it is a baseline of its own
   (`unsloth_lora`, `unsloth_qlora`), built from a local model directory; nothing is downloaded.
 
-Both are optional (`pip install -e ".[fast]"` for liger-kernel; Unsloth is installed by hand, see the README);
+Both are optional (`pip install -e ".[fast]"` for liger-kernel; `pip install -e ".[unsloth]"` for Unsloth, see the README);
 each has an `*_unavailable_reason` that says in one line why it cannot run here and what to install, so an
 e2e point records "unsupported: <reason>" instead of crashing.
 
@@ -44,7 +44,7 @@ LIGER_INSTALL = f'pip install "liger-kernel>={LIGER_MIN_VERSION}" (or pip instal
 
 # e2e baseline name -> whether Unsloth loads the frozen weights in 4 bit (bitsandbytes NF4, its QLoRA)
 UNSLOTH_BASELINES = {"unsloth_lora": False, "unsloth_qlora": True}
-UNSLOTH_INSTALL = "pip install unsloth unsloth_zoo (on a CUDA machine, with the torch/transformers versions it pins)"
+UNSLOTH_INSTALL = 'pip install -e ".[unsloth]" (unsloth and unsloth_zoo 2026.10.9, on a CUDA machine; pip moves transformers to 5.17)'
 
 
 def _installed_version(distribution: str) -> str | None:
