@@ -37,7 +37,7 @@ def _same(x, y):
 @pytest.mark.parametrize("n,k_dim,r", [(70, 200, 1), (130, 131, 5), (64, 256, 16), (33, 300, 24), (150, 140, 48),
                                        (129, 257, 64), (40, 130, 100)])
 def test_triton_flush_equals_reference(n, k_dim, r, stochastic, with_t):
-    """Odd shapes (N, K off the 128 x 128 tile), ranks 1 to 100 (rank blocks of 16 and 32, padded ranks)."""
+    """Odd shapes (N, K off the 64 x 128 tile), ranks 1 to 100 (rank blocks of 16 and 32, padded ranks)."""
     w8, a8, b = exact_inputs(n, k_dim, r)
     b = b.float()  # the layer's B is fp32; its values stay multiples of 2^-3
     options = dict(stochastic=stochastic, seed=torch.tensor(12345) if stochastic else None)
