@@ -1,6 +1,6 @@
-"""Every figure, rendered from committed results (H100 and H200 overhead runs, a CPU smoke run), is
-legible at its default size: no two pieces of text (tick labels, % labels, failed/n-a marks, titles,
-legend entries) overlap on the canvas."""
+"""Every figure, rendered from committed results (H100 and H200 overhead runs, a CPU smoke run, a run of
+falqon option sets), is legible at its default size: no two pieces of text (tick labels, % labels,
+failed/n-a marks, titles, legend entries) overlap on the canvas."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ RUNS = {
     "overhead-h100": [REPO / "results" / "overhead-h100"],
     "overhead-h200": [REPO / "results" / "overhead-h200"],
     "cpu-smoke": [REPO / "tests" / "data" / "cpu-smoke"],
+    # one method, three option sets: long labels wrapped under the bars and in the legend
+    "falqon-variant-overhead-h200": [REPO / "results" / "falqon-variant-overhead-h200"],
 }
 PER_GPU = [render_overhead_figure, render_rank_throughput_figure, render_total_cost_figure, render_breakdown_figure, render_floor_figure]
 TOLERANCE_PX = 1.0  # boxes may touch, not overlap

@@ -218,7 +218,9 @@ def test_unknown_and_invalid_names_are_shown_escaped_and_marked(poisoned_report)
     _, out = poisoned_report
     table = (out / "perf_table.md").read_text(encoding="utf-8")
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert f"{md_text(PAYLOADS[8])} {WARNING_SIGN} invalid method name" in table
+    # the variant label is the method with the point's (hostile) options in brackets: all escaped, then marked
+    rows = [line for line in table.splitlines() if f"| {md_text(PAYLOADS[8])}\\[" in line]
+    assert rows and all(f"] {WARNING_SIGN} invalid method name" in line for line in rows), rows
     assert re.search(rf"\| llama-7b\.attn \| \d+ \| 4096 \| falqon \| [\d.]+ \(", table), "known rows stay unmarked"
     check = md.split("## Method and layer names")[1]
     assert check.count(WARNING_SIGN) >= len(PAYLOADS) and "invalid layer name" in check

@@ -101,7 +101,8 @@ def _ms(v: Any, digits: int = 4) -> str:
 
 
 def perf_table(df: pd.DataFrame) -> str:
-    """Markdown tables (one per GPU model): per layer, per method at the layer's reference (rank, tokens):
+    """Markdown tables (one per GPU model): per layer, per variant (method, option set, eager or compiled: one
+    row each) at the layer's reference (rank, tokens):
     gpu_ms (p10-p90), wall_ms, floor_ms, % of floor, speedup vs bf16_lora (eager)."""
     out = []
     for device in sorted(set(df["device"])):

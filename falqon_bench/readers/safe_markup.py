@@ -24,8 +24,8 @@ from typing import Any, Iterable
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 # markdown-active punctuation; '_' is escaped only at a word boundary (intraword '_' never emphasises)
 _ACTIVE = re.compile(r"[\\`*\[\]|~#$!{}]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-# what may stand in a code span as is: identifiers, variant labels ('falqon+compile †')
-_PLAIN_CODE = re.compile(r"[A-Za-z0-9_.\-/+ †]+")
+# what may stand in a code span as is: identifiers, variant labels ('falqon[flush_every=1]+compile †')
+_PLAIN_CODE = re.compile(r"[A-Za-z0-9_.\-/+ †\[\]=,]+")
 
 
 def md_text(value: Any) -> str:

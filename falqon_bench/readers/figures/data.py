@@ -2,7 +2,9 @@
 
 metric_ms is gpu_ms (CUDA-graph replay) where a point has it, else wall_ms (CPU runs); p10_ms/p90_ms
 come from the same kind of samples. A variant is "method" for eager and "method+compile" for
-torch.compile. All times in ms per step of one layer.
+torch.compile; a point run with method options (a suite's `options`) carries them in brackets,
+"falqon[a_scale=kaiming,flush_every=1]+compile", so two option sets of one method never share a label.
+All times in ms per step of one layer.
 """
 
 from __future__ import annotations
@@ -72,6 +74,26 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _compact(value: Any) -> str:
+    """An option value as short text: true/false, numbers as Python prints them, strings bare, else compact JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def variant_label(method: str, compiled: bool, options: Any, kernel_sum: bool) -> str:
+    """'method[key=value,...]+compile †': the option set (sorted keys) only when there is one, '+compile' for
+    torch.compile, † for a profiler kernel sum."""
+    label = method
+    if isinstance(options, dict) and options:
+        label += "[" + ",".join(f"{k}={_compact(options[k])}" for k in sorted(options)) + "]"
+    elif options:
+        label += "[" + _compact(options) + "]"
+    return label + ("+compile" if compiled else "") + (f" {KERNEL_SUM_MARK}" if kernel_sum else "")
+
+
 def _point_row(p: dict[str, Any], run: RunData) -> dict[str, Any]:
     method = str(p.get("method"))
     compiled = bool(p.get("compile"))
@@ -87,7 +109,7 @@ def _point_row(p: dict[str, Any], run: RunData) -> dict[str, Any]:
         "method": method,
         "compile": compiled,
         # † marks a gpu_ms that is a profiler kernel sum (CUDA-graph capture failed): in every table and figure
-        "variant": method + ("+compile" if compiled else "") + (f" {KERNEL_SUM_MARK}" if p.get("gpu_timing") == "profiler" else ""),
+        "variant": variant_label(method, compiled, p.get("options"), p.get("gpu_timing") == "profiler"),
         "layer": layer,
         "model": layer.rsplit(".", 1)[0] if "." in layer else layer,
         "part": layer.rsplit(".", 1)[-1],
@@ -125,16 +147,38 @@ def points_table(runs: Iterable[RunData]) -> pd.DataFrame:
     return df.drop_duplicates(subset=identity, keep="last").reset_index(drop=True)
 
 
+def _split_variant(variant: str) -> tuple[str, str, str]:
+    """(method, option text without brackets, suffix) of a label such as 'falqon[rounding=stochastic]+compile †'.
+
+    The method ends at the first '[' or '+'; an option set runs from that '[' to the last ']' (a value may hold
+    brackets or '+'; the suffix never holds ']'); the suffix is what follows the '+' after it."""
+    end = min((i for i in (variant.find("["), variant.find("+")) if i >= 0), default=len(variant))
+    rest, options = variant[end:], ""
+    if rest.startswith("[") and "]" in rest:
+        close = rest.rfind("]")
+        options, rest = rest[1:close], rest[close + 1:]
+    return variant[:end].replace(KERNEL_SUM_MARK, "").strip(), options, rest.partition("+")[2]
+
+
 def variant_parts(variant: str) -> tuple[str, str]:
-    """(method, suffix) of a variant label such as 'falqon+compile †'."""
-    method, _, suffix = variant.partition("+")
-    return method.replace(KERNEL_SUM_MARK, "").strip(), suffix
+    """(method, suffix) of a variant label such as 'falqon[flush_every=1]+compile †': ('falqon', 'compile †')."""
+    method, _, suffix = _split_variant(variant)
+    return method, suffix
 
 
-def method_sort_key(variant: str) -> tuple[int, str]:
-    method, suffix = variant_parts(variant)
+def option_set(variant: str) -> str:
+    """The label without '+compile' and the kernel-sum mark: 'falqon[flush_every=1]', or 'falqon' without options;
+    what eager and compiled points of one option set share."""
+    method, options, _ = _split_variant(variant)
+    return method + (f"[{options}]" if options else "")
+
+
+def method_sort_key(variant: str) -> tuple[int, str, str, str, str]:
+    """Methods in METHOD_ORDER; within one, no options first, then option sets by their text, each eager then
+    compiled (the whole label last: 'falqon' and 'falqon †' never tie, so the order never depends on a set's)."""
+    method, options, suffix = _split_variant(variant)
     idx = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return idx, method + suffix
+    return idx, method, options, suffix, variant
 
 
 def ordered(values: Iterable[str]) -> list[str]:
@@ -165,8 +209,12 @@ def at_config(df: pd.DataFrame, config: tuple[Any, Any] | None) -> pd.DataFrame:
 
 
 def best_of_compile(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method and shape, the faster of eager and compiled (ok points win over failed ones, CUDA-graph
-    times over profiler kernel sums); the variant label keeps '+compile' when the compiled one won."""
+    """Per method and shape, the fastest of eager and compiled (ok points win over failed ones, CUDA-graph
+    times over profiler kernel sums); the variant label keeps '+compile' when the compiled one won.
+
+    A method run with several option sets counts at its best one too (the label says which): this answers
+    "how fast can the method be here", for the fastest-method views; figures that list variants side by
+    side draw every option set instead."""
     if df.empty:
         return df
     keys = ["device", "method", "layer", "rank", "tokens"]

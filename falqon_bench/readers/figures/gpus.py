@@ -6,7 +6,8 @@ same shapes (layer, rank, tokens) for every method and every GPU: the shapes whe
 the panel (that ran at all), and bf16_lora eager, have a measured point on every GPU. The panel title
 says how many shapes that is. Profiler kernel sums (capture failed) are lower bounds, not step times,
 and are left out. Whiskers: the geometric means of the p10/p90 ratios (baseline p10 / method p90 ...
-p90 / p10).
+p90 / p10). A method run with several option sets is one bar per option set (data.option_set), the
+baseline the plain bf16_lora.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from falqon_bench.readers.figures.data import BASELINE_METHOD, RunLabel, metric_label, ordered
+from falqon_bench.readers.figures.data import BASELINE_METHOD, RunLabel, metric_label, option_set, ordered
 from falqon_bench.readers.figures.style import (
     COMPILE_HATCH,
     FAILED_GID,
@@ -28,14 +29,21 @@ from falqon_bench.readers.figures.style import (
     mark_unavailable,
     new_figure,
     variant_color,
+    wrap_label,
 )
 
 SHAPE = ["layer", "rank", "tokens"]
-POINT = ["method", "compile", *SHAPE]
+POINT = ["setting", "compile", *SHAPE]
+
+
+def _with_setting(df: pd.DataFrame) -> pd.DataFrame:
+    """df with 'setting': the method with its option set ('falqon[flush_every=1]'), what a bar stands for."""
+    return df.assign(setting=[option_set(str(v)) for v in df["variant"]]) if "setting" not in df else df
 
 
 def points_on_every_device(df: pd.DataFrame) -> pd.DataFrame:
-    """Only the (method, compile, layer, rank, tokens) points that every GPU in df has a row for."""
+    """Only the (method and option set, compile, layer, rank, tokens) points that every GPU in df has a row for."""
+    df = _with_setting(df)
     n_devices = df["device"].nunique()
     per_point = df.groupby(POINT)["device"].transform("nunique")
     return df[per_point == n_devices]
@@ -55,26 +63,27 @@ def _timed_on_every_device(timed: pd.DataFrame, devices: list[str]) -> set[tuple
 
 def speedups(df: pd.DataFrame) -> pd.DataFrame:
     """Rows (device, method, compile, speedup, low, high, shapes, status, why): every method on every GPU,
-    per mode, each mode over one shared set of shapes (see the module docstring)."""
+    per mode, each mode over one shared set of shapes (see the module docstring). 'method' is the method
+    with its option set where it has one ('falqon[flush_every=1]')."""
     everywhere = points_on_every_device(df)
     timed = _timed(everywhere)
-    base = timed[(timed["method"] == BASELINE_METHOD) & ~timed["compile"].astype(bool)]
+    base = timed[(timed["setting"] == BASELINE_METHOD) & ~timed["compile"].astype(bool)]
     devices = sorted(set(everywhere["device"]))
     rows = []
     for compiled in sorted(set(everywhere["compile"].astype(bool))):
         mode = everywhere[everywhere["compile"].astype(bool) == compiled]
         mode_timed = timed[timed["compile"].astype(bool) == compiled]
-        methods = ordered(mode["method"])
+        methods = ordered(mode["setting"])
         shapes = _timed_on_every_device(base, devices)
         for method in methods:
-            mine = _timed_on_every_device(mode_timed[mode_timed["method"] == method], devices)
+            mine = _timed_on_every_device(mode_timed[mode_timed["setting"] == method], devices)
             if mine:
                 shapes &= mine
         for device in devices:
             on_base = base[base["device"] == device].set_index(SHAPE)
             for method in methods:
-                mine = mode[(mode["method"] == method) & (mode["device"] == device)]
-                ok = mode_timed[(mode_timed["method"] == method) & (mode_timed["device"] == device)].set_index(SHAPE)
+                mine = mode[(mode["setting"] == method) & (mode["device"] == device)]
+                ok = mode_timed[(mode_timed["setting"] == method) & (mode_timed["device"] == device)].set_index(SHAPE)
                 shared = sorted(shapes)
                 row = {"device": device, "method": method, "compile": compiled, "speedup": np.nan, "low": np.nan, "high": np.nan,
                        "shapes": len(shared), "status": "ok", "why": ""}
@@ -137,7 +146,7 @@ def render_gpu_speedup_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         n_shapes = int(part["shapes"].max()) if not part.empty else 0
         ax.set_title(f"{'torch.compile (hatched)' if compiled else 'eager'}: geometric mean over the same {n_shapes} "
                      f"shape(s)\nfor every method and GPU", fontsize=9)
-    handles = [Patch(facecolor=variant_color(m), label=m) for m in ordered(labelled)]
+    handles = [Patch(facecolor=variant_color(m), label=wrap_label(m)) for m in ordered(labelled)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)  # outside the axes: never over a bar
     add_footer(fig, label, devices, f"{metric}; geometric mean over shapes shared by every method and GPU; eager and compile apart")
     return fig

@@ -6,7 +6,7 @@ times into compute (GEMMs), quantization overhead (quantize/cast kernels only), 
 kernels and other kernels; time the profile does not explain (launch cost, host) is the light top
 segment. Compiled variants are hatched bars in the same colours.
 Right figure (fig1_rank_throughput): million tokens/s over adapter rank, one colour per method,
-eager solid, torch.compile dashed with hollow markers.
+eager solid, torch.compile dashed with hollow markers; a method's option sets each get a marker of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from falqon_bench.readers.figures.data import COMPUTE_CATEGORIES, RunLabel, metric_label, variant_parts
+from falqon_bench.readers.figures.data import COMPUTE_CATEGORIES, RunLabel, metric_label, option_set, ordered, variant_parts
 from falqon_bench.readers.figures.style import (
     layer_panels,
     FAILED_GID,
@@ -32,10 +32,21 @@ from falqon_bench.readers.figures.style import (
     variant_color,
     variant_hatch,
     is_compiled,
+    wrap_label,
     COMPILE_HATCH,
 )
 
 BAR_WIDTH = 0.7
+OPTION_MARKERS = ("s", "^", "v", "P", "X", "*")  # a method's option sets in sorted order; without options: o (D compiled)
+
+
+def _marker(variant: str, option_sets: list[str]) -> str:
+    """The line marker of a variant in the rank figure: one per option set of its method, the same eager and compiled."""
+    method, setting = variant_parts(variant)[0], option_set(variant)
+    if setting == method:
+        return "D" if is_compiled(variant) else "o"
+    siblings = [s for s in option_sets if s != method and variant_parts(s)[0] == method]
+    return OPTION_MARKERS[siblings.index(setting) % len(OPTION_MARKERS)]
 
 
 def latency_split(row: pd.Series) -> dict[str, float]:
@@ -108,14 +119,16 @@ def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
     """Throughput (million tokens/s) over rank, one panel per layer at that layer's most common token count.
 
     One colour per method: eager is a solid line with filled markers, torch.compile the same colour
-    dashed with hollow markers; the legend names each method once plus the two line styles.
+    dashed with hollow markers; a method's option sets differ by marker. The legend names each method
+    (each option set) once plus the two line styles.
     """
     layers = _layer_order(df)
     metric = metric_label(df)
     fig, axes = new_figure(len(layers), "Fig. 1 - throughput vs adapter rank (higher is better)")
     if not layers:
         empty_panel(axes[0], "no points")
-    methods: list[str] = []
+    option_sets = ordered(option_set(v) for v in df["variant"])
+    drawn: list[str] = []  # option sets with a line, for the legend
     any_compiled = False
     for ax, layer in zip(axes, layers):
         sub = df[df["layer"] == layer]
@@ -131,12 +144,11 @@ def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
                 tps = tokens / (ok["metric_ms"].to_numpy(dtype=float) * 1e-3) / 1e6
                 lo = tokens / (ok["p90_ms"].to_numpy(dtype=float) * 1e-3) / 1e6
                 hi = tokens / (ok["p10_ms"].to_numpy(dtype=float) * 1e-3) / 1e6
-                ax.errorbar(ok["rank"].to_numpy(dtype=float), tps, yerr=error_bars(tps, lo, hi), marker="D" if compiled else "o",
+                ax.errorbar(ok["rank"].to_numpy(dtype=float), tps, yerr=error_bars(tps, lo, hi), marker=_marker(variant, option_sets),
                             markersize=5 if compiled else 4, capsize=3, color=color, markerfacecolor="white" if compiled else color,
                             linestyle="--" if compiled else "-", label=variant)
-                method = variant_parts(variant)[0]
-                if method not in methods:
-                    methods.append(method)
+                if option_set(variant) not in drawn:
+                    drawn.append(option_set(variant))
                 any_compiled |= compiled
             for r in pts.loc[~pts["ok"], "rank"]:
                 mark_failed_point(ax, float(r), f"{variant} failed")
@@ -149,7 +161,7 @@ def render_rank_throughput_figure(df: pd.DataFrame, label: RunLabel) -> Figure:
         ax.set_ylabel(f"throughput, million tokens/s ({metric})")
         ax.set_title(f"{layer}  (M={int(tokens)} tokens)", fontsize=9)
     # one legend for all panels, outside them (inside, it covered the lines): a method once, plus the styles
-    handles = [Line2D([], [], color=variant_color(m), marker="o", label=m) for m in sorted_variants(methods)]
+    handles = [Line2D([], [], color=variant_color(s), marker=_marker(s, option_sets), label=wrap_label(s)) for s in ordered(drawn)]
     if any_compiled:
         handles += [Line2D([], [], color="#555555", marker="o", label="eager"),
                     Line2D([], [], color="#555555", marker="D", markerfacecolor="white", linestyle="--", label="torch.compile")]

@@ -7,6 +7,7 @@ holds no global state, and PNGs come from the Agg canvas.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -113,10 +114,28 @@ def mark_failed_point(ax: Axes, x: float, text: str = "failed") -> None:
     ax.text(x, 0.09, text, transform=ax.get_xaxis_transform(), ha="center", fontsize=7, color="#b22222", gid=FAILED_GID)
 
 
+LABEL_LINE_CHARS = 24  # a wrapped variant label's longest line (an option set spans a few such lines)
+
+
+def wrap_label(label: str, width: int = LABEL_LINE_CHARS) -> str:
+    """A variant label on lines of at most `width` characters where it can be, broken only after a comma
+    (between an option set's key=value pairs), so a long option set reads whole under its bar."""
+    lines: list[str] = []
+    for piece in re.split(r"(?<=,)", label):
+        if lines and len(lines[-1]) + len(piece) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines)
+
+
 def set_variant_ticks(ax: Axes, variants: Sequence[str]) -> None:
-    """Variant names under the bars, vertical: at 35 degrees the labels of a 15-bar panel overlapped."""
+    """Variant names under the bars, vertical: at 35 degrees the labels of a 15-bar panel overlapped.
+    Option sets are wrapped (wrap_label): their lines stand side by side under the bar."""
     ax.set_xticks(range(len(variants)))
-    ax.set_xticklabels(variants, rotation=90, ha="center", fontsize=7 if len(variants) > 8 else 8)
+    # multialignment right: every line of a wrapped label ends at the axis, as a one-line label does
+    ax.set_xticklabels([wrap_label(v) for v in variants], rotation=90, ha="center", multialignment="right",
+                       fontsize=7 if len(variants) > 8 else 8)
     ax.set_xlim(-0.6, len(variants) - 0.4)
 
 

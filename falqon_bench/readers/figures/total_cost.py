@@ -3,7 +3,7 @@
 cost(method) = sum over the block's linear layers of step time x per_block (how many linears of that
 shape a block has). One panel per model at the (rank, tokens) most of its points ran. Eager and
 torch.compile are separate bars (compiled hatched): a total never adds one layer's eager time to
-another's compiled time. The whiskers sum the layers' p10 and p90. A method with a failed or missing layer has no total.
+another's compiled time; so are a method's option sets (a suite's `options`). The whiskers sum the layers' p10 and p90. A method with a failed or missing layer has no total.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ BAR_WIDTH = 0.7
 
 
 def block_costs(pts: pd.DataFrame, layers: list[str]) -> list[dict]:
-    """Per variant (eager and compiled apart: a total never mixes the two): {'method', 'label', 'ms', 'p10',
+    """Per variant (eager and compiled apart: a total never mixes the two; each option set of a method apart):
+    {'method', 'label', 'ms', 'p10',
     'p90', 'status' ('ok'|'failed'|'n/a'), 'why'} summed over `layers`."""
     out = []
     for variant in ordered(pts["variant"]):

@@ -1,7 +1,7 @@
 """Where each LoRA method wins: per layer, the fastest method over the (rank, tokens) grid, and falqon's % of floor.
 
-A cell is one (layer, rank, tokens) point. Each method counts at its best of eager and compiled
-(data.best_of_compile); only LoRA methods compete (bf16_linear trains nothing). The left heatmap colours
+A cell is one (layer, rank, tokens) point. Each method counts at its best of eager and compiled, and of
+its option sets where a suite ran several (data.best_of_compile; winner_variant names the one that won); only LoRA methods compete (bf16_linear trains nothing). The left heatmap colours
 a cell by the fastest method and writes falqon's speedup over the best other LoRA method in it (> 1: falqon
 wins; "-" where falqon has no time there); the right one shows falqon's % of its roofline floor
 (100 * floor_ms / gpu_ms). Reads the points table only (suites/shapes.toml is the sweep it is made for).
@@ -29,7 +29,8 @@ NO_POINT_COLOR = "#eeeeee"
 def winners_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (layer, rank, tokens) with a timed LoRA method: the winner and falqon's standing.
 
-    Columns: layer, rank, tokens, winner (method), winner_variant ('+compile' when compiled won), winner_ms,
+    Columns: layer, rank, tokens, winner (method), winner_variant ('+compile' when compiled won, the option
+    set in brackets when one of several won), winner_ms,
     falqon_ms, best_other (fastest LoRA method but falqon), best_other_ms, falqon_speedup (best_other_ms /
     falqon_ms; NaN without both), falqon_pct_of_floor. Times in ms (gpu_ms, or wall_ms on CPU).
     """
@@ -38,6 +39,7 @@ def winners_table(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=columns)
     lora = df[~df["method"].isin(NOT_LORA)]
+    # one row per method: "the fastest LoRA method" takes each method at its best option set (and mode)
     best = best_of_compile(lora)
     best = best[best["ok"] & best["metric_ms"].notna()]
     rows = []
