@@ -77,3 +77,14 @@ def test_an_e2e_only_report_has_no_layer_figures_and_inlines_its_own(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["e2e.png"]
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 1 and "End to end" in page
+
+
+def test_the_phase_panel_leaves_room_above_the_tallest_stack():
+    """The top segment of a stack (post_step, a few us) sits at the tallest bar's height; its sticky bottom edge
+    used to stop matplotlib's margin, so the tallest bar touched the frame (fp8_lora in fast-stacks-all-e2e-h200)."""
+    from falqon_bench.readers.figures.e2e import render_e2e_figure
+
+    fig = render_e2e_figure([r for r in ROWS if r["kind"] == "e2e"])
+    phase_ax = next(ax for ax in fig.axes if ax.get_title().startswith("GPU time per step by phase"))
+    tallest = 100.0 + 200.0 + 5.0 + 20.0
+    assert phase_ax.get_ylim()[0] == 0 and phase_ax.get_ylim()[1] > tallest * 1.05

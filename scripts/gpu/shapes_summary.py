@@ -48,8 +48,9 @@ def print_sweep(df: pd.DataFrame) -> None:
     print(f"\nfalqon not the fastest LoRA method at >= {MIN_TOKENS} tokens (winner, falqon ms / winner ms):")
     timed = table[table["falqon_ms"].notna()]  # a cell where only other methods ran says nothing about falqon
     lost = timed[(timed["tokens"] >= MIN_TOKENS) & (timed["winner"] != "falqon")]
+    width = max([22, *(len(str(v)) for v in lost["winner_variant"])])  # option-set labels are longer
     for _, c in lost.iterrows():
-        print(f"  {c['layer']:<16} r={c['rank']:<4} M={c['tokens']:<6} {c['winner_variant']:<22} "
+        print(f"  {c['layer']:<16} r={c['rank']:<4} M={c['tokens']:<6} {c['winner_variant']:<{width}} "
               f"{c['winner_ms']:.3f} ms vs falqon {c['falqon_ms']:.3f} ms ({c['falqon_ms'] / c['winner_ms']:.2f}x)")
     print(f"  {len(lost)} of {int((timed['tokens'] >= MIN_TOKENS).sum())} cells" if len(lost) else
           f"  none of {int((timed['tokens'] >= MIN_TOKENS).sum())} cells")

@@ -166,6 +166,8 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
         for phase, values in splits.items():
             ax.bar(x, values, bottom=bottom, color=PHASE_COLORS[phase], label=phase.replace("_", "-"), edgecolor="black", linewidth=0.3)
             bottom += values
+        # the top segment's sticky bottom edge (at the tallest stack's height) would stop the autoscale margin
+        ax.set_ylim(0, float(bottom.max()) * 1.08)
         ax.legend(fontsize=8)
         ax.set_title("GPU time per step by phase (CUDA events, eager)")
     else:
