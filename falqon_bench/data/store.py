@@ -206,7 +206,17 @@ def load_run(path: Path | str) -> RunData:
         points_path = run_dir / POINTS_GZ
     if not points_path.exists():
         raise ResultsError(f"{run_dir}: no {POINTS} (not a falqon-bench run directory)")
-    return RunData(run_dir=run_dir, manifest=_read_manifest(manifest_path), points=_read_run_points(points_path))
+    manifest = _read_manifest(manifest_path)
+    return RunData(run_dir=run_dir, manifest=manifest, points=_kind_of_legacy_rows(_read_run_points(points_path), manifest))
+
+
+def _kind_of_legacy_rows(points: list[dict[str, Any]], manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an e2e run that lack `kind` (error rows the runner wrote for a timed-out or crashed point before it
+    stamped them with their kind) get the run's kind and their mode, so readers do not take them for layer points."""
+    kind = (manifest.get("suite_spec") or {}).get("kind")
+    if kind != "e2e":
+        return points
+    return [p if "kind" in p else {**p, "kind": kind, "mode": (p.get("options") or {}).get("mode")} for p in points]
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

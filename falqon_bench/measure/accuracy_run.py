@@ -34,6 +34,7 @@ from falqon_bench.measure import envinfo, timing
 from falqon_bench.measure.corpora import Corpus, make_corpus
 from falqon_bench.data.schema import new_row
 from falqon_bench.measure.worker import MeasureContext, record_failure
+from falqon_bench.suites.accuracy_suite import identify_accuracy_row
 
 WARMUP_STEPS_UNTIMED = 3
 
@@ -96,9 +97,8 @@ def measure_accuracy_point(point: dict[str, Any], ctx: MeasureContext) -> dict[s
     """Fine-tune and evaluate one point; never raises (except Ctrl-C): a failure is an error row."""
 
     device = torch.device(ctx.device)
-    o = point["options"]
     row = new_row(point, envinfo.device_name(device))
-    row.update(kind="accuracy", label=o["label"], lr=o["lr"], seed=o["seed"], corpus=o["corpus"], grid_lrs=point.get("grid_lrs"))
+    row.update(identify_accuracy_row(point))
     t0 = time.perf_counter()
     try:
         _fine_tune(point, ctx, device, row)

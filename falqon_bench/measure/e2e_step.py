@@ -32,7 +32,7 @@ from torch import nn
 from falqon_bench.measure import envinfo, timing
 from falqon_bench.measure.causal_attention import use_maskless_causal_sdpa
 from falqon_bench.measure.fast_stacks import liger_patches_of
-from falqon_bench.suites.e2e_suite import COMPILED_MODES, GRAPH_MODES
+from falqon_bench.suites.e2e_suite import COMPILED_MODES, GRAPH_MODES, identify_e2e_row
 from falqon_bench.data.schema import new_row
 from falqon_bench.measure.worker import one_line, record_failure
 
@@ -355,7 +355,7 @@ def e2e_base_row(point: dict[str, Any], device: torch.device, world_size: int, b
 
     row = new_row(point, envinfo.device_name(device))
     row.update({k: None for k in E2E_KEYS})
-    row.update(kind=point.get("kind", "e2e"), mode=point["options"]["mode"], world_size=world_size, backend=backend)
+    row.update(identify_e2e_row(point), world_size=world_size, backend=backend)
     return row
 
 

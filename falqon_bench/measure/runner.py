@@ -157,13 +157,20 @@ def measure_peaks_safely(device: torch.device) -> tuple[dict | None, str | None]
 # ---------------------------------------------------------------- executors
 
 
+def _error_row(point: Point, label: str, error_type: str, error: str) -> dict[str, Any]:
+    """schema.error_row plus what the point's kind needs its rows to carry (`identify_<kind>_row`, e.g. e2e's kind
+    and mode): a timed-out or crashed e2e or accuracy point then reads as one of its kind, not as a layer point."""
+    identify = kind_hook(point.get("kind", "layers"), "identify", "row")
+    return {**error_row(point, label, error_type, error), **(identify(point) if identify else {})}
+
+
 def run_in_process(points: list[Point], ctx: MeasureContext) -> Iterator[dict[str, Any]]:
     """--no-isolate: measure each point in this process (a CUDA error here poisons the rest of the run)."""
     device = torch.device(ctx.device)
     label = envinfo.device_name(device)
     for point in points:
         reason = precheck(point, device)
-        yield error_row(point, label, "unavailable", f"unavailable: {reason}") if reason else measure_point(point, ctx)
+        yield _error_row(point, label, "unavailable", f"unavailable: {reason}") if reason else measure_point(point, ctx)
 
 
 def _method_modules(points: list[Point]) -> list[str]:
@@ -278,7 +285,7 @@ def run_isolated(points: list[Point], ctx: MeasureContext, timeout_s: float, log
         for point in group:
             reason = precheck(point, device)
             if reason:
-                yield error_row(point, label, "unavailable", f"unavailable: {reason}")
+                yield _error_row(point, label, "unavailable", f"unavailable: {reason}")
             else:
                 remaining.append(point)
         while remaining:
@@ -296,14 +303,14 @@ def _drive_worker(worker: WorkerProcess, points: list[Point], label: str, timeou
         rc = worker.close()
         why = "did not start in time" if event == "timeout" else f"failed to start ({_describe_exit(rc)})"
         for point in points:
-            yield {**error_row(point, label, "worker_start", f"worker {why}: {worker.tail() or 'no stderr'}"), "worker_pid": worker.proc.pid}
+            yield {**_error_row(point, label, "worker_start", f"worker {why}: {worker.tail() or 'no stderr'}"), "worker_pid": worker.proc.pid}
         return []
     i = 0
     while i < len(points):
         event = worker.next_event(timeout_s)
         if event == "timeout":
             worker.kill()
-            yield {**error_row(points[i], label, "timeout", f"timeout: no result after {timeout_s:g} s; worker killed"), "worker_pid": worker.proc.pid}
+            yield {**_error_row(points[i], label, "timeout", f"timeout: no result after {timeout_s:g} s; worker killed"), "worker_pid": worker.proc.pid}
             return points[i + 1 :]
         if event is None:
             try:  # stdout closed: let the process finish dying so its own exit status is reported
@@ -312,7 +319,7 @@ def _drive_worker(worker: WorkerProcess, points: list[Point], label: str, timeou
                 pass
             rc = worker.close()
             msg = f"worker_crash: worker died ({_describe_exit(rc)}) on this point; stderr: {worker.tail() or 'empty'}"
-            yield {**error_row(points[i], label, "worker_crash", msg), "worker_pid": worker.proc.pid}
+            yield {**_error_row(points[i], label, "worker_crash", msg), "worker_pid": worker.proc.pid}
             return points[i + 1 :]
         kind = event.get("event")
         if kind == "result":

@@ -211,6 +211,14 @@ def expand_accuracy_suite(suite) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: order[p["method"]])
 
 
+def identify_accuracy_row(point: dict[str, Any]) -> dict[str, Any]:
+    """The keys the accuracy readers group a row by, from its point: on every row of the point, also the error row
+    the runner writes for a point whose worker timed out or crashed (suite.kind_hook)."""
+    o = point["options"]
+    return dict(kind="accuracy", label=o["label"], lr=o["lr"], seed=o["seed"], corpus=o["corpus"],
+                grid_lrs=point.get("grid_lrs"))
+
+
 def measure_accuracy_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     """suite.KINDS entry point for the worker: train and evaluate one point (falqon_bench.measure.accuracy_run, torch)."""
     from falqon_bench.measure.accuracy_run import measure_accuracy_point as measure

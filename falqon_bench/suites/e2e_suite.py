@@ -163,6 +163,12 @@ def expand_e2e_suite(suite, world_size: int = 1) -> list[dict[str, Any]]:
     return points
 
 
+def identify_e2e_row(point: dict[str, Any]) -> dict[str, Any]:
+    """The keys the e2e readers group a row by, from its point: on every row of the point, also the error row the
+    runner writes for a point whose worker timed out or crashed (suite.kind_hook)."""
+    return dict(kind=point.get("kind", KIND), mode=point["options"]["mode"])
+
+
 def measure_e2e_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     """worker entry: train the point's model in this process (one GPU, no process group)."""
     from falqon_bench.measure.e2e_step import measure_point
