@@ -56,3 +56,18 @@ def test_a_crash_row_written_before_the_fix_reads_as_e2e_from_the_manifest():
     crashed = [r for r in rows if r.get("error_type") == "worker_crash"]
     assert crashed and all(r["kind"] == "e2e" and r["mode"] == "compile" for r in crashed)
     assert all(r.get("kind") == "e2e" for r in rows)
+
+
+def test_an_accuracy_run_with_a_crashed_point_still_reports(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "results" / "accuracy-synthetic-cpu", run)
+    points = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines() if line.strip()]
+    first = next(p for p in points if p.get("label") == "bf16_lora")
+    crashed = dict(first, point_id="crashed0", options={**first["options"], "lr": 0.5})
+    row = {**_error_row(crashed, "cpu", "worker_crash", "worker_crash: worker died (SIGKILL)"), "suite": first["suite"]}
+    with (run / "points.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "accuracy_loss_vs_lr.png").exists() and "worker died" in (out / "report.md").read_text()
