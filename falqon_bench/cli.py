@@ -387,7 +387,7 @@ def compare(
     base: Path = typer.Argument(..., help="Baseline run directory, points .jsonl (e.g. results/baselines/h100.jsonl) or pytest-benchmark JSON."),
     new: Path = typer.Argument(..., help="New run directory, or a pytest-benchmark JSON file (`pytest benchmarks --benchmark-json`)."),
     factor: float = typer.Option(1.10, "--factor", help="A point regresses only when new/base median exceeds this ratio."),
-    override: Optional[List[str]] = typer.Option(None, "--override", help="PATTERN=FACTOR per point (fnmatch on method/layer/rank/tokens/compile); repeatable."),
+    override: Optional[List[str]] = typer.Option(None, "--override", help="PATTERN=FACTOR per point (fnmatch on method/layer/rank/tokens/eager|compile; a point run with method options is method[k=v,...]/..., so 'falqon*/*' matches them too); repeatable."),
 ) -> None:
     """Regression gate: exit 1 when a point is significantly slower (Mann-Whitney U) by more than --factor, else 0.
 

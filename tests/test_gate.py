@@ -192,3 +192,21 @@ def test_each_committed_baseline_is_a_complete_run_of_the_gate_suite_on_its_gpu(
     assert {p["point_id"] for p in run.points} == wanted
     assert all(p["status"] == "ok" and p["gpu_timing"] == "cudagraph" for p in run.points)
     assert baseline.stem == device_slug(run.points[0]["device"]), "the workflow finds a baseline by the GPU's slug"
+
+
+def test_option_sets_of_a_method_have_their_own_keys_and_print_literally(tmp_path):
+    """Two option sets of falqon are two points; their keys name the options, and the table does not eat '[...]'
+    as rich markup (it did: both printed as 'falqon/...')."""
+    from rich.console import Console
+
+    variant = {"rounding": "stochastic", "flush_every": 1}
+    samples = _samples(0.6)
+    plain = make_point("falqon", LAYER, 16, gpu_samples=samples)
+    opts = make_point("falqon", LAYER, 16, gpu_samples=samples, options=variant)
+    assert point_key(opts) == f"falqon[flush_every=1,rounding=stochastic]/{LAYER}/16/4096/eager"
+    assert point_key(plain) == f"falqon/{LAYER}/16/4096/eager"
+    result = compare_runs(write_run(tmp_path, "base", H100, [plain, opts]), write_run(tmp_path, "new", H100, [plain, opts]))
+    assert result.count("same") == 2
+    console = Console(record=True, width=200)
+    console.print(result.to_table())
+    assert "falqon[flush_every=1,rounding=stochastic]/" in console.export_text()

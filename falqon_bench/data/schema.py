@@ -123,6 +123,23 @@ class Point:
 IDENTITY_KEYS = tuple(f.name for f in fields(Point))
 
 
+def _compact(value: Any) -> str:
+    """An option value as short text: true/false, numbers as Python prints them, strings bare, else compact JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def option_set_label(method: str, options: Any) -> str:
+    """'method[key=value,...]' (sorted keys) for a point run with method options, else 'method': how figures,
+    tables and the gate name one of several option sets of a method."""
+    if isinstance(options, dict) and options:
+        return method + "[" + ",".join(f"{k}={_compact(options[k])}" for k in sorted(options)) + "]"
+    return method + (f"[{_compact(options)}]" if options else "")
+
+
 def point_id(identity: dict) -> str:
     """A short stable id of a point from its identity keys (order-independent, JSON-canonical)."""
     payload = json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.schema import IDENTITY_KEYS
+from falqon_bench.data.schema import IDENTITY_KEYS, option_set_label
 from falqon_bench.data.store import RunData, load_results
 
 MIN_SAMPLES = 5
@@ -58,6 +58,7 @@ class GateResult:
 
     def to_table(self):
         """A rich Table of every point, worst ratio first."""
+        from rich.markup import escape
         from rich.table import Table
 
         style = {"regressed": "bold red", "failed": "red", "improved": "green", "missing": "yellow", "same": ""}
@@ -70,16 +71,19 @@ class GateResult:
             return "-" if v is None else format(v, spec)
 
         for r in sorted(self.rows, key=lambda r: -(r["ratio"] or 0.0)):
-            table.add_row(r["key"], fmt(r["base_ms"], ".4f"), fmt(r["new_ms"], ".4f"), fmt(r["ratio"], ".3f"),
-                          fmt(r["p_value"], ".2g"), fmt(r["factor"], ".2f"), r["verdict"], r["note"],
+            # keys and notes are data (an option set's '[k=v]', a layer name): never rich markup
+            table.add_row(escape(r["key"]), fmt(r["base_ms"], ".4f"), fmt(r["new_ms"], ".4f"), fmt(r["ratio"], ".3f"),
+                          fmt(r["p_value"], ".2g"), fmt(r["factor"], ".2f"), r["verdict"], escape(r["note"] or ""),
                           style=style[r["verdict"]])
         return table
 
 
 def point_key(point: dict[str, Any]) -> str:
-    """'method/layer/rank/tokens/eager|compile': the name overrides match against."""
+    """'method/layer/rank/tokens/eager|compile': the name overrides match against; a point run with method options
+    names them with its method, 'falqon[flush_every=1]/...' (a pattern 'falqon*/*' matches every falqon point)."""
     mode = "compile" if point.get("compile") else "eager"
-    return f"{point.get('method')}/{point.get('layer')}/{point.get('rank')}/{point.get('tokens')}/{mode}"
+    method = option_set_label(str(point.get("method")), point.get("options"))
+    return f"{method}/{point.get('layer')}/{point.get('rank')}/{point.get('tokens')}/{mode}"
 
 
 def _match_key(point: dict[str, Any]) -> str:

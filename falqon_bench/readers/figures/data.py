@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from falqon_bench.data.derived import residual
-from falqon_bench.data.schema import BREAKDOWN_CATEGORIES
+from falqon_bench.data.schema import BREAKDOWN_CATEGORIES, option_set_label
 from falqon_bench.data.store import RunData
 
 KERNEL_SUM_MARK = "†"
@@ -74,24 +74,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _compact(value: Any) -> str:
-    """An option value as short text: true/false, numbers as Python prints them, strings bare, else compact JSON."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return str(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
 def variant_label(method: str, compiled: bool, options: Any, kernel_sum: bool) -> str:
     """'method[key=value,...]+compile †': the option set (sorted keys) only when there is one, '+compile' for
     torch.compile, † for a profiler kernel sum."""
-    label = method
-    if isinstance(options, dict) and options:
-        label += "[" + ",".join(f"{k}={_compact(options[k])}" for k in sorted(options)) + "]"
-    elif options:
-        label += "[" + _compact(options) + "]"
-    return label + ("+compile" if compiled else "") + (f" {KERNEL_SUM_MARK}" if kernel_sum else "")
+    return option_set_label(method, options) + ("+compile" if compiled else "") + (f" {KERNEL_SUM_MARK}" if kernel_sum else "")
 
 
 def _point_row(p: dict[str, Any], run: RunData) -> dict[str, Any]:
