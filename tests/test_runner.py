@@ -327,3 +327,18 @@ def test_smoke_suite_on_gpu_records_graph_time_floor_clocks_and_breakdown(tmp_pa
     assert all(p["gpu_timing"] == "cudagraph" for p in ok if p["method"] in ("bf16_linear", "bf16_lora")), [
         (p["method"], p.get("capture_error")) for p in ok if p["gpu_timing"] != "cudagraph"
     ]
+
+
+def test_the_run_summary_gives_each_option_set_of_a_method_its_own_column():
+    """It keyed cells by method alone: a second option set overwrote the first's cell (one 'falqon' column)."""
+    from rich.console import Console
+
+    from falqon_bench.measure.runner import summary_table
+
+    base = {"layer": "tiny.attn", "K": 64, "N": 64, "rank": 16, "tokens": 64, "compile": False, "cache": "warm",
+            "method": "falqon", "status": "ok", "gpu_ms": None}
+    rows = [{**base, "options": {}, "wall_ms": 0.5}, {**base, "options": {"flush_every": 1}, "wall_ms": 0.8}]
+    console = Console(record=True, width=200)
+    console.print(summary_table(rows))
+    text = console.export_text()
+    assert "falqon[flush_every=1]" in text and "0.500" in text and "0.800" in text
