@@ -23,6 +23,7 @@ from falqon_bench.data.pytest_benchmark_format import (
     benchmark_id,
     export_pytest_benchmark,
     is_pytest_benchmark_json,
+    run_to_pytest_benchmark,
     sample_stats,
 )
 from falqon_bench.data.store import load_results
@@ -218,3 +219,13 @@ def test_files_saved_without_stats_data_compare_by_their_extra_info_samples(tmp_
     stripped = tmp_path / "0001_autosaved.json"
     stripped.write_text(json.dumps(doc))
     assert verdicts(compare_runs(H100_BASELINE, stripped, 1.0)) == verdicts(compare_runs(H100_BASELINE, H100_REPEAT, 1.0))
+
+
+def test_export_of_a_run_with_option_sets_names_each_set():
+    """Point options are the point's own method options, flat ({"flush_every": 1}); the id builder read them as
+    {method: {key: value}} and the export died with a traceback on the committed variant run."""
+    run = Path(__file__).resolve().parents[1] / "results" / "falqon-variant-f1-overhead-h200"
+    doc = run_to_pytest_benchmark(load_results(run))
+    names = [b["name"] for b in doc["benchmarks"]]
+    assert len(set(names)) == len(names) == 12
+    assert "test_point[falqon-llama-7b.attn-r16-t4096-eager-a_scale=kaiming,flush_every=1,rounding=stochastic]" in names

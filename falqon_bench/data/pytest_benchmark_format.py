@@ -27,7 +27,7 @@ from bisect import bisect_left, bisect_right
 from pathlib import Path
 from typing import Any
 
-from falqon_bench.data.schema import IDENTITY_KEYS, REQUIRED_KEYS, SCHEMA_VERSION
+from falqon_bench.data.schema import IDENTITY_KEYS, REQUIRED_KEYS, SCHEMA_VERSION, option_text
 from falqon_bench.data.store import RunData, ResultsError, load_results
 
 TEST_FILE = "benchmarks/test_suite_points.py"
@@ -53,8 +53,8 @@ def benchmark_id(point: dict[str, Any]) -> str:
         parts.append(str(point["cache"]))
     if point.get("dtype") not in (None, "bfloat16"):
         parts.append(str(point["dtype"]))
-    if point.get("options"):
-        parts.append(",".join(f"{m}:{k}={v}" for m, opts in sorted(point["options"].items()) for k, v in sorted(opts.items())))
+    if point.get("options"):  # the point's method options, flat: 'flush_every=1,rounding=stochastic'
+        parts.append(option_text(point["options"]))
     return "-".join(parts)
 
 

@@ -132,12 +132,18 @@ def _compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def option_text(options: Any) -> str:
+    """'key=value,...' (sorted keys, compact values) of a point's method options; '' for none."""
+    if isinstance(options, dict):
+        return ",".join(f"{k}={_compact(options[k])}" for k in sorted(options))
+    return _compact(options) if options else ""
+
+
 def option_set_label(method: str, options: Any) -> str:
-    """'method[key=value,...]' (sorted keys) for a point run with method options, else 'method': how figures,
-    tables and the gate name one of several option sets of a method."""
-    if isinstance(options, dict) and options:
-        return method + "[" + ",".join(f"{k}={_compact(options[k])}" for k in sorted(options)) + "]"
-    return method + (f"[{_compact(options)}]" if options else "")
+    """'method[key=value,...]' for a point run with method options, else 'method': how figures, tables and the
+    gate name one of several option sets of a method."""
+    text = option_text(options)
+    return f"{method}[{text}]" if text else method
 
 
 def point_id(identity: dict) -> str:
