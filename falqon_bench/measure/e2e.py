@@ -298,6 +298,8 @@ def run(suite_ref: str, out: Path, methods: list[str] | None = None, resume: boo
                 print(_summary_line(row), flush=True)
         if writer is not None:
             writer.finish()
+        if info.backend is not None:  # every rank done before any tears the group down (a gloo rank that
+            dist.barrier()            # destroyed it while its peer still ran aborted: 'terminate called ...')
     finally:
         if info.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
