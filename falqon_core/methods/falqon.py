@@ -474,16 +474,22 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
     kwargs: dict[str, Any] = {}
-    for name in ("topk", "topk_after", "warmup_steps", "flush_every", "a_redraw"):
+    # the bounds no layer shape lifts are checked here (a suite's load calls this): topk <= N, a_redraw <= r and
+    # rank <= min(K, N) need the shape and stay with the layer
+    for name, least in (("topk", 1), ("topk_after", 1), ("warmup_steps", 0), ("flush_every", 0), ("a_redraw", 0)):
         if options.get(name) is not None:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"falqon option {name} must be an integer, got {value!r}")
+            if value < least:
+                raise ValueError(f"falqon option {name} must be an integer >= {least}, got {value!r}")
             kwargs[name] = value
+    if kwargs.get("a_redraw") and not kwargs.get("flush_every"):
+        raise ValueError(
+            f"falqon a_redraw = {kwargs['a_redraw']} needs flush_every > 0: A may change only right after a flush, when B is zero"
+        )
     if "svd_dtype" in options:
         kwargs["svd_dtype"] = _svd_dtype(options["svd_dtype"])
-    if "cache_weight_t" in options:
-        kwargs["cache_weight_t"] = bool(options["cache_weight_t"])
     if "fast_accum" in options:
         if not isinstance(options["fast_accum"], bool):
             raise ValueError(f"falqon option fast_accum must be true or false, got {options['fast_accum']!r}")
@@ -501,10 +507,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         if options["a_scale"] not in A_SCALES:
             raise ValueError(f"falqon option a_scale must be one of {', '.join(A_SCALES)}, got {options['a_scale']!r}")
         kwargs["a_scale"] = options["a_scale"]
-    if "keep_unmerged" in options:
-        kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
-    if "batched_update" in options and not isinstance(options["batched_update"], bool):
-        raise ValueError(f"falqon option batched_update must be true or false, got {options['batched_update']!r}")
+    for name in ("cache_weight_t", "keep_unmerged", "batched_update"):  # bool("false") is True: a flag is a bool
+        if name in options and not isinstance(options[name], bool):
+            raise ValueError(f"falqon option {name} must be true or false, got {options[name]!r}")
+    kwargs.update({name: options[name] for name in ("cache_weight_t", "keep_unmerged") if name in options})
     if "seed" in options:
         if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
             raise ValueError(f"falqon option seed must be an integer, got {options['seed']!r}")
