@@ -276,3 +276,36 @@ def test_update_cost_prints_default_and_variant_per_layer_and_rank_and_refuses_b
     for bad in (["--variant", "[1]"], ["--variant", "{"], ["--variant", '{"bogus": 1}'], ["--layers", "nope", "--variant", "{}"]):
         bad_result = CliRunner().invoke(update_cost, [*args, *bad] if bad[0] != "--layers" else [*bad, "--device", "cpu"])
         assert bad_result.exit_code == 2 and "Traceback" not in bad_result.output, bad_result.output
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--ranks", "0"],  # no rank fits
+        ["--ranks", "100"],  # past min(K, N) = 48
+        ["--layers", "0x48"],
+        ["--variant", '{"topk": 100}'],  # k past N = 48: the layer's check, with the shape
+        ["--variant", '{"a_redraw": 30, "flush_every": 1}'],  # past r = 5
+        ["--device", "tpu"],
+        ["--budget-ms", "0"],
+    ],
+)
+def test_update_cost_refuses_input_only_a_layer_shape_or_the_device_rules_out(bad):
+    """These died with a ValueError / RuntimeError traceback (rc 1) from inside the timing loop."""
+    from falqon_bench.measure.accuracy_update_cost import app as update_cost
+
+    args = {"--layers": "64x48", "--ranks": "5", "--device": "cpu", "--budget-ms": "2", "--variant": "{}"}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    result = CliRunner().invoke(update_cost, [v for kv in args.items() for v in kv])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "bad input" in result.output and "default us" not in result.output, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU says")
+def test_update_cost_on_cuda_without_a_gpu_says_so():
+    """--device defaults to cuda: on a CPU machine that was torch's 'no NVIDIA driver' traceback."""
+    from falqon_bench.measure.accuracy_update_cost import app as update_cost
+
+    result = CliRunner().invoke(update_cost, ["--layers", "64x48", "--ranks", "5", "--variant", "{}"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "--device cpu" in result.output, result.output

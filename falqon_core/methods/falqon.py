@@ -218,9 +218,7 @@ class FalqonLinear(nn.Module):
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
-        if not 1 <= rank <= min(n_out, k_in):
-            allowed = min(n_out, k_in)
-            raise ValueError(f"falqon rank {rank} does not fit a {k_in}->{n_out} linear; allowed: 1..{allowed}")
+        _check_rank(rank, k_in, n_out)
         self.in_features, self.out_features, self.rank = k_in, n_out, rank
         self.topk = _check_k("topk", rank if topk is None else topk, n_out)
         self.topk_after = _check_k("topk_after", self.topk if topk_after is None else topk_after, n_out)
@@ -524,6 +522,21 @@ def _svd_dtype(value: Any) -> torch.dtype:
     if isinstance(value, str) and value in _SVD_DTYPES:
         return _SVD_DTYPES[value]
     raise ValueError(f"falqon option svd_dtype must be one of {sorted(_SVD_DTYPES)}, got {value!r}")
+
+
+def check_layer_fit(k_in: int, n_out: int, rank: int, kwargs: dict[str, Any]) -> None:
+    """ValueError when a K -> N layer of this rank cannot take these parse_options kwargs (the shape-dependent
+    checks FalqonLinear makes), for a tool that checks every shape before it builds or times any."""
+    _check_rank(rank, k_in, n_out)
+    topk = _check_k("topk", rank if kwargs.get("topk") is None else kwargs["topk"], n_out)
+    _check_k("topk_after", topk if kwargs.get("topk_after") is None else kwargs["topk_after"], n_out)
+    _check_redraw(kwargs.get("a_redraw", 0), rank, kwargs.get("flush_every", 0))
+
+
+def _check_rank(rank: int, k_in: int, n_out: int) -> None:
+    if not 1 <= rank <= min(n_out, k_in):
+        allowed = min(n_out, k_in)
+        raise ValueError(f"falqon rank {rank} does not fit a {k_in}->{n_out} linear; allowed: 1..{allowed}")
 
 
 def _check_k(name: str, k: int, n_out: int) -> int:
