@@ -309,3 +309,28 @@ def test_update_cost_on_cuda_without_a_gpu_says_so():
     result = CliRunner().invoke(update_cost, ["--layers", "64x48", "--ranks", "5", "--variant", "{}"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
     assert "--device cpu" in result.output, result.output
+
+
+def test_the_run_summary_of_an_accuracy_run_has_a_line_per_label_lr_and_seed():
+    """The runner's per-method table keyed cells by (model, rank, tokens, mode) and method: every label and lr of
+    a method landed in one 'falqon' cell, the last overwriting the rest. Labels print literally (rich markup off)."""
+    from rich.console import Console
+
+    from falqon_bench.measure.runner import summary_table
+    from falqon_bench.suites.suite import kind_hook
+
+    base = {"kind": "accuracy", "method": "falqon", "layer": "tiny-llama", "K": 64, "N": 128, "rank": 5, "tokens": 128,
+            "compile": False, "cache": "warm", "seed": 0, "gpu_ms": None, "device": "CPU", "final_acc": 0.13}
+    rows = [
+        {**base, "label": "falqon", "lr": 0.1, "status": "ok", "final_loss": 4.053, "wall_ms": 20.0},
+        {**base, "label": "falqon+kA+sr+f1", "lr": 0.02, "status": "ok", "final_loss": 4.013, "wall_ms": 21.0},
+        {**base, "label": "f1, [bold]odd[/bold] é", "lr": 0.02, "status": "ok", "final_loss": None, "wall_ms": 22.0},
+        {**base, "label": "f1, [bold]odd[/bold] é", "lr": 0.04, "status": "error", "error": "ValueError: x", "wall_ms": None},
+    ]
+    tabulate = kind_hook("accuracy", "tabulate", "rows") or summary_table
+    console = Console(record=True, width=200)
+    console.print(tabulate(rows))
+    text = console.export_text()
+    assert "4.053" in text and "4.013" in text and "diverged" in text and "error" in text, text
+    assert "falqon+kA+sr+f1" in text and "f1, [bold]odd[/bold] é" in text, text
+    assert "2e-02" in text and "4e-02" in text, text
