@@ -472,11 +472,13 @@ def _fmt_ms(v: float | None) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
-    """Rows: layer x rank x tokens (x compile, cache); columns: methods (a layer point's option set its own column,
-    'falqon[flush_every=1]'); cells: gpu_ms, else wall_ms, else 'error'."""
+    """Rows: layer x rank x tokens (x compile, cache); columns: methods (a layer or e2e point's option set its own
+    column, 'falqon[flush_every=1]'); cells: gpu_ms, else wall_ms, else 'error'."""
     def column(r: dict[str, Any]) -> str:
-        layer_point = r.get("kind", "layers") == "layers"  # other kinds keep their settings in `options`
-        return option_set_label(r["method"], r.get("options")) if layer_point else r["method"]
+        kind = r.get("kind", "layers")  # other kinds keep their settings in `options`, e2e its method's in method_options
+        if kind == "e2e":
+            return option_set_label(r["method"], (r.get("options") or {}).get("method_options"))
+        return option_set_label(r["method"], r.get("options")) if kind == "layers" else r["method"]
 
     methods = list(dict.fromkeys(column(r) for r in rows))
     any_gpu = any(r.get("gpu_ms") is not None for r in rows)
