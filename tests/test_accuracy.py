@@ -334,3 +334,15 @@ def test_the_run_summary_of_an_accuracy_run_has_a_line_per_label_lr_and_seed():
     assert "4.053" in text and "4.013" in text and "diverged" in text and "error" in text, text
     assert "falqon+kA+sr+f1" in text and "f1, [bold]odd[/bold] é" in text, text
     assert "2e-02" in text and "4e-02" in text, text
+
+
+def test_lost_update_stats_of_a_run_whose_merges_are_not_counted_say_so():
+    """flush_every = 1: the flush is the whole update and is not in lost_stats, which stay zero: the row read
+    merged_rows_per_update = 0.0 (no row ever merged) while every row of B was merged at every step."""
+    from falqon_bench.measure.accuracy_run import lost_update_stats
+
+    zeros = [torch.zeros(3, dtype=torch.int64) for _ in range(4)]
+    assert lost_update_stats(zeros, n_layers=14, steps=4) == {
+        "lost_fraction": [None] * 4, "lost_fraction_mean": None, "merged_rows_per_update": None}
+    counted = [torch.tensor([1, 2, 8]) * (i + 1) for i in range(4)]  # 8 rows merged per step over 2 layers
+    assert lost_update_stats(counted, n_layers=2, steps=4)["merged_rows_per_update"] == 4.0
