@@ -37,3 +37,15 @@ def test_plain_option_values_print_as_before_and_odd_ones_stay_legible():
     assert option_set_label("halo_lora", {"name": "llama-7b.attn"}) == "halo_lora[name=llama-7b.attn]"
     assert option_set_label("falqon", {}) == "falqon"
     assert option_set_label("falqon", {"tag": "a b, [c] é"}) == 'falqon[tag="a b, [c] é"]'  # unicode as is
+
+
+def test_exported_option_columns_keep_unicode_readable(tmp_path):
+    """export's list/dict columns are JSON text: an option value 'é' was written as the escape '\\u00e9'."""
+    from fixtures.results import H100, make_point, write_run
+
+    from falqon_bench.data.store import export_points
+
+    point = make_point("falqon", "t1", 5, gpu_samples=[0.5] * 5, options={"tag": "a b, [c] é"})
+    out = export_points([write_run(tmp_path, "run", H100, [point])], tmp_path / "points.csv")
+    text = out.read_text(encoding="utf-8")
+    assert "é" in text and "\\u00e9" not in text
