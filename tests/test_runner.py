@@ -356,3 +356,16 @@ def test_the_run_summary_of_an_e2e_run_names_its_methods_option_set():
     console = Console(record=True, width=200)
     console.print(summary_table([row]))
     assert "falqon[flush_every=1,rounding=stochastic]" in console.export_text()
+
+
+def test_error_lines_name_an_accuracy_points_label_and_lr_and_an_e2e_points_mode():
+    """Grouped error lines named points by tokens: two failed lrs of one accuracy label read 'tokens=32, tokens=32'."""
+    from falqon_bench.measure.runner import error_groups
+
+    base = {"method": "falqon", "layer": "tiny-llama", "rank": 5, "tokens": 32, "error": "ValueError: x"}
+    acc = [{**base, "kind": "accuracy", "label": "bad [redraw]", "lr": lr, "seed": 0} for lr in (0.01, 0.02)]
+    ((_, points),) = error_groups(acc)
+    assert points == ["bad [redraw] lr=0.01 seed=0", "bad [redraw] lr=0.02 seed=0"]
+    e2e = [{**base, "kind": "e2e", "mode": m, "options": {"mode": m, "liger": m == "eager"}} for m in ("eager", "compile")]
+    ((_, points),) = error_groups(e2e)
+    assert points == ["tokens=32 eager +liger", "tokens=32 compile"]

@@ -508,10 +508,16 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
 
 def error_groups(errors: list[dict[str, Any]]) -> list[tuple[tuple[str, str, Any, str], list[str]]]:
     """Error rows grouped by (method, layer, rank, message), in first-seen order, each with its points' labels
-    (tokens, and compile/cold where set): a method failing alike at every token count is one summary line."""
+    (tokens, and compile/cold where set; an e2e point's mode, an accuracy point's label, lr and seed): a method
+    failing alike at every token count is one summary line."""
     groups: dict[tuple[str, str, Any, str], list[str]] = {}
     for r in errors:
-        label = f"tokens={r.get('tokens')}" + (" compile" if r.get("compile") else "") + (" cold" if r.get("cache") == "cold" else "")
+        if r.get("kind") == "accuracy":  # one model and token count per run: the label, lr and seed tell points apart
+            label = f"{r.get('label')} lr={r.get('lr')} seed={r.get('seed')}"
+        elif r.get("kind") == "e2e":
+            label = f"tokens={r.get('tokens')} {r.get('mode')}" + (" +liger" if (r.get("options") or {}).get("liger") else "")
+        else:
+            label = f"tokens={r.get('tokens')}" + (" compile" if r.get("compile") else "") + (" cold" if r.get("cache") == "cold" else "")
         groups.setdefault((r["method"], r["layer"], r["rank"], str(r.get("error"))), []).append(label)
     return list(groups.items())
 
