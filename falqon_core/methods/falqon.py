@@ -60,8 +60,9 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
                   of all N rows of W8 per flush (step_cost counts it spread over the steps). Chosen on the host
                   from the update count, like the k schedule: a captured graph replays what its capture did.
                   Its merges are not in `lost_stats`. flush_every = 1 (the recommended variant, docs/accuracy.md):
-                  the flush replaces the top-k update (no row norms, no top-k; keep_unmerged has no effect), so
-                  every update of B reaches the forward at the next step, as LoRA's does.
+                  the flush replaces the top-k update (no row norms, no top-k; keep_unmerged, merge, topk,
+                  topk_after and warmup_steps have no effect), so every update of B reaches the forward at the
+                  next step, as LoRA's does.
   a_redraw        rows of A redrawn after every flush (default 0: A fixed, as the reference; needs flush_every > 0).
                   FALQON never trains A, so every update of W lies in the r-dimensional row space of A (LoRA-FA);
                   LoRA trains A and finds a better subspace. Right after a flush B is zero, so A can change without
