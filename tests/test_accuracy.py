@@ -276,3 +276,73 @@ def test_update_cost_prints_default_and_variant_per_layer_and_rank_and_refuses_b
     for bad in (["--variant", "[1]"], ["--variant", "{"], ["--variant", '{"bogus": 1}'], ["--layers", "nope", "--variant", "{}"]):
         bad_result = CliRunner().invoke(update_cost, [*args, *bad] if bad[0] != "--layers" else [*bad, "--device", "cpu"])
         assert bad_result.exit_code == 2 and "Traceback" not in bad_result.output, bad_result.output
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--ranks", "0"],  # no rank fits
+        ["--ranks", "100"],  # past min(K, N) = 48
+        ["--layers", "0x48"],
+        ["--variant", '{"topk": 100}'],  # k past N = 48: the layer's check, with the shape
+        ["--variant", '{"a_redraw": 30, "flush_every": 1}'],  # past r = 5
+        ["--device", "tpu"],
+        ["--budget-ms", "0"],
+    ],
+)
+def test_update_cost_refuses_input_only_a_layer_shape_or_the_device_rules_out(bad):
+    """These died with a ValueError / RuntimeError traceback (rc 1) from inside the timing loop."""
+    from falqon_bench.measure.accuracy_update_cost import app as update_cost
+
+    args = {"--layers": "64x48", "--ranks": "5", "--device": "cpu", "--budget-ms": "2", "--variant": "{}"}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    result = CliRunner().invoke(update_cost, [v for kv in args.items() for v in kv])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "bad input" in result.output and "default us" not in result.output, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU says")
+def test_update_cost_on_cuda_without_a_gpu_says_so():
+    """--device defaults to cuda: on a CPU machine that was torch's 'no NVIDIA driver' traceback."""
+    from falqon_bench.measure.accuracy_update_cost import app as update_cost
+
+    result = CliRunner().invoke(update_cost, ["--layers", "64x48", "--ranks", "5", "--variant", "{}"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "--device cpu" in result.output, result.output
+
+
+def test_the_run_summary_of_an_accuracy_run_has_a_line_per_label_lr_and_seed():
+    """The runner's per-method table keyed cells by (model, rank, tokens, mode) and method: every label and lr of
+    a method landed in one 'falqon' cell, the last overwriting the rest. Labels print literally (rich markup off)."""
+    from rich.console import Console
+
+    from falqon_bench.measure.runner import summary_table
+    from falqon_bench.suites.suite import kind_hook
+
+    base = {"kind": "accuracy", "method": "falqon", "layer": "tiny-llama", "K": 64, "N": 128, "rank": 5, "tokens": 128,
+            "compile": False, "cache": "warm", "seed": 0, "gpu_ms": None, "device": "CPU", "final_acc": 0.13}
+    rows = [
+        {**base, "label": "falqon", "lr": 0.1, "status": "ok", "final_loss": 4.053, "wall_ms": 20.0},
+        {**base, "label": "falqon+kA+sr+f1", "lr": 0.02, "status": "ok", "final_loss": 4.013, "wall_ms": 21.0},
+        {**base, "label": "f1, [bold]odd[/bold] é", "lr": 0.02, "status": "ok", "final_loss": None, "wall_ms": 22.0},
+        {**base, "label": "f1, [bold]odd[/bold] é", "lr": 0.04, "status": "error", "error": "ValueError: x", "wall_ms": None},
+    ]
+    tabulate = kind_hook("accuracy", "tabulate", "rows") or summary_table
+    console = Console(record=True, width=200)
+    console.print(tabulate(rows))
+    text = console.export_text()
+    assert "4.053" in text and "4.013" in text and "diverged" in text and "error" in text, text
+    assert "falqon+kA+sr+f1" in text and "f1, [bold]odd[/bold] é" in text, text
+    assert "2e-02" in text and "4e-02" in text, text
+
+
+def test_lost_update_stats_of_a_run_whose_merges_are_not_counted_say_so():
+    """flush_every = 1: the flush is the whole update and is not in lost_stats, which stay zero: the row read
+    merged_rows_per_update = 0.0 (no row ever merged) while every row of B was merged at every step."""
+    from falqon_bench.measure.accuracy_run import lost_update_stats
+
+    zeros = [torch.zeros(3, dtype=torch.int64) for _ in range(4)]
+    assert lost_update_stats(zeros, n_layers=14, steps=4) == {
+        "lost_fraction": [None] * 4, "lost_fraction_mean": None, "merged_rows_per_update": None}
+    counted = [torch.tensor([1, 2, 8]) * (i + 1) for i in range(4)]  # 8 rows merged per step over 2 layers
+    assert lost_update_stats(counted, n_layers=2, steps=4)["merged_rows_per_update"] == 4.0

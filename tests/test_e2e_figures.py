@@ -88,3 +88,17 @@ def test_the_phase_panel_leaves_room_above_the_tallest_stack():
     phase_ax = next(ax for ax in fig.axes if ax.get_title().startswith("GPU time per step by phase"))
     tallest = 100.0 + 200.0 + 5.0 + 20.0
     assert phase_ax.get_ylim()[0] == 0 and phase_ax.get_ylim()[1] > tallest * 1.05
+
+
+def test_a_methods_option_sets_are_separate_rows_of_the_e2e_table(tmp_path):
+    """Two e2e runs of falqon, the default and the recommended variant (options = {falqon = {...}}), reported
+    together: both printed as 'falqon | eager', one figure bar each under one name."""
+    variant = {"a_scale": "kaiming", "flush_every": 1, "rounding": "stochastic"}
+    rows = [_row("bf16_lora", "eager", 10000.0, options={"mode": "eager", "method_options": {}}),
+            _row("falqon", "eager", 8000.0, options={"mode": "eager", "method_options": {}}),
+            {**_row("falqon", "eager", 7000.0, options={"mode": "eager", "method_options": variant}), "point_id": "v"}]
+    md = render_e2e_section(rows, tmp_path, 60, cell=str)
+    assert "| falqon | eager | 8,000 |" in md, md
+    assert "| falqon[a_scale=kaiming,flush_every=1,rounding=stochastic] | eager | 7,000 |" in md, md
+    assert "| bf16_lora | eager | 10,000 | 1.00x |" in md, md
+    assert (tmp_path / "e2e.png").exists()

@@ -210,3 +210,17 @@ def test_option_sets_of_a_method_have_their_own_keys_and_print_literally(tmp_pat
     console = Console(record=True, width=200)
     console.print(result.to_table())
     assert "falqon[flush_every=1,rounding=stochastic]/" in console.export_text()
+
+
+def test_e2e_and_accuracy_points_are_keyed_by_their_method_options_mode_and_label():
+    """Their `options` hold the kind's settings (batch, lr, mode, method_options, ...): keyed as a layer point's option
+    set, two e2e modes printed as one 120-character key cut off before the mode, identical in the table."""
+    e2e = {"kind": "e2e", "method": "falqon", "layer": "tiny-llama", "rank": 5, "tokens": 64, "compile": False,
+           "options": {"batch": 2, "lr": 0.01, "liger": False, "mode": "cuda_graph", "world_size": 1,
+                       "method_options": {"flush_every": 1, "rounding": "stochastic"}}}
+    assert point_key(e2e) == "falqon[flush_every=1,rounding=stochastic]/tiny-llama/5/64/cuda_graph"
+    liger = {**e2e, "options": {**e2e["options"], "liger": True, "method_options": {}, "world_size": 8}}
+    assert point_key(liger) == "falqon/tiny-llama/5/64/cuda_graph+liger/x8"
+    acc = {"kind": "accuracy", "method": "falqon", "layer": "tiny-llama", "rank": 5, "tokens": 128, "compile": False,
+           "options": {"label": "f1, [odd] é", "lr": 0.02, "seed": 0, "flush_every": 1, "batch": 4}}
+    assert point_key(acc) == "f1, [odd] é/tiny-llama/5/128/lr=0.02/seed=0"

@@ -342,3 +342,30 @@ def test_the_run_summary_gives_each_option_set_of_a_method_its_own_column():
     console.print(summary_table(rows))
     text = console.export_text()
     assert "falqon[flush_every=1]" in text and "0.500" in text and "0.800" in text
+
+
+def test_the_run_summary_of_an_e2e_run_names_its_methods_option_set():
+    """An e2e suite's `options = {falqon = {...}}` sit in options.method_options: the column read plain 'falqon'."""
+    from rich.console import Console
+
+    from falqon_bench.measure.runner import summary_table
+
+    row = {"kind": "e2e", "layer": "tiny-llama", "K": 64, "N": 128, "rank": 5, "tokens": 64, "compile": False,
+           "cache": "warm", "method": "falqon", "status": "ok", "gpu_ms": None, "wall_ms": 16.1, "mode": "eager",
+           "options": {"mode": "eager", "lr": 0.01, "method_options": {"flush_every": 1, "rounding": "stochastic"}}}
+    console = Console(record=True, width=200)
+    console.print(summary_table([row]))
+    assert "falqon[flush_every=1,rounding=stochastic]" in console.export_text()
+
+
+def test_error_lines_name_an_accuracy_points_label_and_lr_and_an_e2e_points_mode():
+    """Grouped error lines named points by tokens: two failed lrs of one accuracy label read 'tokens=32, tokens=32'."""
+    from falqon_bench.measure.runner import error_groups
+
+    base = {"method": "falqon", "layer": "tiny-llama", "rank": 5, "tokens": 32, "error": "ValueError: x"}
+    acc = [{**base, "kind": "accuracy", "label": "bad [redraw]", "lr": lr, "seed": 0} for lr in (0.01, 0.02)]
+    ((_, points),) = error_groups(acc)
+    assert points == ["bad [redraw] lr=0.01 seed=0", "bad [redraw] lr=0.02 seed=0"]
+    e2e = [{**base, "kind": "e2e", "mode": m, "options": {"mode": m, "liger": m == "eager"}} for m in ("eager", "compile")]
+    ((_, points),) = error_groups(e2e)
+    assert points == ["tokens=32 eager +liger", "tokens=32 compile"]

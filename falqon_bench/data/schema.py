@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -123,19 +124,37 @@ class Point:
 IDENTITY_KEYS = tuple(f.name for f in fields(Point))
 
 
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*")
+
+
+def _bare_ok(text: str) -> bool:
+    """A word that reads as nothing else: not a number, true/false/null, nor holding ',', '=', brackets, quotes."""
+    if not _BARE.fullmatch(text) or text in ("true", "false", "null"):
+        return False
+    try:
+        float(text)  # inf, nan, infinity
+    except ValueError:
+        return True
+    return False
+
+
 def _compact(value: Any) -> str:
-    """An option value as short text: true/false, numbers as Python prints them, strings bare, else compact JSON."""
+    """An option value as short text: true/false, numbers as Python prints them, a plain word bare, any other
+    string JSON-quoted (so "1" is not 1, nor "a,b=2" two options), else compact JSON; unicode as is."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
+    if isinstance(value, (int, float)):
         return str(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    if isinstance(value, str) and _bare_ok(value):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
 
 
 def option_text(options: Any) -> str:
-    """'key=value,...' (sorted keys, compact values) of a point's method options; '' for none."""
+    """'key=value,...' (sorted keys, compact values) of a point's method options; '' for none. Distinct option
+    sets give distinct texts (odd keys and string values are quoted)."""
     if isinstance(options, dict):
-        return ",".join(f"{k}={_compact(options[k])}" for k in sorted(options))
+        return ",".join(f"{_compact(str(k))}={_compact(options[k])}" for k in sorted(options))
     return _compact(options) if options else ""
 
 

@@ -297,7 +297,7 @@ def export_points(run_dirs: list[Path], out_path: Path) -> Path:
     df = points_frame(load_run(r) for r in run_dirs)
     for col in df.columns:
         if df[col].map(lambda v: isinstance(v, (list, dict))).any():
-            df[col] = df[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+            df[col] = df[col].map(lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v)
     out_path = Path(out_path)
     if out_path.suffix not in (".parquet", ".csv"):
         raise ResultsError(f"{out_path}: unknown export format {out_path.suffix!r}; allowed: .parquet, .csv")

@@ -203,7 +203,8 @@ def lost_update_stats(snapshots: list[torch.Tensor], n_layers: int, steps: int) 
     return {
         "lost_fraction": fractions,
         "lost_fraction_mean": float(totals[0] / totals[1]) if totals[1] > 0 else None,
-        "merged_rows_per_update": float(totals[2]) / (n_layers * steps),
+        # no row counted: the update's merges are not in lost_stats (flush_every = 1), not "no row merged"
+        "merged_rows_per_update": float(totals[2]) / (n_layers * steps) if totals[2] > 0 else None,
     }
 
 

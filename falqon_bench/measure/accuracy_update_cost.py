@@ -58,6 +58,16 @@ def _layer_shapes(name: str) -> list:
     return resolve_layer(name)
 
 
+def _check_device(device: str) -> None:
+    """ValueError unless `device` is cpu, or cuda on a machine with a CUDA GPU (torch's own errors are tracebacks)."""
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here; --device cpu times the update on the CPU")
+
+
 @app.command()
 def main(
     layers: str = typer.Option("llama-7b.attn,llama-7b.up,llama-7b.down", help="Layer names or KxN, comma-separated."),
@@ -68,15 +78,30 @@ def main(
 ) -> None:
     """Print default vs variant proxy-update time per (layer, rank), us."""
     try:
-        options = json.loads(variant)
+        try:
+            options = json.loads(variant)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant is not JSON ({e}): {variant!r}") from None
         shapes = [s for name in layers.split(",") for s in _layer_shapes(name.strip())]
         rank_list = [int(r) for r in ranks.split(",")]
         if not isinstance(options, dict):
             raise ValueError("--variant must be a JSON object of falqon options")
-        from falqon_core.methods.falqon import parse_options
+        if not budget_ms > 0:
+            raise ValueError(f"--budget-ms must be > 0, got {budget_ms}")
+        _check_device(device)
+        from falqon_core.methods.falqon import check_layer_fit, parse_options
 
-        parse_options(options)  # an unknown option or value fails here, before any timing
-    except (ValueError, KeyError) as e:
+        kwargs = parse_options(options)  # an unknown option or value fails here, before any timing
+        for shape in shapes:  # and every (layer, rank) the layer itself would refuse
+            for rank in rank_list:
+                try:
+                    check_layer_fit(shape.K, shape.N, rank, kwargs)
+                except ValueError as e:
+                    raise ValueError(f"{shape.name} ({shape.K} x {shape.N}) at rank {rank}: {e}") from None
+    except KeyError as e:
+        typer.echo(f"bad input: {e.args[0] if e.args else e}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:
         typer.echo(f"bad input: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{'layer':<16} {'rank':>4} {'default us':>11} {'variant us':>11} {'diff us':>8}   (proxy update alone, median)")

@@ -472,11 +472,13 @@ def _fmt_ms(v: float | None) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
-    """Rows: layer x rank x tokens (x compile, cache); columns: methods (a layer point's option set its own column,
-    'falqon[flush_every=1]'); cells: gpu_ms, else wall_ms, else 'error'."""
+    """Rows: layer x rank x tokens (x compile, cache); columns: methods (a layer or e2e point's option set its own
+    column, 'falqon[flush_every=1]'); cells: gpu_ms, else wall_ms, else 'error'."""
     def column(r: dict[str, Any]) -> str:
-        layer_point = r.get("kind", "layers") == "layers"  # other kinds keep their settings in `options`
-        return option_set_label(r["method"], r.get("options")) if layer_point else r["method"]
+        kind = r.get("kind", "layers")  # other kinds keep their settings in `options`, e2e its method's in method_options
+        if kind == "e2e":
+            return option_set_label(r["method"], (r.get("options") or {}).get("method_options"))
+        return option_set_label(r["method"], r.get("options")) if kind == "layers" else r["method"]
 
     methods = list(dict.fromkeys(column(r) for r in rows))
     any_gpu = any(r.get("gpu_ms") is not None for r in rows)
@@ -506,10 +508,16 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
 
 def error_groups(errors: list[dict[str, Any]]) -> list[tuple[tuple[str, str, Any, str], list[str]]]:
     """Error rows grouped by (method, layer, rank, message), in first-seen order, each with its points' labels
-    (tokens, and compile/cold where set): a method failing alike at every token count is one summary line."""
+    (tokens, and compile/cold where set; an e2e point's mode, an accuracy point's label, lr and seed): a method
+    failing alike at every token count is one summary line."""
     groups: dict[tuple[str, str, Any, str], list[str]] = {}
     for r in errors:
-        label = f"tokens={r.get('tokens')}" + (" compile" if r.get("compile") else "") + (" cold" if r.get("cache") == "cold" else "")
+        if r.get("kind") == "accuracy":  # one model and token count per run: the label, lr and seed tell points apart
+            label = f"{r.get('label')} lr={r.get('lr')} seed={r.get('seed')}"
+        elif r.get("kind") == "e2e":
+            label = f"tokens={r.get('tokens')} {r.get('mode')}" + (" +liger" if (r.get("options") or {}).get("liger") else "")
+        else:
+            label = f"tokens={r.get('tokens')}" + (" compile" if r.get("compile") else "") + (" cold" if r.get("cache") == "cold" else "")
         groups.setdefault((r["method"], r["layer"], r["rank"], str(r.get("error"))), []).append(label)
     return list(groups.items())
 

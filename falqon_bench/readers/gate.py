@@ -80,10 +80,24 @@ class GateResult:
 
 def point_key(point: dict[str, Any]) -> str:
     """'method/layer/rank/tokens/eager|compile': the name overrides match against; a point run with method options
-    names them with its method, 'falqon[flush_every=1]/...' (a pattern 'falqon*/*' matches every falqon point)."""
+    names them with its method, 'falqon[flush_every=1]/...' (a pattern 'falqon*/*' matches every falqon point).
+    An e2e or accuracy point keeps its kind's settings in `options` (batch, lr, ...; e2e its method's options under
+    method_options): an e2e point is named by its method's option set and its mode (+liger, xN processes), an
+    accuracy point by its label, lr and seed.
+    """
+    kind, options = point.get("kind", "layers"), point.get("options") or {}
+    shape = f"{point.get('layer')}/{point.get('rank')}/{point.get('tokens')}"
+    if kind == "e2e" and isinstance(options, dict):
+        method = option_set_label(str(point.get("method")), options.get("method_options"))
+        mode = str(options.get("mode") or point.get("mode") or ("compile" if point.get("compile") else "eager"))
+        mode += "+liger" if options.get("liger") else ""
+        mode += f"/x{options['world_size']}" if (options.get("world_size") or 1) > 1 else ""
+        return f"{method}/{shape}/{mode}"
+    if kind == "accuracy" and isinstance(options, dict) and "label" in options:
+        return f"{options['label']}/{shape}/lr={options.get('lr')}/seed={options.get('seed')}"
     mode = "compile" if point.get("compile") else "eager"
-    method = option_set_label(str(point.get("method")), point.get("options"))
-    return f"{method}/{point.get('layer')}/{point.get('rank')}/{point.get('tokens')}/{mode}"
+    method = option_set_label(str(point.get("method")), options)
+    return f"{method}/{shape}/{mode}"
 
 
 def _match_key(point: dict[str, Any]) -> str:

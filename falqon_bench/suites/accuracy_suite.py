@@ -224,3 +224,31 @@ def measure_accuracy_point(point: dict[str, Any], ctx) -> dict[str, Any]:
     from falqon_bench.measure.accuracy_run import measure_accuracy_point as measure
 
     return measure(point, ctx)
+
+
+def tabulate_accuracy_rows(rows: list[dict[str, Any]]):
+    """The runner's summary of an accuracy run: one line per (label, lr, seed) with its final held-out loss (* the
+    label's best lr so far), accuracy and wall ms per step. The runner's per-method table keys cells by shape and
+    method, so every label and lr of one method would share one cell. Labels are printed literally (no markup)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from falqon_bench.readers.accuracy_summary import best_of_grid
+
+    best = best_of_grid(rows)
+    labels = list(dict.fromkeys(r.get("label") for r in rows))
+    table = Table(title="held-out loss after fine-tuning (* best lr of its label), wall ms per step (median)")
+    for name in ("label", "method", "lr", "seed", "loss", "acc", "ms/step"):
+        table.add_column(name, justify="left" if name in ("label", "method") else "right")
+    for r in sorted(rows, key=lambda r: (labels.index(r.get("label")), r.get("lr") or 0.0, r.get("seed") or 0)):
+        label = str(r.get("label"))
+        if r.get("status") != "ok":
+            loss, acc, ms = "[red]error[/red]", "-", "-"
+        else:
+            loss = "diverged" if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
+            loss += "*" if label in best and best[label]["lr"] == r.get("lr") else ""
+            acc = "-" if r.get("final_acc") is None else f"{r['final_acc']:.3f}"
+            ms = "-" if r.get("wall_ms") is None else f"{r['wall_ms']:.2f}"
+        lr = "-" if r.get("lr") is None else f"{r['lr']:.0e}"
+        table.add_row(escape(label), escape(str(r.get("method"))), lr, str(r.get("seed")), loss, acc, ms)
+    return table

@@ -60,8 +60,9 @@ docs/accuracy.md): at LoRA's usual learning rates nearly every merged delta roun
                   of all N rows of W8 per flush (step_cost counts it spread over the steps). Chosen on the host
                   from the update count, like the k schedule: a captured graph replays what its capture did.
                   Its merges are not in `lost_stats`. flush_every = 1 (the recommended variant, docs/accuracy.md):
-                  the flush replaces the top-k update (no row norms, no top-k; keep_unmerged has no effect), so
-                  every update of B reaches the forward at the next step, as LoRA's does.
+                  the flush replaces the top-k update (no row norms, no top-k; keep_unmerged, merge, topk,
+                  topk_after and warmup_steps have no effect), so every update of B reaches the forward at the
+                  next step, as LoRA's does.
   a_redraw        rows of A redrawn after every flush (default 0: A fixed, as the reference; needs flush_every > 0).
                   FALQON never trains A, so every update of W lies in the r-dimensional row space of A (LoRA-FA);
                   LoRA trains A and finds a better subspace. Right after a flush B is zero, so A can change without
@@ -218,9 +219,7 @@ class FalqonLinear(nn.Module):
     ):
         super().__init__()
         n_out, k_in = linear.weight.shape
-        if not 1 <= rank <= min(n_out, k_in):
-            allowed = min(n_out, k_in)
-            raise ValueError(f"falqon rank {rank} does not fit a {k_in}->{n_out} linear; allowed: 1..{allowed}")
+        _check_rank(rank, k_in, n_out)
         self.in_features, self.out_features, self.rank = k_in, n_out, rank
         self.topk = _check_k("topk", rank if topk is None else topk, n_out)
         self.topk_after = _check_k("topk_after", self.topk if topk_after is None else topk_after, n_out)
@@ -474,16 +473,22 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown falqon option(s) {unknown}; allowed: {', '.join(OPTION_NAMES)}")
     kwargs: dict[str, Any] = {}
-    for name in ("topk", "topk_after", "warmup_steps", "flush_every", "a_redraw"):
+    # the bounds no layer shape lifts are checked here (a suite's load calls this): topk <= N, a_redraw <= r and
+    # rank <= min(K, N) need the shape and stay with the layer
+    for name, least in (("topk", 1), ("topk_after", 1), ("warmup_steps", 0), ("flush_every", 0), ("a_redraw", 0)):
         if options.get(name) is not None:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"falqon option {name} must be an integer, got {value!r}")
+            if value < least:
+                raise ValueError(f"falqon option {name} must be an integer >= {least}, got {value!r}")
             kwargs[name] = value
+    if kwargs.get("a_redraw") and not kwargs.get("flush_every"):
+        raise ValueError(
+            f"falqon a_redraw = {kwargs['a_redraw']} needs flush_every > 0: A may change only right after a flush, when B is zero"
+        )
     if "svd_dtype" in options:
         kwargs["svd_dtype"] = _svd_dtype(options["svd_dtype"])
-    if "cache_weight_t" in options:
-        kwargs["cache_weight_t"] = bool(options["cache_weight_t"])
     if "fast_accum" in options:
         if not isinstance(options["fast_accum"], bool):
             raise ValueError(f"falqon option fast_accum must be true or false, got {options['fast_accum']!r}")
@@ -501,10 +506,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         if options["a_scale"] not in A_SCALES:
             raise ValueError(f"falqon option a_scale must be one of {', '.join(A_SCALES)}, got {options['a_scale']!r}")
         kwargs["a_scale"] = options["a_scale"]
-    if "keep_unmerged" in options:
-        kwargs["keep_unmerged"] = bool(options["keep_unmerged"])
-    if "batched_update" in options and not isinstance(options["batched_update"], bool):
-        raise ValueError(f"falqon option batched_update must be true or false, got {options['batched_update']!r}")
+    for name in ("cache_weight_t", "keep_unmerged", "batched_update"):  # bool("false") is True: a flag is a bool
+        if name in options and not isinstance(options[name], bool):
+            raise ValueError(f"falqon option {name} must be true or false, got {options[name]!r}")
+    kwargs.update({name: options[name] for name in ("cache_weight_t", "keep_unmerged") if name in options})
     if "seed" in options:
         if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
             raise ValueError(f"falqon option seed must be an integer, got {options['seed']!r}")
@@ -518,6 +523,21 @@ def _svd_dtype(value: Any) -> torch.dtype:
     if isinstance(value, str) and value in _SVD_DTYPES:
         return _SVD_DTYPES[value]
     raise ValueError(f"falqon option svd_dtype must be one of {sorted(_SVD_DTYPES)}, got {value!r}")
+
+
+def check_layer_fit(k_in: int, n_out: int, rank: int, kwargs: dict[str, Any]) -> None:
+    """ValueError when a K -> N layer of this rank cannot take these parse_options kwargs (the shape-dependent
+    checks FalqonLinear makes), for a tool that checks every shape before it builds or times any."""
+    _check_rank(rank, k_in, n_out)
+    topk = _check_k("topk", rank if kwargs.get("topk") is None else kwargs["topk"], n_out)
+    _check_k("topk_after", topk if kwargs.get("topk_after") is None else kwargs["topk_after"], n_out)
+    _check_redraw(kwargs.get("a_redraw", 0), rank, kwargs.get("flush_every", 0))
+
+
+def _check_rank(rank: int, k_in: int, n_out: int) -> None:
+    if not 1 <= rank <= min(n_out, k_in):
+        allowed = min(n_out, k_in)
+        raise ValueError(f"falqon rank {rank} does not fit a {k_in}->{n_out} linear; allowed: 1..{allowed}")
 
 
 def _check_k(name: str, k: int, n_out: int) -> int:

@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from matplotlib.figure import Figure
 
-from falqon_bench.readers.figures.data import BASELINE_METHOD, METHOD_ORDER
-from falqon_bench.readers.figures.style import empty_panel, variant_color
+from falqon_bench.data.schema import option_set_label
+from falqon_bench.readers.figures.data import BASELINE_METHOD, ordered, variant_parts
+from falqon_bench.readers.figures.style import empty_panel, variant_color, wrap_label
 
 MODES = ("eager", "compile", "cuda_graph", "compile_cuda_graph")
 PHASES = ("forward", "backward", "optimizer", "post_step")
@@ -28,17 +29,21 @@ FIGURE_NAME = "e2e.png"
 
 
 def e2e_rows(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The e2e rows of a run (kind "e2e"), the last row of each point_id (a resumed run may hold retries)."""
+    """The e2e rows of a run (kind "e2e"), the last row of each point_id (a resumed run may hold retries), each
+    with `method` naming its option set ('falqon[flush_every=1,...]', as in the layer figures): a suite's
+    `options = {falqon = {...}}` sit in the row's options.method_options, and two runs of one method with
+    different options, reported together, would otherwise be two rows named alike."""
     last: dict[str, dict[str, Any]] = {}
     for p in points:
         if p.get("kind") == "e2e":
             last[p["point_id"]] = p
-    return list(last.values())
+    return [{**r, "method": option_set_label(str(r["method"]), (r.get("options") or {}).get("method_options"))}
+            for r in last.values()]
 
 
 def _methods(rows: list[dict[str, Any]]) -> list[str]:
-    present = list(dict.fromkeys(r["method"] for r in rows))
-    return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
+    """Methods in METHOD_ORDER, each one's option sets after it (figures.data.method_sort_key)."""
+    return ordered(r["method"] for r in rows)
 
 
 def _ok(rows: list[dict[str, Any]], method: str, mode: str | None = None) -> list[dict[str, Any]]:
@@ -176,10 +181,13 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
 
     ax = axes[3]
     drawn = False
+    seen: dict[str, int] = {}  # option sets of one method share its color: a line style each
     for m in methods:
         r = _preferred(rows, m, "loss_per_step")
         if r:
-            ax.plot(range(1, len(r["loss_per_step"]) + 1), r["loss_per_step"], label=f"{m} ({r.get('mode')})", color=variant_color(m))
+            nth = seen[variant_parts(m)[0]] = seen.get(variant_parts(m)[0], -1) + 1
+            ax.plot(range(1, len(r["loss_per_step"]) + 1), r["loss_per_step"], label=f"{m} ({r.get('mode')})",
+                    color=variant_color(m), linestyle=("-", "--", ":", "-.")[nth % 4])
             drawn = True
     if drawn:
         ax.legend(fontsize=8)
@@ -188,7 +196,7 @@ def render_e2e_figure(rows: list[dict[str, Any]], title_note: str = "") -> Figur
     else:
         empty_panel(ax, "no loss recorded")
     for a in axes[:3]:
-        a.set_xticks(x, methods, rotation=30, ha="right", fontsize=8)
+        a.set_xticks(x, [wrap_label(m) for m in methods], rotation=30, ha="right", fontsize=8)
     return fig
 
 
