@@ -165,6 +165,16 @@ def option_set_label(method: str, options: Any) -> str:
     return f"{method}[{text}]" if text else method
 
 
+def method_label(point: Mapping[str, Any]) -> str:
+    """A point's method as figures, tables and the gate name it, with its option set: a layer point's options are
+    its method's (kernels' too); an e2e point keeps its method's under options.method_options (the rest are the
+    run's settings); an accuracy point's options are its run's settings (it is named by its label): the bare method."""
+    kind, options = point.get("kind", "layers"), point.get("options") or {}
+    if kind == "e2e" and isinstance(options, dict):
+        return option_set_label(str(point.get("method")), options.get("method_options"))
+    return str(point.get("method")) if kind == "accuracy" else option_set_label(str(point.get("method")), options)
+
+
 def point_id(identity: dict) -> str:
     """A short stable id of a point from its identity keys (order-independent, JSON-canonical)."""
     payload = json.dumps({k: identity.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)

@@ -35,7 +35,7 @@ from falqon_bench.data.errors import BenchInputError
 from falqon_bench.data.store import POINTS, RunWriter, find_runs, load_run, new_manifest, new_run_id
 from falqon_bench.suites.suite import Suite, kind_hook
 from falqon_bench.suites.sweep import Point, expand_suite, filter_methods, filter_ranks, filter_variant, shard_points
-from falqon_bench.data.schema import error_row, option_set_label
+from falqon_bench.data.schema import error_row, method_label
 from falqon_bench.measure.worker import MeasureContext, measure_point
 
 CPU_WARNING = "CPU run: timings are wall-clock on the CPU and say nothing about GPU speed; run on a CUDA GPU for gpu_ms"
@@ -474,13 +474,7 @@ def _fmt_ms(v: float | None) -> str:
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     """Rows: layer x rank x tokens (x compile, cache); columns: methods (a layer or e2e point's option set its own
     column, 'falqon[flush_every=1]'); cells: gpu_ms, else wall_ms, else 'error'."""
-    def column(r: dict[str, Any]) -> str:
-        kind = r.get("kind", "layers")  # other kinds keep their settings in `options`, e2e its method's in method_options
-        if kind == "e2e":
-            return option_set_label(r["method"], (r.get("options") or {}).get("method_options"))
-        return option_set_label(r["method"], r.get("options")) if kind == "layers" else r["method"]
-
-    methods = list(dict.fromkeys(column(r) for r in rows))
+    methods = list(dict.fromkeys(method_label(r) for r in rows))
     any_gpu = any(r.get("gpu_ms") is not None for r in rows)
     table = Table(title=f"ms per step ({'gpu_ms: CUDA-graph replay' if any_gpu else 'wall_ms'}), median")
     for name in ("layer", "K x N", "rank", "tokens", "variant"):
@@ -491,7 +485,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         variant = (r.get("mode") or ("compile" if r.get("compile") else "eager")) + ("/cold" if r.get("cache") == "cold" else "")
         key = (r["layer"], f"{r['K']}x{r['N']}", r["rank"], r["tokens"], variant)
-        keyed.setdefault(key, {})[column(r)] = r
+        keyed.setdefault(key, {})[method_label(r)] = r
     for key, by_method in keyed.items():
         cells = []
         for m in methods:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.data.schema import IDENTITY_KEYS, option_set_label
+from falqon_bench.data.schema import IDENTITY_KEYS, method_label
 from falqon_bench.data.store import RunData, load_results
 
 MIN_SAMPLES = 5
@@ -88,7 +88,7 @@ def point_key(point: dict[str, Any]) -> str:
     kind, options = point.get("kind", "layers"), point.get("options") or {}
     shape = f"{point.get('layer')}/{point.get('rank')}/{point.get('tokens')}"
     if kind == "e2e" and isinstance(options, dict):
-        method = option_set_label(str(point.get("method")), options.get("method_options"))
+        method = method_label(point)
         mode = str(options.get("mode") or point.get("mode") or ("compile" if point.get("compile") else "eager"))
         mode += "+liger" if options.get("liger") else ""
         mode += f"/x{options['world_size']}" if (options.get("world_size") or 1) > 1 else ""
@@ -96,8 +96,7 @@ def point_key(point: dict[str, Any]) -> str:
     if kind == "accuracy" and isinstance(options, dict) and "label" in options:
         return f"{options['label']}/{shape}/lr={options.get('lr')}/seed={options.get('seed')}"
     mode = "compile" if point.get("compile") else "eager"
-    method = option_set_label(str(point.get("method")), options)
-    return f"{method}/{shape}/{mode}"
+    return f"{method_label(point)}/{shape}/{mode}"
 
 
 def _match_key(point: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from matplotlib.figure import Figure
 
-from falqon_bench.data.schema import option_set_label
+from falqon_bench.data.schema import method_label
 from falqon_bench.readers.figures.data import BASELINE_METHOD, ordered, variant_parts
 from falqon_bench.readers.figures.style import empty_panel, variant_color, wrap_label
 
@@ -37,8 +37,7 @@ def e2e_rows(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for p in points:
         if p.get("kind") == "e2e":
             last[p["point_id"]] = p
-    return [{**r, "method": option_set_label(str(r["method"]), (r.get("options") or {}).get("method_options"))}
-            for r in last.values()]
+    return [{**r, "method": method_label(r)} for r in last.values()]
 
 
 def _methods(rows: list[dict[str, Any]]) -> list[str]:
