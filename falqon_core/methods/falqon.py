@@ -228,6 +228,7 @@ class FalqonLinear(nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.updates_done = 0  # proxy updates run so far (host counter: drives the k schedule)
         self.last_k: int | None = None  # k of the most recent proxy update
+        self._all_rows: torch.Tensor | None = None  # what proxy_update returns with flush_every = 1 (made once)
         self.fast_accum = bool(fast_accum)
         if rounding not in ROUNDINGS or merge not in MERGE_RULES:
             raise ValueError(f"falqon rounding {rounding!r} / merge {merge!r}; allowed: {ROUNDINGS} / {MERGE_RULES}")
@@ -318,7 +319,9 @@ class FalqonLinear(nn.Module):
             self.last_k = self.out_features
             self.updates_done += 1
             self.flush()
-            return torch.arange(self.out_features, device=self.melded.device)
+            if self._all_rows is None or self._all_rows.device != self.melded.device:  # not one arange per step
+                self._all_rows = torch.arange(self.out_features, device=self.melded.device)
+            return self._all_rows
         k = self.next_k()
         if self.uses_plain_update():
             rows = proxy_update_(self.backbone_fp8, self.adapter_fp8, self.lora_B, k)
