@@ -463,11 +463,15 @@ def redrawn_adapter_values(seed: torch.Tensor, rows: torch.Tensor, k_in: int, bo
 def _check_redraw(a_redraw: Any, rank: int, flush_every: int) -> int:
     if isinstance(a_redraw, bool) or not isinstance(a_redraw, int) or not 0 <= a_redraw <= rank:
         raise ValueError(f"falqon a_redraw must be an integer in 0..{rank} (rows of A), got {a_redraw!r}")
+    _check_redraw_needs_flush(a_redraw, flush_every)
+    return int(a_redraw)
+
+
+def _check_redraw_needs_flush(a_redraw: int, flush_every: int) -> None:
     if a_redraw and not flush_every:
         raise ValueError(
             f"falqon a_redraw = {a_redraw} needs flush_every > 0: A may change only right after a flush, when B is zero"
         )
-    return int(a_redraw)
 
 
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -486,10 +490,7 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
             if value < least:
                 raise ValueError(f"falqon option {name} must be an integer >= {least}, got {value!r}")
             kwargs[name] = value
-    if kwargs.get("a_redraw") and not kwargs.get("flush_every"):
-        raise ValueError(
-            f"falqon a_redraw = {kwargs['a_redraw']} needs flush_every > 0: A may change only right after a flush, when B is zero"
-        )
+    _check_redraw_needs_flush(kwargs.get("a_redraw", 0), kwargs.get("flush_every", 0))
     if "svd_dtype" in options:
         kwargs["svd_dtype"] = _svd_dtype(options["svd_dtype"])
     if "fast_accum" in options:
