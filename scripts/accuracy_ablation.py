@@ -97,7 +97,7 @@ def setup_train_a(layer, which_b):
 def merge_a_step(layer, seed):
     """`tamerge`: the LoRA term B.dA that FALQON's W never gets: W8 += B_merged_so_far . (A8_new - A8_old), stochastic
     rounding, then A8 = A8_new. Keeps W8 = W0 + (everything merged) . A8 as A moves."""
-    from falqon_core.kernels.proxy_update import hash_uniform_reference, stochastic_round_reference
+    from falqon_core.kernels.proxy_update import rounding_bits_reference, stochastic_round_reference
     a_old = layer.adapter_fp8.float()
     a_new = fp8.saturating_cast(layer.lora_A_master / layer.scale, layer.melded.dtype).float()
     if hasattr(layer, "_master"):  # with `exact`: into the fp32 master of W, W8 = round-to-nearest(master)
@@ -105,9 +105,8 @@ def merge_a_step(layer, seed):
         layer.backbone_fp8.view(torch.uint8).copy_(fp8.saturating_cast(layer._master, layer.melded.dtype).view(torch.uint8))
     else:
         w = layer.backbone_fp8.float() + layer._b_total @ (a_new - a_old)
-        offsets = torch.arange(w.numel(), dtype=torch.int64).view_as(w)
-        u = hash_uniform_reference(torch.tensor(seed + 7919, dtype=torch.int64), offsets)
-        layer.backbone_fp8.view(torch.uint8).copy_(stochastic_round_reference(w, u).to(layer.melded.dtype).view(torch.uint8))
+        bits = rounding_bits_reference(torch.tensor(seed + 7919, dtype=torch.int64), torch.arange(w.shape[0]), w.shape[1])
+        layer.backbone_fp8.view(torch.uint8).copy_(stochastic_round_reference(w, bits).to(layer.melded.dtype).view(torch.uint8))
     layer.adapter_fp8.view(torch.uint8).copy_(a_new.to(layer.melded.dtype).view(torch.uint8))
 
 

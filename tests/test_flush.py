@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from falqon_core import fp8
-from falqon_core.kernels.flush import flush_, flush_reference_, flush_triton_
-from falqon_core.kernels.proxy_update import hash_uniform_reference
+from falqon_core.kernels.flush import flush_, flush_reference_, flush_triton_, prepare_flush_inputs_, split_b_reference
+from falqon_core.kernels.proxy_update import rounding_bits_reference, stochastic_round_reference
 from test_kernels_proxy_update import exact_inputs
 
 E4M3_MAX = 448.0
 E4M3_MIN_EXP = -6  # below 2^-6 the grid is e4m3's subnormal spacing 2^-9
 U32 = 2.0**-23  # one fp32 ulp relative to the exponent of the magnitude: covers truncation as well as rounding
+PIECES_REL = 2.0**-16  # |B - b0 - b1| <= 2^-16 |B|: the flush's two bf16 pieces of fp32 B
+SUBNORMAL_SHIFT = 2.0 ** (E4M3_MIN_EXP - 24)  # the stochastic rounding's fp32 add |y| + 2^-6 below 2^-6
 
 
 def _run(fn, w8, a8, b, with_t, **options):
@@ -76,12 +78,18 @@ def _e4m3_step(x: torch.Tensor) -> torch.Tensor:
 
 def _round64(y: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
     """The flush's rounding of exact (fp64) merged values y: clamp to +-448, then round-to-nearest-even onto the
-    e4m3 grid (u None) or stochastic: |q| = ceil(|y| / step - u) * step, which is the kernels' 'up iff u < the
-    fraction' (fraction f, low = floor: low + [u < f] = ceil(low + f - u)). Both are monotone in y."""
+    e4m3 grid (u None) or stochastic: |q| = floor(|y| / step + u) * step, u = (bits + 1/2) / 2^16 (what the
+    kernels' integer rounding computes, test_stochastic_round_is_floor_of_fraction_plus_u). Both are monotone
+    in y."""
     a = y.abs().clamp_max(E4M3_MAX)
     step = _e4m3_step(a)
-    q = torch.round(a / step) if u is None else torch.ceil(a / step - u).clamp_min(0)
+    q = torch.round(a / step) if u is None else torch.floor(a / step + u)
     return torch.copysign(q * step, y)
+
+
+def _u(seed: torch.Tensor, n: int, k_dim: int) -> torch.Tensor:
+    """The stochastic rounding's u for W8 (n x k_dim), fp64."""
+    return (rounding_bits_reference(seed, torch.arange(n, device=seed.device), k_dim).double() + 0.5) / 65536
 
 
 def _check_within_bound(w8, a8, b, w_new, stochastic, seed):
@@ -96,12 +104,8 @@ def _check_within_bound(w8, a8, b, w_new, stochastic, seed):
     sum_abs = b64.abs() @ a64.abs()
     n_ops = 9 * r + 2
     gamma = n_ops * U32 / (1 - n_ops * U32)
-    tol = gamma * (w64.abs() + sum_abs) + 2.0**-126 * a64.abs().sum(0)
-    u = None
-    if stochastic:
-        offsets = torch.arange(w8.shape[0], device=w8.device)[:, None] * w8.shape[1] + torch.arange(
-            w8.shape[1], device=w8.device)
-        u = hash_uniform_reference(seed, offsets).double()
+    tol = (gamma + PIECES_REL) * (w64.abs() + sum_abs) + 2.0**-126 * a64.abs().sum(0) + SUBNORMAL_SHIFT
+    u = _u(seed, *w8.shape) if stochastic else None
     lo, ref, hi = _round64(exact - tol, u), _round64(exact, u), _round64(exact + tol, u)
     got = w_new.double()
     open_ = lo != hi
@@ -129,16 +133,17 @@ def test_flush_within_the_accumulation_bound(r, stochastic):
 
     Exact: m = W8 + B @ A8 in fp64 (each product has <= 24 + 4 significant bits, exact in fp64; the sum's fp64
     error, < gamma_{r+1}(2^-53) (|W8| + S), is covered by the slack below), S = sum_j |B_j A8_j|.
-    Kernel: B = b0 + b1 + b2 (bf16 pieces of B's significand, each with B's sign, so their |products| sum to S
-    too), exact up to < 2^-126 per entry of B (flush._bf16_pieces); the delta is a sum of the 3 r exact
-    products in an fp32 accumulator. Rounded to nearest (numpy here) each addition errs by <= 2^-24 of its
+    Kernel: B ~ b0 + b1 (bf16 pieces, each with B's sign or zero, so their |products| sum to at most S), within
+    2^-16 |B| (+ < 2^-126 where pieces go subnormal) of B (flush.split_b_reference): PIECES_REL S; the delta
+    is a sum of the 2 r exact products in an fp32 accumulator (the count below is for 3 r: it covers 2 r). Rounded to nearest (numpy here) each addition errs by <= 2^-24 of its
     result: gamma_{3r}(2^-24) S. A tensor core may instead align each MMA step's products and accumulator to the
     largest exponent and truncate, then truncate the normalised sum (Fasi et al., 'Numerical behavior of NVIDIA
     tensor cores', 2021): per step of m products < (m + 2) 2^-23 of a magnitude <= S (1 + gamma); with 3 r
     products and at most 3 r steps that is < 9 r 2^-23 S (1 + gamma) <= gamma_{9r}(2^-23) S. Adding W8 (fp32,
     nearest) adds 2^-24 |W8 + delta|: the merged fp32 value is within
         tol = gamma_{9r+2}(2^-23) (|W8| + S) + 2^-126 sum_j |A8_j|
-    of m (one more 2^-23 for the fp64 reference), gamma_k(u) = k u / (1 - k u).
+    of m (one more 2^-23 for the fp64 reference), gamma_k(u) = k u / (1 - k u), plus PIECES_REL (|W8| + S) and,
+    for the stochastic rounding below 2^-6, the fp32 add's half ulp SUBNORMAL_SHIFT.
     Rounding: f (nearest: the midpoints between e4m3 neighbours are its boundaries; stochastic: the points
     where the fraction equals u) is monotone, so the kernel's f(merged) lies in [f(m - tol), f(m + tol)]: where
     those agree (m is farther than tol from every boundary) it must be f(m) exactly. Where they do not, the
@@ -157,14 +162,14 @@ def test_flush_within_the_accumulation_bound(r, stochastic):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_flush_splits_fp32_b_exactly(stochastic, device):
-    """r = 1, A8 powers of two, general fp32 B: each product B A8 is exact in fp32 and so is b0 A8 + b1 A8 + b2 A8
-    (the pieces' bits do not overlap), so the bytes are the fp32 reference's (run on the CPU: one product per
-    entry, exact). Checked by hand: without b1 both roundings fail, without b2 the stochastic one."""
+    """r = 1, A8 powers of two, fp32 B with 16 significant bits: b0 + b1 = B exactly, each product B A8 is exact
+    in fp32 and so is b0 A8 + b1 A8 (the pieces' bits do not overlap), so the bytes are the fp32 reference's
+    (run on the CPU: one product per entry, exact). Without b1 the delta keeps 8 of B's 16 bits."""
     n, k_dim = 130, 150
     w8 = (torch.randn(n, k_dim) * 64).clamp(-448, 448).to(fp8.E4M3)
     a8 = (torch.randint(0, 2, (1, k_dim)) * 2 - 1) * torch.ldexp(torch.ones(1, k_dim), torch.randint(-3, 4, (1, k_dim)))
     a8 = a8.to(fp8.E4M3)
-    b = torch.randn(n, 1) * 8
+    b = ((torch.randn(n, 1) * 8).view(torch.int32) & -256).view(torch.float32)  # 16 significant bits
     seed = torch.tensor(5)
     w_r, _, _ = _run(flush_reference_, w8, a8, b, False, stochastic=stochastic, seed=seed if stochastic else None)
     fn = flush_triton_ if device == "cpu" else flush_
@@ -201,3 +206,35 @@ def test_gpu_flush_within_the_accumulation_bound(n, k_dim, r, stochastic):
     assert not _same(w_new, w8) and (b_new == 0).all()
     assert _same(wt_new, w_new.t().contiguous())
     assert _check_within_bound(w8, a8, b, w_new, stochastic, seed) < 0.05
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf in a masked lane
+def test_prepare_splits_b_within_2_to_the_minus_16_and_zeroes_it():
+    """The prepare kernel's pieces are split_b_reference's bytes; b0 + b1 is within 2^-16 |B| of B (a single
+    bf16 piece errs by up to 2^-9: the bound can fail); inf stays in b0; A8 is cast exactly; B becomes 0."""
+    b = torch.randn(300, 7) * torch.exp2(torch.randint(-60, 60, (300, 7)).float())
+    b[0, 0], b[1, 1] = float("inf"), -float("inf")
+    a8 = (torch.randn(7, 200) * 8).clamp(-448, 448).to(fp8.E4M3)
+    pieces, a16 = prepare_flush_inputs_(b_k := b.clone(), a8)
+    ref = split_b_reference(b)
+    assert _same(pieces.view(torch.uint8), ref.view(torch.uint8)) and (b_k == 0).all()
+    assert torch.equal(a16.float(), a8.float())
+    finite = b.isfinite()
+    err = (pieces.double().sum(0) - b.double()).abs()[finite]
+    assert (err <= PIECES_REL * b.double().abs()[finite]).all()
+    assert (pieces[0].double() - b.double()).abs()[finite].max() > 0  # one piece alone is not enough
+    assert pieces[0, 0, 0] == float("inf") and pieces[1, 0, 0] == 0
+
+
+def test_stochastic_round_is_floor_of_fraction_plus_u():
+    """The integer rounding (add the random bits below the grid, clear them) is |q| = floor(|y| / step + u) *
+    step with u = (bits + 1/2) / 2^16, across e4m3's binades and subnormals, saturated at 448, signs kept.
+    y on multiples of 2^-30 (the subnormal path's fp32 add |y| + 2^-6 is then exact)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-12, 10, (20000,), generator=g))
+    y = (torch.round(y * 2.0**30) / 2.0**30).float()
+    bits = torch.randint(0, 1 << 16, (20000,), generator=g)
+    got = stochastic_round_reference(y, bits).double()
+    want = _round64(y.double(), (bits.double() + 0.5) / 65536)
+    assert torch.equal(got, want)
+    assert torch.equal(got.float().to(fp8.E4M3).double(), got)  # on the grid

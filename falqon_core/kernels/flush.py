@@ -1,29 +1,29 @@
 """FALQON's flush (option flush_every): merge every row of B into the fp8 backbone, refresh W^T, zero B.
 
 W8 = round(W8 + B @ A8) over all N rows (round: saturating round-to-nearest or the stochastic rounding of the
-proxy-update variants, u = hash(seed, row * K + col): _round_merged, shared with the variant kernel), the cached
-transpose W8^T (if the layer keeps one) refreshed by transpose_fp8, then B = 0. One dense pass over W8: no row
-list, no per-row 'changed' flag (all of B is zeroed anyway).
+proxy-update variants, 16 random bits per entry from proxy_update's pair hash: _stochastic_round, the same
+bits as the variant kernel's), the cached transpose W8^T (if the layer keeps one) refreshed by
+transpose_fp8, then B = 0. Two launches: _prepare_kernel splits B into bf16 pieces, casts A8 to bf16 and
+zeroes B; _flush_kernel makes one dense pass over W8 (no row list, no per-row flag: all of B is merged).
 
-Floor (H200, 4.8 TB/s HBM): bytes = N K (W8 read) + N K (W8 written) [+ 2 N K (transpose_fp8)] + 4 N r (B read)
-+ r K (A8 read), then B.zero_() writes 4 N r. llama-7b up/gate (N = 11008, K = 4096): ~91 MB -> ~19 us; attn
-4096 x 4096: ~34 MB -> ~7 us.
+Floor (H200, 4.8 TB/s HBM; a copy of W8 measures ~27 us for llama-7b up): bytes = N K (W8 read) + N K (W8
+written) [+ 2 N K (transpose_fp8)] + B, its pieces and A8 (a few MB). llama-7b up/gate (N = 11008,
+K = 4096): ~91 MB -> ~19 us; attn 4096 x 4096: ~34 MB -> ~7 us.
 
-Why tensor cores: the delta B @ A8 is N K r multiply-adds. As an fp32 "ieee" tl.dot (what this kernel used to
-run, the variant kernel's _merged_delta) it runs on the CUDA cores and bounds the flush (H200, llama-7b up:
-152 us at r = 16, 336 us at r = 64, against the ~19 us floor). Here it is three bf16 tensor-core dots whose
-products are exact (_flush_delta): A8 (e4m3: 4 significant bits, exponents -9..8) is exact in bf16, fp32 B is
-split exactly into three bf16 pieces (_bf16_pieces: 8 + 8 + 8 significant bits), and a bf16 x bf16 product
-(at most 16 significant bits) is exact in fp32. So the delta is a sum of 3 r exact products in an fp32
-accumulator; only the order and rounding of that sum differ from an fp32 matmul. (tf32x3 would need as many
-dots at half the bf16 rate, and its two tf32 pieces of B keep only ~22 of B's 24 bits.)
+The delta B @ A8 (N K r multiply-adds) runs on bf16 tensor cores: A8 (e4m3: 4 significant bits) is exact in
+bf16, fp32 B is split into two bf16 pieces b0 + b1 (_prepare_kernel: b0 = B truncated to bf16, b1 = the rest
+rounded to bf16), and a bf16 x bf16 product is exact in fp32. So the delta is a sum of 2 r exact products
+in an fp32 accumulator, with B represented to 2^-16 of |B| (|B - b0 - b1| <= 2^-9 |B - b0| < 2^-16 |B|):
+tests/test_flush.py derives the bound against fp64 (allowing for tensor cores that truncate). A third piece
+made B exact and cost ~8 us more at r = 64 (llama-7b up); 2^-16 of a delta is below the 16 random bits of
+the stochastic rounding. B and A8 are prepared once per flush, not once per tile (each of the K / 128 tiles
+of a row block used to split the same B rows and cast the same A8 columns: at r = 64 as many conversions as
+W8 has entries).
 
-Exactness: whenever the fp32 sums are exact (the CPU tests' inputs) the bytes are the torch reference's. For
-general fp32 B the merged fp32 value is within gamma_{9r+1}(2^-23) (|W8| + sum_j |B_j A8_j|) of the exact one
-(tests/test_flush.py derives it, allowing for tensor cores that truncate instead of rounding), so W8 differs
-from an exact-arithmetic rounding only where the exact merged value is that close to a rounding boundary, and
-there by one e4m3 step. An infinite entry of B stays whole (its pieces b1, b2 are 0): its products are
-+-inf (NaN times a zero of A8) as in the reference, and saturate to +-448.
+Measured per variant on the H200 (docs/perf-notes.md, "FALQON's flush"): the per-entry instruction count
+bounds this kernel, not its bytes: the stochastic rounding is integer work on fp32 bits (add the random
+bits below the grid, clear them), one hash per two entries, the W8 tile loaded before the delta, and a
+128-register cap (four programs per SM).
 W8^T is not stored from the kernel's tile (tl.trans of the rounded tile): with 64 x 128 tiles that store gave
 wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile quantize_transpose works around; the
 separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t.
@@ -37,25 +37,24 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels.proxy_update import _check_variant, _round_merged, proxy_update_variant_reference_
+from falqon_core.kernels.proxy_update import _check_variant, _hash32, _stochastic_round, proxy_update_variant_reference_
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
-# W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma). Chosen from an
-# ahead-of-time compile for sm_90 (registers, spills, shared memory; not yet timed). A thread holds 64 entries
-# of the tile; uncapped, ptxas takes 128-163 registers (nearest) and 168-192 (stochastic: the hash), i.e. 2-4
-# programs per SM; capped at 168 nothing spills and at least 3 share an SM: while one waits for its W8 tile
-# (8 KB) the others compute, >= 24 KB of W8 in flight per SM (HBM needs ~25 KB: 4.8 TB/s x ~0.7 us / 132).
-# 128 x 128 with 8 warps takes 136-198 registers: one program per SM. A cap of 128: 4 programs, but up to 176
-# bytes a thread spilled.
+# W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma), each half of
+# the 128 columns its own dot (the stochastic rounding's pairs are (c, c + 64)). The cap of 128 registers
+# lets four programs share an SM; timed against 96 / 168 / uncapped and 128 x 128, 64 x 64, 64 x 256 tiles
+# (H200, llama-7b attn / up / down, r 16 and 64: docs/perf-notes.md).
 _BLOCK_ROWS = 64
 _BLOCK_COLS = 128
 _NUM_WARPS = 4
-_MAX_REGISTERS = 168
-_NUM_STAGES = 2  # the rank loop has 1-4 trips: double-buffer its B and A8 blocks, no deeper
+_MAX_REGISTERS = 128
+_NUM_STAGES = 2  # the rank loop has 1-4 trips: double-buffer its B and A blocks, no deeper
+_PIECES = 2  # bf16 pieces of fp32 B (see the module docstring)
+_PREPARE_BLOCK = 1024
 
 
 def _block_rank(rank: int) -> int:
-    """Ranks per tl.dot: 16 (the smallest bf16 dot K) up to r = 16, else 32 (fewer loop trips)."""
+    """Ranks per tl.dot: 16 (the smallest bf16 dot K) up to r = 16, else 32 (64 measured slower at r = 64)."""
     return 16 if rank <= 16 else 32
 
 
@@ -87,90 +86,133 @@ def _check_flush(w8, a8, b, stochastic, seed, weight_t) -> None:
             )
 
 
-@triton.jit
-def _bf16_pieces(b):
-    """fp32 b -> (b0, b1, b2) in bf16 with b0 + b1 + b2 = b, the pieces of b's significand (8 + 8 + 8 bits).
-
-    b0 is b with its low 16 bits cleared (a bf16 value, truncated: never rounds up to inf), rest = b - b0 is
-    exact (b's low 16 bits), b1 is rest with its low 16 bits cleared, b2 = rest - b1 has at most 8 significant
-    bits. All three have b's sign and |b0| + |b1| + |b2| = |b|. Exact whenever |b| >= 2^-103 (then every
-    nonzero piece is a multiple of b's ulp >= 2^-126, a normal bf16); below that a piece may be subnormal or
-    below bf16's subnormals (and a tensor core may flush subnormal inputs): what is lost is < 2^-126 per entry.
-    The where keeps an infinite b from giving inf - inf; a NaN stays NaN.
-    """
-    b0 = (b.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-    rest = tl.where(b0 == b, 0.0, b - b0)
-    b1 = (rest.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-    b2 = rest - b1
-    return b0.to(tl.bfloat16), b1.to(tl.bfloat16), b2.to(tl.bfloat16)
+def split_b_reference(b: torch.Tensor) -> torch.Tensor:
+    """fp32 B (N x r) -> its bf16 pieces (2 x N x r): b0 = B truncated to bf16 (its low 16 bits cleared: never
+    rounds up to inf), b1 = B - b0 (exact in fp32) rounded to bf16; inf stays in b0 (b1 = 0), NaN stays NaN."""
+    b = b.float()
+    b0 = (b.view(torch.int32) & -65536).view(torch.float32)
+    rest = torch.where(b0 == b, 0.0, b - b0)
+    return torch.stack([b0, rest]).to(torch.bfloat16)
 
 
 @triton.jit
-def _flush_delta(b_rows, r_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, BLOCK_ROWS: tl.constexpr,
-                 BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr, DOT_F32: tl.constexpr):
-    """sum_j B[rows, j] * A8[j, cols] (BLOCK_ROWS x BLOCK_COLS, fp32) as 3 bf16 tensor-core dots per rank block.
+def _prepare_kernel(b_ptr, pieces_ptr, a_ptr, a16_ptr, n_b, rank, n_a, n_cols, stride_b, stride_b_col,
+                    stride_a, SOFTWARE_ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    """The flush's inputs, once per flush: pieces = split_b_reference(B) (2 x N x r, contiguous), then B = 0;
+    a16 = A8 in bf16 (r x K, contiguous; exact). Programs below cdiv(N r, BLOCK) take B, the rest A8."""
+    pid = tl.program_id(0)
+    n_b_programs = tl.cdiv(n_b, BLOCK)
+    if pid < n_b_programs:
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        m = i < n_b
+        b_ptrs = b_ptr + (i // rank).to(tl.int64) * stride_b + (i % rank) * stride_b_col
+        b = tl.load(b_ptrs, mask=m, other=0.0).to(tl.float32)
+        b0 = (b.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+        rest = tl.where(b0 == b, 0.0, b - b0)
+        tl.store(pieces_ptr + i, b0.to(tl.bfloat16), mask=m)
+        tl.store(pieces_ptr + n_b + i, tc.cast_bf16(rest, SOFTWARE_ROUND), mask=m)
+        tl.store(b_ptrs, tl.zeros_like(b).to(b_ptr.dtype.element_ty), mask=m)
+    else:
+        i = (pid - n_b_programs) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n_a
+        a = tl.load(a_ptr + (i // n_cols).to(tl.int64) * stride_a + i % n_cols, mask=m, other=0.0)
+        tl.store(a16_ptr + i, a.to(tl.float32).to(tl.bfloat16), mask=m)
 
-    Each of the 3 r products (b0, b1, b2 of B times A8, which is exact in bf16) is exact in fp32; the dots add
-    them into one fp32 accumulator. Ranks past r (and rows past N) read as 0: zero products, exact.
-    DOT_F32 (the interpreter, whose tl.dot multiplies bf16's uint16 storage as integers): the same bf16 pieces
-    and A8, upcast to fp32 (exact) for an fp32 dot.
-    """
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_RANK):
-        j = j0 + tl.arange(0, BLOCK_RANK)
-        j_mask = j < rank
-        b_blk = tl.load(b_rows[:, None] + j[None, :] * stride_b_col, mask=r_mask[:, None] & j_mask[None, :],
-                        other=0.0)
-        a_blk = tl.load(a_ptr + j[:, None] * stride_a + cols[None, :], mask=j_mask[:, None] & c_mask[None, :],
-                        other=0.0).to(tl.bfloat16)
-        b0, b1, b2 = _bf16_pieces(b_blk.to(tl.float32))
+
+def prepare_flush_inputs_(b: torch.Tensor, a8: torch.Tensor, software_round: bool | None = None):
+    """One launch: (pieces, a16) = (split_b_reference(B), A8 in bf16), both contiguous; then B = 0 in place."""
+    soft = tc.is_interpreter() if software_round is None else bool(software_round)
+    n_rows, rank = b.shape
+    n_cols = a8.shape[1]
+    pieces = torch.empty((_PIECES, n_rows, rank), dtype=torch.bfloat16, device=b.device)
+    a16 = torch.empty((rank, n_cols), dtype=torch.bfloat16, device=b.device)
+    n_b, n_a = n_rows * rank, rank * n_cols
+    if n_b + n_a > 0:
+        _prepare_kernel[(triton.cdiv(n_b, _PREPARE_BLOCK) + triton.cdiv(n_a, _PREPARE_BLOCK),)](
+            b, pieces, a8, a16, n_b, max(rank, 1), n_a, max(n_cols, 1), b.stride(0), b.stride(1), a8.stride(0),
+            SOFTWARE_ROUND=soft, BLOCK=_PREPARE_BLOCK,
+        )
+    return pieces, a16
+
+
+@triton.jit
+def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, DOT_F32: tl.constexpr):
+    """acc + (b0 + b1)[rows, ranks] @ a16[ranks, cols]: one tensor-core dot per piece (DOT_F32, the interpreter,
+    whose tl.dot multiplies bf16's uint16 storage as integers: the same values upcast to fp32, exact)."""
+    for p in tl.static_range(2):
+        piece = tl.load(pieces_ptr + p * piece_stride + b_offs, mask=b_mask, other=0.0)
         if DOT_F32:
-            a32 = a_blk.to(tl.float32)
-            acc = tl.dot(b0.to(tl.float32), a32, acc, input_precision="ieee")
-            acc = tl.dot(b1.to(tl.float32), a32, acc, input_precision="ieee")
-            acc = tl.dot(b2.to(tl.float32), a32, acc, input_precision="ieee")
+            acc = tl.dot(piece.to(tl.float32), a16.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(b0, a_blk, acc)
-            acc = tl.dot(b1, a_blk, acc)
-            acc = tl.dot(b2, a_blk, acc)
+            acc = tl.dot(piece, a16, acc)
     return acc
 
 
 @triton.jit
+def _round_half(merged, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+                SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    if STOCHASTIC:
+        q = _stochastic_round(merged, bits16, FP8_MAX, MANT_BITS, MIN_EXP).to(OUT_DTYPE)  # on the grid: exact cast
+    else:
+        q = tc.saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE)
+    return q
+
+
+@triton.jit
 def _flush_kernel(
-    w_ptr, a_ptr, b_ptr, seed_ptr, n_rows, n_cols, rank,
-    stride_w, stride_a, stride_b, stride_b_col,
+    w_ptr, a16_ptr, pieces_ptr, seed_ptr, n_rows, n_cols, rank, stride_w,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
     STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     BLOCK_RANK: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + B[rows] @ A8[:, cols]).
+    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + (b0 + b1)[rows] @ a16[:, cols]), as two halves
+    of BLOCK_COLS / 2 columns (c and c + BLOCK_COLS / 2 share one hash: the pairs of _rounding_bits).
 
     Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
-    same row block of B (kept in L2 while they run) and walk A8 (r x K, at most a few MB) which L2 holds whole.
-    The W8 tile is loaded after the delta: loaded before, it and its pointers stay live across the rank loop
-    (~255 registers a thread in the sm_90 compile); the other programs on the SM hide its latency. Tile offsets
-    are int32 from an int64 tile base (per-entry int64 pointers cost registers too).
+    same rows of the pieces (kept in L2) and walk a16 (r x K bf16) which L2 holds whole. The W8 tile is
+    loaded first: its latency overlaps the delta. Tile offsets are int32 from an int64 tile base.
     """
+    HALF: tl.constexpr = BLOCK_COLS // 2
     pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
     row0 = (pid // n_col_blocks) * BLOCK_ROWS
     col0 = (pid % n_col_blocks) * BLOCK_COLS
     r_loc = tl.arange(0, BLOCK_ROWS)
-    c_loc = tl.arange(0, BLOCK_COLS)
+    h_loc = tl.arange(0, HALF)
     rows = row0 + r_loc
-    cols = col0 + c_loc
     r_mask = rows < n_rows
-    c_mask = cols < n_cols
-    mask = r_mask[:, None] & c_mask[None, :]
-    w_ptrs = (w_ptr + row0.to(tl.int64) * stride_w + col0) + (r_loc[:, None] * stride_w + c_loc[None, :])
-    acc = _flush_delta(b_ptr + rows.to(tl.int64) * stride_b, r_mask, a_ptr, cols, c_mask, rank, stride_a,
-                       stride_b_col, BLOCK_ROWS, BLOCK_COLS, BLOCK_RANK, DOT_F32)
-    w = tl.load(w_ptrs, mask=mask, other=0.0)
-    merged = w.to(tl.float32) + acc
-    q = _round_merged(merged, rows.to(tl.int64), cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP,
-                      SOFTWARE_ROUND, STOCHASTIC)
-    tl.store(w_ptrs, q, mask=mask)
+    cols_l = col0 + h_loc
+    cols_r = cols_l + HALF
+    mask_l = r_mask[:, None] & (cols_l < n_cols)[None, :]
+    mask_r = r_mask[:, None] & (cols_r < n_cols)[None, :]
+    w_l = (w_ptr + row0.to(tl.int64) * stride_w + col0) + (r_loc[:, None] * stride_w + h_loc[None, :])
+    w_r = w_l + HALF
+    old_l = tl.load(w_l, mask=mask_l, other=0.0)
+    old_r = tl.load(w_r, mask=mask_r, other=0.0)
+    acc_l = tl.zeros([BLOCK_ROWS, HALF], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_ROWS, HALF], dtype=tl.float32)
+    piece_stride = n_rows * rank
+    for j0 in range(0, rank, BLOCK_RANK):
+        j = j0 + tl.arange(0, BLOCK_RANK)
+        j_mask = j < rank
+        b_offs = rows[:, None] * rank + j[None, :]
+        b_mask = r_mask[:, None] & j_mask[None, :]
+        a_rows = a16_ptr + j[:, None] * n_cols
+        a_l = tl.load(a_rows + cols_l[None, :], mask=j_mask[:, None] & (cols_l < n_cols)[None, :], other=0.0)
+        a_r = tl.load(a_rows + cols_r[None, :], mask=j_mask[:, None] & (cols_r < n_cols)[None, :], other=0.0)
+        acc_l = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_l, acc_l, DOT_F32)
+        acc_r = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_r, acc_r, DOT_F32)
+    bits_l = tl.zeros([BLOCK_ROWS, HALF], dtype=tl.int32)
+    bits_r = bits_l
+    if STOCHASTIC:  # the pair counter of _rounding_bits: row * K + col0 / 2 + (c mod 64)
+        x = _hash32(tl.load(seed_ptr), (row0 * n_cols + col0 // 2) + (r_loc[:, None] * n_cols + h_loc[None, :]))
+        bits_l = (x & 0xFFFF).to(tl.int32)
+        bits_r = (x >> 16).to(tl.int32)
+    out = w_ptr.dtype.element_ty
+    q_l = _round_half(old_l.to(tl.float32) + acc_l, bits_l, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
+    q_r = _round_half(old_r.to(tl.float32) + acc_r, bits_r, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
+    tl.store(w_l, q_l, mask=mask_l)
+    tl.store(w_r, q_r, mask=mask_r)
 
 
 @tc.opaque_to_compile
@@ -179,28 +221,29 @@ def flush_triton_(
     w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, *, stochastic: bool = False,
     seed: torch.Tensor | None = None, weight_t: torch.Tensor | None = None, software_round: bool | None = None,
 ) -> None:
-    """The Triton path of flush_reference_ (same contract): one launch, then B.zero_(). No host sync.
+    """The Triton path of flush_reference_ (same contract): two launches (prepare, flush). No host sync.
 
-    B is zeroed outside the kernel: every column block's program reads the same rows of B, so a program
-    zeroing them would race with the others. software_round: as in proxy_update_triton_.
+    B is zeroed by the prepare kernel, after it has split B: the flush's programs read the pieces, so none
+    races with the zeroing. software_round: as in proxy_update_triton_.
     """
     _check_flush(w8, a8, b, stochastic, seed, weight_t)
     n_rows, n_cols = w8.shape
-    if n_rows > 0 and n_cols > 0:
-        fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
-        grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
-        _flush_kernel[grid](
-            w8, a8, b, seed if stochastic else w8, n_rows, n_cols, a8.shape[0],
-            w8.stride(0), a8.stride(0), b.stride(0), b.stride(1),
-            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
-            SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-            STOCHASTIC=bool(stochastic),
-            BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(a8.shape[0]),
-            DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
-        )
-        if weight_t is not None:  # in place: a captured graph keeps weight_t's address
-            weight_t.copy_(transpose_fp8_triton(w8))
-    b.zero_()
+    rank = a8.shape[0]
+    soft = tc.is_interpreter() if software_round is None else bool(software_round)
+    if n_rows == 0 or n_cols == 0 or rank == 0:
+        b.zero_()
+        return
+    pieces, a16 = prepare_flush_inputs_(b, a8, software_round=soft)
+    fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
+    grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
+    _flush_kernel[grid](
+        w8, a16, pieces, seed if stochastic else w8, n_rows, n_cols, rank, w8.stride(0),
+        FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft, STOCHASTIC=bool(stochastic),
+        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank),
+        DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
+    )
+    if weight_t is not None:  # in place: a captured graph keeps weight_t's address
+        weight_t.copy_(transpose_fp8_triton(w8))
 
 
 def flush_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, **options) -> None:

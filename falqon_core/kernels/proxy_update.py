@@ -186,9 +186,12 @@ def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -
 # The reference update above loses a merged delta for good when it rounds away on the e4m3 grid (at LoRA's
 # usual learning rates nearly all of them do). The variants below change what is merged and how it is
 # rounded; the default path above is untouched (same kernel, same speed).
-#   stochastic     round W8 + B.A8 onto the e4m3 grid stochastically (unbiased: E[result] = W8 + B.A8),
-#                  with a counter-based RNG: u = hash(seed, row * K + col), so a seed gives the same bits
-#                  in the Triton kernel and in its torch reference.
+#   stochastic     round W8 + B.A8 onto the e4m3 grid stochastically (unbiased: E[result] = W8 + B.A8 up to
+#                  2^-17 of a grid step), with a counter-based RNG: 16 random bits per entry of W8, the two
+#                  halves of one 32-bit hash of (seed, pair counter) for the entries (row, col) and
+#                  (row, col + 64) of each 128-column block (rounding_bits_reference), so a seed gives the
+#                  same bits in every kernel and in the torch reference, and a kernel that holds both entries
+#                  of a pair hashes once for two (the flush; docs/perf-notes.md "FALQON's flush").
 #   merge="grid"   merge every row in which some entry changes under round-to-nearest (i.e. |delta| >= half
 #                  an e4m3 spacing at that weight) instead of the top-k rows by L1 norm.
 #   keep_unmerged  zero only the merged rows of B (the others keep accumulating) instead of all of B.
@@ -203,61 +206,91 @@ _MASK32 = 0xFFFFFFFF
 
 
 @triton.jit
-def _hash_uniform(seed, offsets):
-    """u in [0, 1) (multiples of 2^-24, fp32) from a uint32 hash of (seed, offset): lowbias32 (C. Wellons)."""
-    x = offsets.to(tl.uint32) ^ (seed.to(tl.uint32) * 0x9E3779B1)
+def _hash32(seed, counters):
+    """uint32 hash of (seed, counter): lowbias32 (C. Wellons) of counter ^ (seed * golden ratio)."""
+    x = counters.to(tl.uint32) ^ (seed.to(tl.uint32) * 0x9E3779B1)
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
     x = x * 0x846CA68B
     x = x ^ (x >> 16)
-    return (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return x
 
 
 @triton.jit
-def _stochastic_round(y, u, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
-    """Clamp fp32 y to +-FP8_MAX, then round |y| up to the next grid point with probability (its distance from
-    the one below) / spacing, else down: exact fp32 arithmetic (power-of-two scalings, floor), sign kept."""
+def _rounding_bits(seed, rows, cols, n_cols):
+    """16 random bits (int32 in [0, 2^16)) per entry (rows[:, None], cols[None, :]) of W8: rounding_bits_reference."""
+    counters = rows[:, None] * n_cols + ((cols >> 7) << 6)[None, :] + (cols & 63)[None, :]
+    x = _hash32(seed, counters)
+    return tl.where(((cols >> 6) & 1)[None, :] == 1, x >> 16, x & 0xFFFF).to(tl.int32)
+
+
+@triton.jit
+def _stochastic_round(y, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Clamp fp32 y to +-FP8_MAX, then |y| -> floor(|y| / step + u) * step, u = (bits16 + 1/2) / 2^16, sign kept:
+    rounded up with probability the fraction of a step |y| lies above the grid point below (to 2^-17).
+
+    Integer work on fp32 bits: adding u's bits just below the grid's lowest bit (SHIFT = 23 - MANT_BITS
+    fp32 bits lie below it) carries into it exactly when the fraction + u >= 1; clearing those bits then
+    floors. Below 2^MIN_EXP (the format's subnormals, spacing 2^(MIN_EXP - MANT_BITS)) |y| is first moved
+    up by c = 2^MIN_EXP into the binade whose spacing is the same, and c is taken off after (exact; the fp32
+    add may drop bits of |y| below 2^(MIN_EXP - 24)). On-grid values never move; inf saturates; NaN stays.
+    """
+    SHIFT: tl.constexpr = 23 - MANT_BITS
     y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    bits = y.to(tl.int32, bitcast=True)
-    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
-    ulp = ((exp - MANT_BITS + 127) << 23).to(tl.float32, bitcast=True)
-    inv_ulp = ((MANT_BITS - exp + 127) << 23).to(tl.float32, bitcast=True)
-    scaled = tl.abs(y) * inv_ulp
-    low = tl.floor(scaled)
-    up = tl.where(u < scaled - low, 1.0, 0.0)
-    magnitude = (low + up) * ulp
-    return (magnitude.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    a = tl.abs(y)
+    c = tl.where(a < 2.0**MIN_EXP, 2.0**MIN_EXP, 0.0)
+    z = (a + c).to(tl.int32, bitcast=True)
+    z = (z + ((bits16 << (SHIFT - 16)) + (1 << (SHIFT - 17)))) & (-(1 << SHIFT))
+    q = z.to(tl.float32, bitcast=True) - c
+    return (q.to(tl.int32, bitcast=True) | (y.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64 (the product split to stay below 2^63)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32_reference(seed: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Torch twin of _hash32: the same uint32 arithmetic in int64 (values in [0, 2^32))."""
+    x = (counters.to(torch.int64) & _MASK32) ^ _mul32(seed.to(torch.int64) & _MASK32, _SEED_MUL)
+    x = x ^ (x >> 16)
+    x = _mul32(x, _HASH_MUL_1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _HASH_MUL_2)
+    return x ^ (x >> 16)
 
 
 def hash_uniform_reference(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Torch twin of _hash_uniform: the same uint32 arithmetic in int64 (products split to stay below 2^63)."""
-
-    def mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-        return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-    x = (offsets.to(torch.int64) & _MASK32) ^ mul32(seed.to(torch.int64) & _MASK32, _SEED_MUL)
-    x = x ^ (x >> 16)
-    x = mul32(x, _HASH_MUL_1)
-    x = x ^ (x >> 15)
-    x = mul32(x, _HASH_MUL_2)
-    x = x ^ (x >> 16)
-    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    """u in [0, 1) (multiples of 2^-24, fp32) from the hash of (seed, offset): the top 24 bits of hash32."""
+    return (hash32_reference(seed, offsets) >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def stochastic_round_reference(y: torch.Tensor, u: torch.Tensor, dtype: torch.dtype = fp8.E4M3) -> torch.Tensor:
-    """Torch twin of _stochastic_round: fp32 y -> fp32 values on `dtype`'s grid, rounded up with probability
-    equal to the fractional distance (unbiased inside the range; saturates at +-max)."""
+def rounding_bits_reference(seed: torch.Tensor, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The stochastic rounding's 16 random bits (int64 in [0, 2^16)) for W8[rows, :] (len(rows) x n_cols).
+
+    Entries (row, c) and (row, c + 64) of each 128-column block c0..c0 + 127 share the counter
+    row * n_cols + c0 / 2 + (c mod 64) (distinct over all pairs: it stays below (row + 1) * n_cols); the low
+    16 bits of its hash go to the first, the high 16 to the second.
+    """
+    cols = torch.arange(n_cols, device=rows.device)
+    counters = rows.to(torch.int64)[:, None] * n_cols + ((cols >> 7) << 6) + (cols & 63)
+    x = hash32_reference(seed, counters)
+    return torch.where(((cols >> 6) & 1) == 1, x >> 16, x & 0xFFFF)
+
+
+def stochastic_round_reference(y: torch.Tensor, bits16: torch.Tensor, dtype: torch.dtype = fp8.E4M3) -> torch.Tensor:
+    """Torch twin of _stochastic_round: fp32 y -> fp32 values on `dtype`'s grid, |y| -> floor(|y| / step + u) *
+    step with u = (bits16 + 1/2) / 2^16 (unbiased to 2^-17 of a step inside the range; saturates at +-max)."""
     fp8_max, mant_bits, min_exp = tc.format_constants(dtype)
+    shift = 23 - mant_bits
     y = torch.clamp(y.float(), -fp8_max, fp8_max)
-    bits = y.view(torch.int32)
-    exp = torch.clamp_min(((bits >> 23) & 0xFF) - 127, min_exp)
-    ulp = ((exp - mant_bits + 127) << 23).view(torch.float32)
-    inv_ulp = ((mant_bits - exp + 127) << 23).view(torch.float32)
-    scaled = y.abs() * inv_ulp
-    low = torch.floor(scaled)
-    magnitude = (low + (u < scaled - low).float()) * ulp
-    return (magnitude.view(torch.int32) | (bits & -2147483648)).view(torch.float32)
+    a = y.abs()
+    c = torch.where(a < 2.0**min_exp, 2.0**min_exp, 0.0)
+    z = (a + c).view(torch.int32)
+    z = (z + ((bits16.to(torch.int32) << (shift - 16)) + (1 << (shift - 17)))) & (-(1 << shift))
+    q = z.view(torch.float32) - c
+    return (q.view(torch.int32) | (y.view(torch.int32) & -2147483648)).view(torch.float32)
 
 
 def _variant_rows(b: torch.Tensor, a8: torch.Tensor, w8: torch.Tensor, merge: str, k: int) -> torch.Tensor:
@@ -283,8 +316,8 @@ def proxy_update_variant_reference_(
     delta = b.index_select(0, rows).float() @ a8.float()
     merged = old + delta
     if stochastic:
-        offsets = rows[:, None].to(torch.int64) * w8.shape[1] + torch.arange(w8.shape[1], device=w8.device)
-        new = stochastic_round_reference(merged, hash_uniform_reference(seed, offsets), w8.dtype).to(w8.dtype)
+        new = stochastic_round_reference(merged, rounding_bits_reference(seed, rows, w8.shape[1]), w8.dtype)
+        new = new.to(w8.dtype)
     else:
         new = fp8.saturating_cast(merged, w8.dtype)
     changed = new.float() != old
@@ -320,12 +353,12 @@ def _check_variant(w8, a8, b, k, stochastic, seed, merge) -> None:
 @triton.jit
 def _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
                   MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """W8's new bytes for merged = W8 + delta (rows x cols of W8): stochastic rounding with u = hash(seed, row * K +
-    col) (the same bits wherever a row is merged: top-k update or flush), else the saturating round-to-nearest."""
+    """W8's new bytes for merged = W8 + delta (rows x cols of W8): stochastic rounding with _rounding_bits (the
+    same bits wherever a row is merged: top-k update or flush), else the saturating round-to-nearest."""
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
-        u = _hash_uniform(seed, rows[:, None] * n_cols + cols[None, :])
-        q = _stochastic_round(merged, u, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
+        bits = _rounding_bits(seed, rows, cols, n_cols)
+        q = _stochastic_round(merged, bits, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
     else:
         q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
     return q

@@ -431,8 +431,8 @@ def kaiming_rms_rows(adapter: torch.Tensor, weight_amax: float) -> tuple[torch.T
     rescaled = torch.where(row_rms > 0, adapter * (target / row_rms.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
     amax = float(rescaled.abs().max())
     capped = weight_amax > 0 and amax > weight_amax
-    if capped:
-        rescaled = rescaled * (weight_amax / amax)
+    if capped:  # the clamp: the product can round one fp32 ulp past max|W| (and so move the scale)
+        rescaled = (rescaled * (weight_amax / amax)).clamp(-weight_amax, weight_amax)
     before = float(adapter.pow(2).mean().sqrt())
     gain = float(rescaled.pow(2).mean().sqrt()) / before if before > 0 else 1.0
     return rescaled, gain, bool(capped)
