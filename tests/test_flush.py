@@ -111,13 +111,16 @@ def _check_within_bound(w8, a8, b, w_new, stochastic, seed):
     open_ = lo != hi
     assert ((got == ref) | open_).all(), f"{int(((got != ref) & ~open_).sum())} decided entries differ"
     assert ((lo <= got) & (got <= hi)).all()
-    assert ((got - ref).abs() <= _e4m3_step(torch.minimum(got.abs(), ref.abs()))).all()  # at most one e4m3 step
+    # No "at most one e4m3 step" claim: B's two pieces err by up to 2^-16 S, more than a step of the small
+    # magnitudes where W8 and the delta cancel (seen on the H200 at r = 64); [lo, hi] is the contract.
     return open_.double().mean().item()
 
 
 def _general_inputs(n, k_dim, r, device="cpu"):
     """General fp32 B (24-bit significands), scaled so the delta moves W8 by about its grid step; one row of
-    large B (mostly saturates), one of B near fp32's smallest normals (the split's pieces go subnormal)."""
+    large B (mostly saturates), one of B near fp32's smallest normals (the split's pieces go subnormal).
+    Seeded: a failure names its inputs."""
+    torch.manual_seed(n * 7919 + k_dim * 31 + r)
     w8 = (torch.randn(n, k_dim, device=device) * 64).clamp(-448, 448).to(fp8.E4M3)
     a8 = (torch.randn(r, k_dim, device=device) * 3).clamp(-448, 448).to(fp8.E4M3)
     b = torch.randn(n, r, device=device) * (3.0 / math.sqrt(r))
@@ -129,7 +132,7 @@ def _general_inputs(n, k_dim, r, device="cpu"):
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("r", [1, 5, 16, 24, 48, 64, 100])
 def test_flush_within_the_accumulation_bound(r, stochastic):
-    """General fp32 B: W8 equals exact arithmetic's rounding except next to a rounding boundary, by one step there.
+    """General fp32 B: W8 equals exact arithmetic's rounding except next to a rounding boundary.
 
     Exact: m = W8 + B @ A8 in fp64 (each product has <= 24 + 4 significant bits, exact in fp64; the sum's fp64
     error, < gamma_{r+1}(2^-53) (|W8| + S), is covered by the slack below), S = sum_j |B_j A8_j|.
@@ -147,8 +150,7 @@ def test_flush_within_the_accumulation_bound(r, stochastic):
     Rounding: f (nearest: the midpoints between e4m3 neighbours are its boundaries; stochastic: the points
     where the fraction equals u) is monotone, so the kernel's f(merged) lies in [f(m - tol), f(m + tol)]: where
     those agree (m is farther than tol from every boundary) it must be f(m) exactly. Where they do not, the
-    test also asks for at most one e4m3 step from f(m) (tol can span two steps where W8 and the delta cancel;
-    the actual error, ~2^-24 (|W8| + S), cannot).
+    test asks for nothing more (there the two pieces' 2^-16 S can exceed a step near zero).
     Without b1 the delta errs by ~2^-8 S, far outside tol: this test then fails (checked by hand).
     """
     w8, a8, b = _general_inputs(150, 300, r)
