@@ -237,8 +237,7 @@ def _stochastic_round(y, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
     add may drop bits of |y| below 2^(MIN_EXP - 24)). On-grid values never move; inf saturates; NaN stays.
     """
     SHIFT: tl.constexpr = 23 - MANT_BITS
-    y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    a = tl.abs(y)
+    a = tl.minimum(tl.abs(y), FP8_MAX, propagate_nan=tl.PropagateNan.ALL)  # the clamp, on |y| (sign: y's bits)
     c = tl.where(a < 2.0**MIN_EXP, 2.0**MIN_EXP, 0.0)
     z = (a + c).to(tl.int32, bitcast=True)
     z = (z + ((bits16 << (SHIFT - 16)) + (1 << (SHIFT - 17)))) & (-(1 << SHIFT))
