@@ -143,6 +143,11 @@ def upcast_scaled_mm(
     return (product * sa * sb).to(out_dtype)
 
 
+# CPU calls of scaled_mm take upcast_scaled_mm (see scaled_mm); tests that check which GEMM a CUDA step would
+# reach set this False to run torch._scaled_mm on the CPU.
+CPU_UPCAST = True
+
+
 def scaled_mm(
     a_data: torch.Tensor,
     a_scale: torch.Tensor,
@@ -155,13 +160,15 @@ def scaled_mm(
     """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
 
     Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
-    GPU; works on CPU too). cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to
-    upcast_scaled_mm (fp32 accumulation). fallback: True forces upcast_scaled_mm, False forces
+    GPU). cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to upcast_scaled_mm (fp32
+    accumulation); so does every CPU call: torch._scaled_mm's CPU kernel is a slow reference on some CPUs
+    (Intel Xeon with AMX, torch 2.14: 70 ms for a 256 x 64 x 192 product, 0.26 ms upcast, same values), which
+    made the CPU accuracy suite take minutes per point. fallback: True forces upcast_scaled_mm, False forces
     torch._scaled_mm, None decides as just said. use_fast_accum: torch._scaled_mm's flag (on Hopper the fp8
     MMA keeps the whole K reduction in its reduced-precision accumulator; ignored by the upcast GEMM and on CPU).
     """
     if fallback is None:
-        fallback = a_data.is_cuda and not scaled_mm_fits(a_data.shape[1], b_data.shape[0])
+        fallback = CPU_UPCAST if not a_data.is_cuda else not scaled_mm_fits(a_data.shape[1], b_data.shape[0])
     if fallback:
         return upcast_scaled_mm(a_data, a_scale, b_data, b_scale, out_dtype)
     sa, sb = _row_col_scales(a_scale, b_scale, a_data.shape[0], b_data.shape[0])

@@ -346,3 +346,10 @@ def test_lost_update_stats_of_a_run_whose_merges_are_not_counted_say_so():
         "lost_fraction": [None] * 4, "lost_fraction_mean": None, "merged_rows_per_update": None}
     counted = [torch.tensor([1, 2, 8]) * (i + 1) for i in range(4)]  # 8 rows merged per step over 2 layers
     assert lost_update_stats(counted, n_layers=2, steps=4)["merged_rows_per_update"] == 4.0
+
+
+def test_learning_rates_between_decades_are_printed_apart():
+    """1.5e-2 printed as 1e-02 made two rows of one grid look the same rate (seen in a GPU run's summary)."""
+    from falqon_bench.readers.accuracy_summary import lr_text
+
+    assert [lr_text(x) for x in (3e-3, 1e-2, 1.5e-2, 2e-2)] == ["3e-03", "1e-02", "1.5e-02", "2e-02"]

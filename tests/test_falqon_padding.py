@@ -84,6 +84,7 @@ class ScaledMmSpy:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[int, int, bool]] = []
+        monkeypatch.setattr(fp8, "CPU_UPCAST", False)  # on the CPU too, route as on CUDA (fp8.scaled_mm)
         real = torch._scaled_mm
 
         def spy(a, b, *args, **kwargs):

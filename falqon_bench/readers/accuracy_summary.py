@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 
+def lr_text(lr: float) -> str:
+    """A learning rate as the suites write it: 3e-03, 1.5e-02 (one digit only where a second would be 0)."""
+    return f"{lr:.1e}".replace(".0e", "e")
+
+
 def accuracy_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("kind") == "accuracy"]
 
@@ -61,12 +66,12 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in sorted(rows, key=lambda r: (list(best).index(r["label"]) if r["label"] in best else 99, r["lr"], r["seed"])):
         mark = "*" if r["label"] in best and best[r["label"]]["lr"] == r["lr"] else " "
         if r.get("status") != "ok":
-            lines.append(f"{r['label']:<28} {r['lr']:>8.0e} {'error':>8}  {str(r.get('error'))[:60]}")
+            lines.append(f"{r['label']:<28} {lr_text(r['lr']):>8} {'error':>8}  {str(r.get('error'))[:60]}")
             continue
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "diverged"
         lost = f"{r['lost_fraction_mean']:.2f}" if r.get("lost_fraction_mean") is not None else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"{r['label']:<28} {r['lr']:>8.0e} {loss:>7}{mark} {r['final_acc']:>6.3f} {tps:>10} {lost:>6}")
+        lines.append(f"{r['label']:<28} {lr_text(r['lr']):>8} {loss:>7}{mark} {r['final_acc']:>6.3f} {tps:>10} {lost:>6}")
     return lines
 
 

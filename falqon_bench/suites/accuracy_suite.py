@@ -233,7 +233,7 @@ def tabulate_accuracy_rows(rows: list[dict[str, Any]]):
     from rich.markup import escape
     from rich.table import Table
 
-    from falqon_bench.readers.accuracy_summary import best_of_grid
+    from falqon_bench.readers.accuracy_summary import best_of_grid, lr_text
 
     best = best_of_grid(rows)
     labels = list(dict.fromkeys(r.get("label") for r in rows))
@@ -249,6 +249,6 @@ def tabulate_accuracy_rows(rows: list[dict[str, Any]]):
             loss += "*" if label in best and best[label]["lr"] == r.get("lr") else ""
             acc = "-" if r.get("final_acc") is None else f"{r['final_acc']:.3f}"
             ms = "-" if r.get("wall_ms") is None else f"{r['wall_ms']:.2f}"
-        lr = "-" if r.get("lr") is None else f"{r['lr']:.0e}"
+        lr = "-" if r.get("lr") is None else lr_text(r["lr"])
         table.add_row(escape(label), escape(str(r.get("method"))), lr, str(r.get("seed")), loss, acc, ms)
     return table

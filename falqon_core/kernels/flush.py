@@ -37,6 +37,7 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
+from falqon_core.kernels._triton_common import cast_bf16, saturating_cast
 from falqon_core.kernels.proxy_update import _check_variant, _hash32, _stochastic_round, proxy_update_variant_reference_
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
@@ -110,7 +111,7 @@ def _prepare_kernel(b_ptr, pieces_ptr, a_ptr, a16_ptr, n_b, rank, n_a, n_cols, s
         b0 = (b.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
         rest = tl.where(b0 == b, 0.0, b - b0)
         tl.store(pieces_ptr + i, b0.to(tl.bfloat16), mask=m)
-        tl.store(pieces_ptr + n_b + i, tc.cast_bf16(rest, SOFTWARE_ROUND), mask=m)
+        tl.store(pieces_ptr + n_b + i, cast_bf16(rest, SOFTWARE_ROUND), mask=m)
         tl.store(b_ptrs, tl.zeros_like(b).to(b_ptr.dtype.element_ty), mask=m)
     else:
         i = (pid - n_b_programs) * BLOCK + tl.arange(0, BLOCK)
@@ -154,7 +155,7 @@ def _round_half(merged, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, 
     if STOCHASTIC:
         q = _stochastic_round(merged, bits16, FP8_MAX, MANT_BITS, MIN_EXP).to(OUT_DTYPE)  # on the grid: exact cast
     else:
-        q = tc.saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE)
+        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE)
     return q
 
 
