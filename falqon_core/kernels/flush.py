@@ -137,10 +137,10 @@ def prepare_flush_inputs_(b: torch.Tensor, a8: torch.Tensor, software_round: boo
 
 
 @triton.jit
-def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, DOT_F32: tl.constexpr):
+def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, PIECES: tl.constexpr, DOT_F32: tl.constexpr):
     """acc + (b0 + b1)[rows, ranks] @ a16[ranks, cols]: one tensor-core dot per piece (DOT_F32, the interpreter,
     whose tl.dot multiplies bf16's uint16 storage as integers: the same values upcast to fp32, exact)."""
-    for p in tl.static_range(2):
+    for p in tl.static_range(PIECES):
         piece = tl.load(pieces_ptr + p * piece_stride + b_offs, mask=b_mask, other=0.0)
         if DOT_F32:
             acc = tl.dot(piece.to(tl.float32), a16.to(tl.float32), acc, input_precision="ieee")
@@ -164,7 +164,7 @@ def _flush_kernel(
     w_ptr, a16_ptr, pieces_ptr, seed_ptr, n_rows, n_cols, rank, stride_w,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
     STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    BLOCK_RANK: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_RANK: tl.constexpr, PIECES: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + (b0 + b1)[rows] @ a16[:, cols]), as two halves
     of BLOCK_COLS / 2 columns (c and c + BLOCK_COLS / 2 share one hash: the pairs of _rounding_bits).
@@ -173,6 +173,7 @@ def _flush_kernel(
     same rows of the pieces (kept in L2) and walk a16 (r x K bf16) which L2 holds whole. The W8 tile is
     loaded first: its latency overlaps the delta. Tile offsets are int32 from an int64 tile base.
     """
+    tl.static_assert(BLOCK_COLS == 128, "the rounding's pairs are (c, c + 64) of each 128-column block")
     HALF: tl.constexpr = BLOCK_COLS // 2
     pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
@@ -201,12 +202,13 @@ def _flush_kernel(
         a_rows = a16_ptr + j[:, None] * n_cols
         a_l = tl.load(a_rows + cols_l[None, :], mask=j_mask[:, None] & (cols_l < n_cols)[None, :], other=0.0)
         a_r = tl.load(a_rows + cols_r[None, :], mask=j_mask[:, None] & (cols_r < n_cols)[None, :], other=0.0)
-        acc_l = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_l, acc_l, DOT_F32)
-        acc_r = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_r, acc_r, DOT_F32)
+        acc_l = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_l, acc_l, PIECES, DOT_F32)
+        acc_r = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_r, acc_r, PIECES, DOT_F32)
     bits_l = tl.zeros([BLOCK_ROWS, HALF], dtype=tl.int32)
     bits_r = bits_l
-    if STOCHASTIC:  # the pair counter of _rounding_bits: row * K + col0 / 2 + (c mod 64)
-        x = _hash32(tl.load(seed_ptr), (row0 * n_cols + col0 // 2) + (r_loc[:, None] * n_cols + h_loc[None, :]))
+    if STOCHASTIC:  # the pair counter of _rounding_bits, row * K + col0 / 2 + (c mod 64), mod 2^32 (as the hash)
+        base = (row0.to(tl.int64) * n_cols + col0 // 2).to(tl.uint32)
+        x = _hash32(tl.load(seed_ptr), base + (r_loc[:, None] * n_cols + h_loc[None, :]).to(tl.uint32))
         bits_l = (x & 0xFFFF).to(tl.int32)
         bits_r = (x >> 16).to(tl.int32)
     out = w_ptr.dtype.element_ty
@@ -240,7 +242,7 @@ def flush_triton_(
     _flush_kernel[grid](
         w8, a16, pieces, seed if stochastic else w8, n_rows, n_cols, rank, w8.stride(0),
         FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft, STOCHASTIC=bool(stochastic),
-        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank),
+        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank), PIECES=_PIECES,
         DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
     )
     if weight_t is not None:  # in place: a captured graph keeps weight_t's address
