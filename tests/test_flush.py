@@ -240,3 +240,11 @@ def test_stochastic_round_is_floor_of_fraction_plus_u():
     want = _round64(y.double(), (bits.double() + 0.5) / 65536)
     assert torch.equal(got, want)
     assert torch.equal(got.float().to(fp8.E4M3).double(), got)  # on the grid
+
+
+def test_rank_zero_flush_leaves_w8_and_still_refreshes_its_transpose():
+    """Nothing to merge at r = 0, but the contract's W8^T refresh still happens (a stale W8^T would survive)."""
+    w8 = (torch.randn(8, 32) * 64).clamp(-448, 448).to(fp8.E4M3)
+    a8, b = torch.zeros(0, 32).to(fp8.E4M3), torch.zeros(8, 0)
+    w_new, _, wt = _run(flush_triton_, w8, a8, b, True)
+    assert _same(w_new, w8) and _same(wt, w8.t().contiguous())

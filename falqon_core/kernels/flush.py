@@ -37,8 +37,8 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import cast_bf16, saturating_cast
-from falqon_core.kernels.proxy_update import _check_variant, _hash32, _stochastic_round, proxy_update_variant_reference_
+from falqon_core.kernels._triton_common import cast_bf16
+from falqon_core.kernels.proxy_update import _check_variant, _hash32, _round_to_fp8, proxy_update_variant_reference_
 from falqon_core.kernels.transpose import transpose_fp8_triton
 
 # W8 rows x columns per program, one program per tile, 4 warps (one warpgroup: 64 x 128 wgmma), each half of
@@ -128,9 +128,9 @@ def prepare_flush_inputs_(b: torch.Tensor, a8: torch.Tensor, software_round: boo
     pieces = torch.empty((_PIECES, n_rows, rank), dtype=torch.bfloat16, device=b.device)
     a16 = torch.empty((rank, n_cols), dtype=torch.bfloat16, device=b.device)
     n_b, n_a = n_rows * rank, rank * n_cols
-    if n_b + n_a > 0:
+    if n_b + n_a > 0:  # then rank > 0 (n_cols may be 0: its programs never run)
         _prepare_kernel[(triton.cdiv(n_b, _PREPARE_BLOCK) + triton.cdiv(n_a, _PREPARE_BLOCK),)](
-            b, pieces, a8, a16, n_b, max(rank, 1), n_a, max(n_cols, 1), b.stride(0), b.stride(1), a8.stride(0),
+            b, pieces, a8, a16, n_b, rank, n_a, max(n_cols, 1), b.stride(0), b.stride(1), a8.stride(0),
             SOFTWARE_ROUND=soft, BLOCK=_PREPARE_BLOCK,
         )
     return pieces, a16
@@ -147,16 +147,6 @@ def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, PIECES: tl.con
         else:
             acc = tl.dot(piece, a16, acc)
     return acc
-
-
-@triton.jit
-def _round_half(merged, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
-                SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    if STOCHASTIC:
-        q = _stochastic_round(merged, bits16, FP8_MAX, MANT_BITS, MIN_EXP).to(OUT_DTYPE)  # on the grid: exact cast
-    else:
-        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE)
-    return q
 
 
 @triton.jit
@@ -212,8 +202,8 @@ def _flush_kernel(
         bits_l = (x & 0xFFFF).to(tl.int32)
         bits_r = (x >> 16).to(tl.int32)
     out = w_ptr.dtype.element_ty
-    q_l = _round_half(old_l.to(tl.float32) + acc_l, bits_l, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
-    q_r = _round_half(old_r.to(tl.float32) + acc_r, bits_r, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
+    q_l = _round_to_fp8(old_l.to(tl.float32) + acc_l, bits_l, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
+    q_r = _round_to_fp8(old_r.to(tl.float32) + acc_r, bits_r, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
     tl.store(w_l, q_l, mask=mask_l)
     tl.store(w_r, q_r, mask=mask_r)
 
@@ -233,18 +223,19 @@ def flush_triton_(
     n_rows, n_cols = w8.shape
     rank = a8.shape[0]
     soft = tc.is_interpreter() if software_round is None else bool(software_round)
-    if n_rows == 0 or n_cols == 0 or rank == 0:
+    if n_rows == 0 or n_cols == 0:
         b.zero_()
         return
-    pieces, a16 = prepare_flush_inputs_(b, a8, software_round=soft)
-    fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
-    grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
-    _flush_kernel[grid](
-        w8, a16, pieces, seed if stochastic else w8, n_rows, n_cols, rank, w8.stride(0),
-        FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft, STOCHASTIC=bool(stochastic),
-        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank), PIECES=_PIECES,
-        DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
-    )
+    if rank > 0:  # rank 0: nothing to merge, W8 stays (W8^T is still refreshed below, as the contract says)
+        pieces, a16 = prepare_flush_inputs_(b, a8, software_round=soft)
+        fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
+        grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
+        _flush_kernel[grid](
+            w8, a16, pieces, seed if stochastic else w8, n_rows, n_cols, rank, w8.stride(0),
+            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft, STOCHASTIC=bool(stochastic),
+            BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank), PIECES=_PIECES,
+            DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
+        )
     if weight_t is not None:  # in place: a captured graph keeps weight_t's address
         weight_t.copy_(transpose_fp8_triton(w8))
 

@@ -350,17 +350,27 @@ def _check_variant(w8, a8, b, k, stochastic, seed, merge) -> None:
 
 
 @triton.jit
+def _round_to_fp8(merged, bits16, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+                  SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """merged (fp32) -> OUT_DTYPE: _stochastic_round with the given random bits (its result is on the grid, so
+    the cast is exact), else the saturating round-to-nearest (bits16 unused)."""
+    if STOCHASTIC:
+        q = _stochastic_round(merged, bits16, FP8_MAX, MANT_BITS, MIN_EXP).to(OUT_DTYPE)
+    else:
+        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE)
+    return q
+
+
+@triton.jit
 def _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr,
                   MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr, STOCHASTIC: tl.constexpr):
     """W8's new bytes for merged = W8 + delta (rows x cols of W8): stochastic rounding with _rounding_bits (the
     same bits wherever a row is merged: top-k update or flush), else the saturating round-to-nearest."""
+    bits = 0
     if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        bits = _rounding_bits(seed, rows, cols, n_cols)
-        q = _stochastic_round(merged, bits, FP8_MAX, MANT_BITS, MIN_EXP).to(w_ptr.dtype.element_ty)
-    else:
-        q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
-    return q
+        bits = _rounding_bits(tl.load(seed_ptr), rows, cols, n_cols)
+    return _round_to_fp8(merged, bits, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC,
+                         w_ptr.dtype.element_ty)
 
 
 @triton.jit
