@@ -321,18 +321,18 @@ def test_step_cost_counts_melded_forward_dx_db_and_keeps_padded_odd_rank_and_tok
     assert odd.gemm_flops == {"fp8": 2.0 * 77 * (N + 12) * K + 2.0 * 77 * K * N + 2.0 * N * 12 * 77, "bf16": 0.0}
     r = k = 16
     casts = 3 * M * K + 3 * M * N + 3 * M * r  # x, dY, O_A: bf16 read + fp8 write
-    transposes = 2 * M * N + 2 * N * K  # dY8 for the dB GEMM, W8 for the dX GEMM
+    transposes = 2 * N * K  # W8 for the dX GEMM (dY8^T is not needed: db_path's fused cast + dB)
     sgd = 3 * 4 * N * r  # the timed step's SGD on B: read B, dB, write B (fp32, as the reference's B)
     update = 2 * 4 * N * r + r * K + 2 * k * K + 4 * k * r  # rank + zero B, read A8, W8 rows, B rows
     assert cost.quant_bytes == casts + transposes + sgd + update
     cached = get_method("falqon").step_cost(K, N, r, M, {"cache_weight_t": True, "topk": 4})
-    assert cached.quant_bytes == casts + 2 * M * N + sgd + 2 * 4 * N * r + r * K + 3 * 4 * K + 4 * 4 * r
+    assert cached.quant_bytes == casts + sgd + 2 * 4 * N * r + r * K + 3 * 4 * K + 4 * 4 * r
 
 
 def test_step_cost_follows_the_gemms_and_transposes_the_layer_really_runs():
     """fp8.scaled_mm sends any GEMM off the multiple-of-16 grid to its bf16 upcast GEMM on CUDA: the layer pads
-    r and M, not K or N (K = 40: the melded forward and dX are bf16, dB fp8); the backward makes its
-    transposes on every path; and the proxy update's k in steady state is `topk_after` (with warmup_steps = 0
+    r and M, not K or N (K = 40: the melded forward and dX are bf16, dB fp8); the backward transposes W8 on
+    every path (dY8^T is never part of the floor: the fused cast + dB needs none); and the proxy update's k in steady state is `topk_after` (with warmup_steps = 0
     every update uses it)."""
     K, N, M, r = 64, 96, 32, 8
     method = get_method("falqon")
@@ -342,7 +342,7 @@ def test_step_cost_follows_the_gemms_and_transposes_the_layer_really_runs():
     off_grid = method.step_cost(40, N, r, M)
     assert off_grid.gemm_flops == {"fp8": 2.0 * N * r * M, "bf16": 2.0 * M * (N + r) * 40 + 2.0 * M * 40 * N}
     casts = 3 * M * K + 3 * M * N + 3 * M * r
-    transposes = 2 * M * N + 2 * N * K  # made although dB runs the upcast GEMM (backward always transposes)
+    transposes = 2 * N * K  # made although dX runs the upcast GEMM (the backward always transposes W8)
     sgd_and_update = 3 * 4 * N * r + 2 * 4 * N * r + r * K + 2 * r * K + 4 * r * r  # B fp32
     assert cost.quant_bytes == casts + transposes + sgd_and_update
 

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 
 from falqon_core.kernels import _triton_common as tc
-from falqon_core.kernels import melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose
+from falqon_core.kernels import (
+    db_gemm, melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose,
+)
 
 
 def _launcher(fn):
@@ -158,6 +160,20 @@ def _(x, partials, dtype, pad_to, keep_rows, software_round=None):
             x.new_empty((x.shape[1], rows_out), dtype=dtype), x.new_empty((), dtype=torch.float32))
 
 
+@torch.library.custom_op("falqon::quantize_db", mutates_args=())
+def quantize_db(
+    dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype, keep_rows: bool = True,
+    software_round: Optional[bool] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launcher(db_gemm.quantize_db_triton)(dy, oa8_t, oa_scale, rank, dtype, keep_rows, software_round)
+
+
+@quantize_db.register_fake
+def _(dy, oa8_t, oa_scale, rank, dtype, keep_rows=True, software_round=None):
+    return (dy.new_empty(tuple(dy.shape) if keep_rows else (0,), dtype=dtype), dy.new_empty((), dtype=torch.float32),
+            dy.new_empty((dy.shape[1], rank), dtype=torch.float32))
+
+
 # launcher -> the op torch.compile calls instead (and how to map its result back to the launcher's)
 tc.register_compile_op(quantize.partial_amax, partial_amax)
 tc.register_compile_op(quantize.cast_tensorwise_from_partials, cast_tensorwise_from_partials)
@@ -168,3 +184,4 @@ tc.register_compile_op(proxy_update.proxy_update_triton_, _proxy_update_call)
 tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy_update_batched_call)
 tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
 tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)
+tc.register_compile_op(db_gemm.quantize_db_triton, quantize_db)

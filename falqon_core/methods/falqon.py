@@ -4,11 +4,13 @@ docs/architecture.md shows where the methods sit).
 A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one tensorwise scale s,
 plus a trainable B (N x r) that the forward never reads:
   forward   x -> e4m3; one fp8 GEMM against [W; A] gives (out = x.W^T, O_A = x.A^T); O_A kept in e4m3.
-  backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A (fp8 GEMM). No gradient for W or A.
-            The GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by transpose_fp8
+  backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A. No gradient for W or A.
+            The fp8 GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by transpose_fp8
             (a tiled Triton byte transpose on CUDA; torch's generic copy of a transposed fp8 tensor is not
-            vectorised); dY8^T (N x M) and O_A8^T (r x M) are written by their e5m2/e4m3 cast itself
-            (quantize_transpose_fp8: one pass writes dY8 and dY8^T).
+            vectorised); O_A8^T (r x M) is written by its e4m3 cast itself. dB (`db_path`): either the e5m2 cast
+            of dY also computes dB from its tiles (kernels/db_gemm.quantize_db: fp16 tensor cores take the
+            N-major dY8 tile as it is, so no dY8^T is written), or the cast writes dY8 and dY8^T in one pass
+            (quantize_transpose_fp8) for a cuBLAS fp8 dB GEMM; "auto" picks per shape (fused_db_wins).
   update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
             of s (W8[rows] += B[rows].A8, saturating re-cast) and B is zeroed; s never changes.
 
@@ -33,6 +35,10 @@ Options (AdapterConfig.options):
   cache_weight_t  keep a K x N fp8 copy of W8 for the dX GEMM (default False; see FalqonLinear)
   fast_accum      forward (melded) GEMM with cuBLASLt's use_fast_accum (default True, as the reference; the
                   fp8 tensor-core accumulation bound of tests/bounds.py holds either way)
+  db_path         "auto" (default: per shape, `fused_db_wins`), "fused" (dB computed by dY's e5m2 cast from the
+                  same e5m2 and e4m3 values: exact products, fp32 sums) or "transpose" (dY8^T + cuBLAS fp8 GEMM,
+                  the previous path). The same operands either way; the fused fp32 sums are closer to the exact
+                  ones (H200, M = N = 4096: max relative error 3e-5 against an fp32 matmul, cuBLAS's fp8 GEMM 6e-2)
 
 Padding (inside the layer, so a benchmark times what a user runs): the fp8 GEMM (torch._scaled_mm) wants
 its reduction length and output width to be multiples of 16, else fp8.scaled_mm falls back to a bf16
@@ -89,6 +95,7 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
+from falqon_core.kernels.db_gemm import quantize_db
 from falqon_core.kernels.flush import flush_
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
@@ -98,13 +105,21 @@ from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
 
 OPTION_NAMES = (
     "topk", "topk_after", "warmup_steps", "svd_dtype", "cache_weight_t", "fast_accum", "init_svd",
-    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every", "batched_update", "a_redraw",
+    "rounding", "merge", "keep_unmerged", "seed", "a_scale", "flush_every", "batched_update", "a_redraw", "db_path",
 )
+DB_PATHS = ("auto", "fused", "transpose")
 ROUNDINGS = ("nearest", "stochastic")
 A_SCALES = ("svd", "kaiming")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
+
+
+def fused_db_wins(n_out: int, rank: int, tokens: int) -> bool:
+    """db_path "auto": the fused cast + dB where it beat cast + transpose + cuBLAS dB on an H200 (both timed side
+    by side, docs/perf-notes.md): wide outputs (N >= 2048), ranks up to 64 (its fp32 accumulator is r x 64 per
+    program) and >= 1024 tokens. Narrow GQA outputs (N 1024), r >= 100 and 512 tokens kept the transposed path."""
+    return n_out >= 2048 and rank <= 64 and tokens >= 1024
 
 
 def fp8_gemm_fits(reduction_dim: int, out_cols: int) -> bool:
@@ -139,7 +154,7 @@ class MeldedLinearFunction(torch.autograd.Function):
     """FALQON's fwd/bwd on a flattened M x K input; B is an input only so that autograd returns dB."""
 
     @staticmethod
-    def forward(ctx, x2d, lora_b, melded, scale, n_out, weight_t, fast_accum=False):
+    def forward(ctx, x2d, lora_b, melded, scale, n_out, weight_t, fast_accum=False, db_path="transpose"):
         x8, x_scale = quantize_fp8(x2d.contiguous(), fp8.E4M3, "tensorwise")
         # melded has N + r_pad rows: o_a is M x r_pad, its columns past r exactly zero (zero rows of A8)
         out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out, fast_accum=fast_accum)
@@ -151,6 +166,7 @@ class MeldedLinearFunction(torch.autograd.Function):
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
         ctx.rank = lora_b.shape[1]
+        ctx.fused_db = db_path == "fused" or (db_path == "auto" and fused_db_wins(n_out, ctx.rank, x2d.shape[0]))
         out = out.to(x2d.dtype)
         if torch.compiler.is_compiling():
             # out is a column slice of the melded GEMM's output. Returned as that view from a traced
@@ -165,22 +181,25 @@ class MeldedLinearFunction(torch.autograd.Function):
         melded, scale, oa8_t, oa_scale, weight_t = ctx.saved_tensors
         n_out = ctx.n_out
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if need_b:  # dY8 (M x N e5m2, for dX) and dY8^T (N x M_pad, for dB) from one cast pass
+        grad_x = grad_b = None
+        if need_b and ctx.fused_db:  # dY8 (M x N e5m2, for dX) and dB (N x r) from one pass over dY's tiles
+            dy8, dy_scale, grad_b = quantize_db(grad_out, oa8_t, oa_scale, ctx.rank, fp8.E5M2, keep_rows=need_x)
+            grad_b = grad_b.to(ctx.b_dtype)
+        elif need_b:  # dY8 (M x N e5m2, for dX) and dY8^T (N x M_pad, for the dB GEMM) from one cast pass
             dy8, dy8_t, dy_scale = quantize_transpose_fp8(grad_out, fp8.E5M2, FP8_GEMM_MULTIPLE, keep_rows=need_x)
         else:
             dy8, dy_scale = quantize_fp8(grad_out.contiguous(), fp8.E5M2, "tensorwise")  # M x N e5m2
-        grad_x = grad_b = None
         if need_x:
             # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N)
             # N-contiguous: the cached copy, else a transposed copy made here (N x K bytes read + written).
             w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
-        if need_b:
+        if need_b and not ctx.fused_db:
             # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, written
             # by the cast above with the zero columns up to M_pad (M x N bytes more written, no re-read);
             # e5m2 x e4m3 (CUDA has no e5m2 x e5m2). The product is N x r_pad, sliced back to r
             grad_b = fp8_matmul_nt(dy8_t, dy_scale, oa8_t, oa_scale, ctx.b_dtype)[:, : ctx.rank]
-        return grad_x, grad_b, None, None, None, None, None
+        return grad_x, grad_b, None, None, None, None, None, None
 
 
 class FalqonLinear(nn.Module):
@@ -208,6 +227,7 @@ class FalqonLinear(nn.Module):
         svd_dtype: torch.dtype = torch.float32,
         cache_weight_t: bool = False,
         fast_accum: bool = True,
+        db_path: str = "auto",
         init_svd: str = "lowrank",
         rounding: str = "nearest",
         merge: str = "topk",
@@ -230,6 +250,9 @@ class FalqonLinear(nn.Module):
         self.last_k: int | None = None  # k of the most recent proxy update
         self._all_rows: torch.Tensor | None = None  # what proxy_update returns with flush_every = 1 (made once)
         self.fast_accum = bool(fast_accum)
+        if db_path not in DB_PATHS:
+            raise ValueError(f"falqon db_path {db_path!r}; allowed: {', '.join(DB_PATHS)}")
+        self.db_path = db_path
         if rounding not in ROUNDINGS or merge not in MERGE_RULES:
             raise ValueError(f"falqon rounding {rounding!r} / merge {merge!r}; allowed: {ROUNDINGS} / {MERGE_RULES}")
         self.rounding, self.merge, self.keep_unmerged = rounding, merge, bool(keep_unmerged)
@@ -299,7 +322,7 @@ class FalqonLinear(nn.Module):
         lead = x.shape[:-1]
         out = MeldedLinearFunction.apply(
             x.reshape(-1, self.in_features), self.lora_B, self.melded, self.scale, self.out_features, self.weight_t,
-            self.fast_accum,
+            self.fast_accum, self.db_path,
         )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -378,7 +401,7 @@ class FalqonLinear(nn.Module):
             f"topk={self.topk}, topk_after={self.topk_after}, warmup_steps={self.warmup_steps}, "
             f"rounding={self.rounding}, merge={self.merge}, keep_unmerged={self.keep_unmerged}, a_scale={self.a_scale}, "
             f"flush_every={self.flush_every}, a_redraw={self.a_redraw}, "
-            f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}"
+            f"bias={self.bias is not None}, cache_weight_t={self.weight_t is not None}, fast_accum={self.fast_accum}, db_path={self.db_path}"
         )
 
 
@@ -497,6 +520,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(options["fast_accum"], bool):
             raise ValueError(f"falqon option fast_accum must be true or false, got {options['fast_accum']!r}")
         kwargs["fast_accum"] = options["fast_accum"]
+    if "db_path" in options:
+        if options["db_path"] not in DB_PATHS:
+            raise ValueError(f"falqon option db_path must be one of {', '.join(DB_PATHS)}, got {options['db_path']!r}")
+        kwargs["db_path"] = options["db_path"]
     if "init_svd" in options:
         if options["init_svd"] not in ("exact", "lowrank"):
             raise ValueError(f"falqon option init_svd must be 'exact' or 'lowrank', got {options['init_svd']!r}")
@@ -609,8 +636,8 @@ class Falqon(Method):
         grid is bf16 (fp8.scaled_mm's upcast fallback). The proxy update's k x r x K fp32 product is
         negligible and not counted.
         Bytes: x bf16 read + e4m3 write; dY bf16 read + e5m2 write; O_A bf16 read + e4m3 write; the
-        layout transposes (transpose_fp8, read + write) the backward makes on every path (dY8 M x N for dB;
-        W8 N x K for dX unless cached; the r x M one of O_A is small and not counted); the timed step's
+        transpose of W8 (N x K, read + write) for dX unless cached (the r x M one of O_A is small and not
+        counted; dY8^T is not needed: the fused cast + dB of db_path reads dY's tiles as they lie); the timed step's
         SGD update of B (read B and dB, write B: 3 N x r fp32, as the LoRA baselines count for A and B);
         proxy update: B read for ranking and zeroed (N x r each way), A8 read (r x K), k x K read + write of
         W8 rows, k x r of B rows (and k x K into weight_t when cached); B is fp32; merge="grid" reads and writes all N rows;
@@ -631,7 +658,6 @@ class Falqon(Method):
         flops["fp8" if dx_fp8 else "bf16"] += 2.0 * M * K * N
         flops["fp8" if db_fp8 else "bf16"] += 2.0 * N * r * M
         quant = (bf16 + e) * M * K + (bf16 + e) * M * N + (bf16 + e) * M * r
-        quant += 2 * e * M * N
         if not cached:
             quant += 2 * e * N * K
         quant += 3 * f32 * N * r
