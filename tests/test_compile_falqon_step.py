@@ -24,9 +24,9 @@ def triton_path(monkeypatch):
     monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
 
 
-def _layer() -> FalqonLinear:
+def _layer(db_path: str = "auto") -> FalqonLinear:
     torch.manual_seed(0)
-    layer = FalqonLinear(nn.Linear(64, 96, bias=False), 16, init_svd="exact")
+    layer = FalqonLinear(nn.Linear(64, 96, bias=False), 16, init_svd="exact", db_path=db_path)
     return layer
 
 
@@ -40,9 +40,10 @@ def _step(layer: FalqonLinear, forward, update, x: torch.Tensor) -> tuple[torch.
     return out.detach(), grad, rows
 
 
-def test_compiled_falqon_step_has_no_graph_break_and_matches_eager(triton_path):
+@pytest.mark.parametrize("db_path", ["transpose", "fused"])  # dY8^T + dB GEMM, or the falqon::quantize_db op
+def test_compiled_falqon_step_has_no_graph_break_and_matches_eager(triton_path, db_path):
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    eager_layer = _layer()
+    eager_layer = _layer(db_path)
     compiled_layer = copy.deepcopy(eager_layer)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(compiled_layer.forward)(x)
