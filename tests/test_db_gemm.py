@@ -92,10 +92,11 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
      (300, 32, 20, CastDbConfig(block_n=32, block_m=16, programs_per_sm=64))],
     ids=["aligned", "odd", "two-r-blocks", "split-m"],
 )
-def test_fused_cast_and_db_match_quantize_then_db(m, n, rank, cfg):
+@pytest.mark.parametrize("dy_dtype", [torch.bfloat16, torch.float32], ids=str)  # fp32: e2e runs in fp32
+def test_fused_cast_and_db_match_quantize_then_db(m, n, rank, cfg, dy_dtype):
     """dY8 and its scale bit-identical to quantize_fp8; dB within the bound of the exact sum of the same dY8."""
     g = torch.Generator().manual_seed(m + n)
-    dy = (torch.randn(m, n, generator=g) * 0.03).bfloat16()
+    dy = (torch.randn(m, n, generator=g) * 0.03).to(dy_dtype)
     _, _, oa8_t, oa_scale = operands(m, n, rank)
     dy8, dy_scale, db = launch_quantize_db(dy, oa8_t, oa_scale, rank, fp8.E5M2, True, cfg)
     want8, want_scale, _ = quantize_db_reference(dy, oa8_t, oa_scale, rank, fp8.E5M2)
@@ -104,9 +105,10 @@ def test_fused_cast_and_db_match_quantize_then_db(m, n, rank, cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dy_dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("m,n,rank", [(4096, 4096, 64), (3000, 1024, 24), (2048, 11008, 256), (512, 4096, 8)])
-def test_gpu_fused_cast_and_db_within_the_bound(m, n, rank):
-    dy = (torch.randn(m, n, device="cuda") * 0.03).bfloat16()
+def test_gpu_fused_cast_and_db_within_the_bound(m, n, rank, dy_dtype):
+    dy = (torch.randn(m, n, device="cuda") * 0.03).to(dy_dtype)
     _, _, oa8_t, oa_scale = operands(m, n, rank, device="cuda")
     dy8, dy_scale, db = quantize_db_triton(dy, oa8_t, oa_scale, rank, fp8.E5M2)
     want8, want_scale, _ = quantize_db_reference(dy, oa8_t, oa_scale, rank, fp8.E5M2)
