@@ -137,6 +137,7 @@ def test_auto_picks_the_fused_db_for_wide_layers_low_ranks_and_long_sequences():
     assert not fused_db_wins(1024, 64, 4096)  # narrow GQA kv output
     assert not fused_db_wins(4096, 100, 4096) and not fused_db_wins(4096, 256, 9999)  # wide accumulators
     assert not fused_db_wins(4096, 64, 512)  # short sequences
+    assert not fused_db_wins(4096, 64, 4096, grad_bytes=4)  # fp32 dY: not run on a GPU yet
 
 
 def test_db_path_option_is_checked_and_reported():

@@ -115,11 +115,13 @@ _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch
 FP8_GEMM_MULTIPLE = 16
 
 
-def fused_db_wins(n_out: int, rank: int, tokens: int) -> bool:
+def fused_db_wins(n_out: int, rank: int, tokens: int, grad_bytes: int = 2) -> bool:
     """db_path "auto": the fused cast + dB where it beat cast + transpose + cuBLAS dB on an H200 (both timed side
-    by side, docs/perf-notes.md): wide outputs (N >= 2048), ranks up to 64 (its fp32 accumulator is r x 64 per
-    program) and >= 1024 tokens. Narrow GQA outputs (N 1024), r >= 100 and 512 tokens kept the transposed path."""
-    return n_out >= 2048 and rank <= 64 and tokens >= 1024
+    by side, docs/perf-notes.md): wide outputs (N >= 2048), ranks up to 64 and >= 1024 tokens. Narrow GQA outputs
+    (N 1024), r >= 100 and 512 tokens kept the transposed path. Only 16-bit dY (the timed case): an fp32 dY keeps
+    the transposed path until the fused kernel has run on a GPU with it (Triton 3.6 miscompiled another fp32 cast
+    pass on an H200, quantize_transpose's docstring)."""
+    return n_out >= 2048 and rank <= 64 and tokens >= 1024 and grad_bytes == 2
 
 
 def fp8_gemm_fits(reduction_dim: int, out_cols: int) -> bool:
@@ -166,7 +168,8 @@ class MeldedLinearFunction(torch.autograd.Function):
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
         ctx.rank = lora_b.shape[1]
-        ctx.fused_db = db_path == "fused" or (db_path == "auto" and fused_db_wins(n_out, ctx.rank, x2d.shape[0]))
+        auto = fused_db_wins(n_out, ctx.rank, x2d.shape[0], x2d.element_size())
+        ctx.fused_db = db_path == "fused" or (db_path == "auto" and auto)
         out = out.to(x2d.dtype)
         if torch.compiler.is_compiling():
             # out is a column slice of the melded GEMM's output. Returned as that view from a traced
