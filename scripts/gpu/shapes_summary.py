@@ -5,8 +5,8 @@
 Prints: every point with >= 2048 tokens where falqon is not the fastest LoRA method (winner and margin; cells where
 falqon has no point are listed apart), every point where falqon is slower than bf16_lora, falqon's % of floor per
 layer class and every point below the issue's floor targets, falqon against the
-best bf16_lora (eager or compiled) at r = 64, 4096 tokens on llama-7b attn/up/down, and falqon's gpu_ms
-with fast_accum on and off. Exit 0 whatever the numbers say (a summary, not a gate); 2 on unreadable input.
+best bf16_lora (eager or compiled) at r = 64, 4096 tokens on llama-7b attn/up/down, falqon's option sets side
+by side where it ran several (suites/db-path.toml), and falqon's gpu_ms with fast_accum on and off. Exit 0 whatever the numbers say (a summary, not a gate); 2 on unreadable input.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def print_sweep(df: pd.DataFrame) -> None:
         pct = g["falqon_pct_of_floor"].dropna()
         if len(pct):
             print(f"  {cls:<12} {pct.min():5.1f} / {pct.median():5.1f} / {pct.max():5.1f}  ({len(pct)})")
-    target = t["cls"].map(FLOOR_TARGET_PCT)  # NaN for classes without a target: never below
+    target = t["cls"].map(FLOOR_TARGET_PCT).astype(float)  # NaN for classes without a target: never below
     below = t[t["falqon_pct_of_floor"] < target]
     for _, c in below.sort_values("falqon_pct_of_floor").iterrows():
         print(f"  below target: {c['layer']:<16} r={c['rank']:<4} M={c['tokens']:<6} {c['falqon_pct_of_floor']:5.1f}% "
@@ -92,6 +92,21 @@ def print_sweep(df: pd.DataFrame) -> None:
             continue
         f_ms = float(row["falqon_ms"].iloc[0])
         print(f"  {layer:<14} falqon {f_ms:.3f} ms, bf16_lora {bf16[key]:.3f} ms: {bf16[key] / f_ms:.2f}x")
+
+
+def print_option_sets(df: pd.DataFrame) -> None:
+    """Where falqon ran with several option sets (e.g. suites/db-path.toml): each beside the default ({}), per cell,
+    eager. The sections above take falqon at its best option set; this says what each one costs."""
+    rows = df[(df["method"] == "falqon") & df["ok"] & ~df["compile"].astype(bool)]
+    if rows["options"].fillna("").nunique() < 2:
+        return
+    print("\nfalqon option sets side by side (eager; ratio = option set / default):")
+    for (layer, rank, tokens), g in rows.groupby(["layer", "rank", "tokens"], sort=False):
+        by = {str(v): float(m) for v, m in zip(g["variant"], g["metric_ms"])}
+        base = by.get("falqon")
+        cells = ", ".join(f"{v} {ms:.3f}" + (f" ({ms / base:.3f})" if base and v != "falqon" else "")
+                          for v, ms in sorted(by.items()))
+        print(f"  {layer:<16} r={rank:<4} M={tokens:<6} {cells}")
 
 
 def print_fast_accum(df: pd.DataFrame) -> None:
@@ -111,7 +126,9 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     try:
-        print_sweep(points_table([load_run(Path(argv[0]))]))
+        sweep = points_table([load_run(Path(argv[0]))])
+        print_sweep(sweep)
+        print_option_sets(sweep)
         if len(argv) == 2:
             print_fast_accum(points_table([load_run(Path(argv[1]))]))
     except ResultsError as exc:
