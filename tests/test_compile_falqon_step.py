@@ -75,7 +75,7 @@ LAUNCHERS = {
     "proxy_update_": ("falqon_core.kernels.proxy_update", "proxy_update_triton_"),
     "partial_amax_2d": ("falqon_core.kernels.quantize_transpose", "partial_amax_2d"),
     "cast_transpose_from_partials": ("falqon_core.kernels.quantize_transpose", "cast_transpose_from_partials"),
-    "quantize_db": ("falqon_core.kernels.db_gemm", "quantize_db_triton"),
+    "quantize_db": ("falqon_core.kernels.cast_db", "quantize_db_triton"),
 }
 
 

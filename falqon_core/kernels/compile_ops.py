@@ -18,7 +18,7 @@ import torch
 
 from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels import (
-    db_gemm, melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose,
+    cast_db, melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose,
 )
 
 
@@ -165,7 +165,7 @@ def quantize_db(
     dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype, keep_rows: bool = True,
     software_round: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launcher(db_gemm.quantize_db_triton)(dy, oa8_t, oa_scale, rank, dtype, keep_rows, software_round)
+    return _launcher(cast_db.quantize_db_triton)(dy, oa8_t, oa_scale, rank, dtype, keep_rows, software_round)
 
 
 @quantize_db.register_fake
@@ -184,4 +184,4 @@ tc.register_compile_op(proxy_update.proxy_update_triton_, _proxy_update_call)
 tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy_update_batched_call)
 tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
 tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)
-tc.register_compile_op(db_gemm.quantize_db_triton, quantize_db)
+tc.register_compile_op(cast_db.quantize_db_triton, quantize_db)

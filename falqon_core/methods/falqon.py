@@ -8,7 +8,7 @@ plus a trainable B (N x r) that the forward never reads:
             The fp8 GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by transpose_fp8
             (a tiled Triton byte transpose on CUDA; torch's generic copy of a transposed fp8 tensor is not
             vectorised); O_A8^T (r x M) is written by its e4m3 cast itself. dB (`db_path`): either the e5m2 cast
-            of dY also computes dB from its tiles (kernels/db_gemm.quantize_db: fp16 tensor cores take the
+            of dY also computes dB from its tiles (kernels/cast_db.quantize_db: fp16 tensor cores take the
             N-major dY8 tile as it is, so no dY8^T is written), or the cast writes dY8 and dY8^T in one pass
             (quantize_transpose_fp8) for a cuBLAS fp8 dB GEMM; "auto" picks per shape (fused_db_wins).
   update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
@@ -95,7 +95,7 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
-from falqon_core.kernels.db_gemm import quantize_db
+from falqon_core.kernels.cast_db import quantize_db
 from falqon_core.kernels.flush import flush_
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8

@@ -2,7 +2,7 @@
 import torch
 from triton.testing import do_bench_cudagraph as bench
 from falqon_core import fp8
-from falqon_core.kernels.db_gemm import CastDbConfig, launch_quantize_db, quantize_db_reference, db_gemm_reference
+from falqon_core.kernels.cast_db import CastDbConfig, launch_quantize_db, quantize_db_reference, db_gemm_reference
 from falqon_core.kernels.quantize import quantize_fp8
 from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
 from falqon_core.methods.falqon import fp8_matmul_nt

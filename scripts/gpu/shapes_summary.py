@@ -6,7 +6,8 @@ Prints: every point with >= 2048 tokens where falqon is not the fastest LoRA met
 falqon has no point are listed apart), every point where falqon is slower than bf16_lora, falqon's % of floor per
 layer class and every point below the issue's floor targets, falqon against the
 best bf16_lora (eager or compiled) at r = 64, 4096 tokens on llama-7b attn/up/down, falqon's option sets side
-by side where it ran several (suites/db-path.toml), and falqon's gpu_ms with fast_accum on and off. Exit 0 whatever the numbers say (a summary, not a gate); 2 on unreadable input.
+by side where it ran several (suites/db-path.toml), and falqon's gpu_ms with fast_accum on and off.
+Exit 0 whatever the numbers say (a summary, not a gate); 2 on unreadable input.
 """
 
 from __future__ import annotations

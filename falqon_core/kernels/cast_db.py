@@ -49,10 +49,10 @@ def db_gemm_reference(
 
 def _check(dy8: torch.Tensor, oa8_t: torch.Tensor, rank: int) -> None:
     if dy8.dim() != 2 or oa8_t.dim() != 2:
-        raise ValueError(f"db_gemm needs 2-D dY8 and O_A8^T, got {tuple(dy8.shape)} and {tuple(oa8_t.shape)}")
+        raise ValueError(f"quantize_db needs 2-D dY8 and O_A8^T, got {tuple(dy8.shape)} and {tuple(oa8_t.shape)}")
     if oa8_t.shape[1] < dy8.shape[0] or not 0 <= rank <= oa8_t.shape[0]:
         raise ValueError(
-            f"db_gemm: O_A8^T {tuple(oa8_t.shape)} must have >= M = {dy8.shape[0]} columns and >= rank = {rank} rows"
+            f"quantize_db: O_A8^T {tuple(oa8_t.shape)} must have >= M = {dy8.shape[0]} columns and >= rank = {rank} rows"
         )
 
 
@@ -170,7 +170,7 @@ def launch_quantize_db(
     dy_scale = torch.empty((), device=dy.device, dtype=torch.float32)
     db = torch.empty((n_cols, rank), device=dy.device, dtype=torch.float32)
     block_r = min(cfg.max_block_r, max(16, triton.next_power_of_2(rank)))
-    base = triton.cdiv(n_cols, cfg.block_n) * max(1, triton.cdiv(rank, block_r))
+    base = triton.cdiv(n_cols, cfg.block_n) * triton.cdiv(rank, block_r)
     want = max(1, (tc.num_sms(dy) * cfg.programs_per_sm) // base)
     tokens_per_split = triton.cdiv(triton.cdiv(n_tokens, min(want, triton.cdiv(n_tokens, cfg.block_m))), cfg.block_m)
     tokens_per_split *= cfg.block_m

@@ -5,9 +5,9 @@ against the one-launch path; the falqon layer's db_path option."""
 import pytest
 import torch
 
-from bounds import accumulation_bound, gemm_accum_unit
+from bounds import accumulation_bound
 from falqon_core import fp8
-from falqon_core.kernels.db_gemm import (
+from falqon_core.kernels.cast_db import (
     CastDbConfig, db_gemm_reference, launch_quantize_db, quantize_db, quantize_db_reference, quantize_db_triton,
 )
 
@@ -156,7 +156,7 @@ def test_falqon_step_with_the_fused_db_matches_the_transposed_path(monkeypatch, 
     from torch import nn
 
     from falqon_core.kernels import _triton_common as tc
-    from falqon_core.kernels import db_gemm
+    from falqon_core.kernels import cast_db
     from falqon_core.methods.falqon import FalqonLinear
 
     torch.manual_seed(r + M)
@@ -172,8 +172,8 @@ def test_falqon_step_with_the_fused_db_matches_the_transposed_path(monkeypatch, 
 
     monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
     calls = []
-    real = db_gemm.quantize_db_triton
-    monkeypatch.setattr(db_gemm, "quantize_db_triton", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = cast_db.quantize_db_triton
+    monkeypatch.setattr(cast_db, "quantize_db_triton", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     out_t, dx_t, db_t = step("transpose")
     assert calls == []
     out_f, dx_f, db_f = step("fused")
