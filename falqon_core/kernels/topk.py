@@ -1,16 +1,23 @@
-"""Indices of the k largest entries of a 1-D fp32 vector, in one Triton program (FALQON's row selection).
+"""Indices of the k largest entries of a 1-D fp32 vector in one Triton launch (FALQON's row selection).
 
 Why: the proxy update picks the top-k rows of B by L1 norm on every step. torch.topk on one vector of
 N = 1024 .. 14336 norms runs a single-block radix select that took 11 us (N = 1024), 22 us (4096) and
 48-62 us (11008-14336) of an H200 step (results/shapes-h200 profiles), up to 8% of a 4096-token step and
-15% of a 512-token one. Here one program holds all N values in registers and finds the k-th largest by a
-binary search over the 32-bit order key (32 block-wide counts), then writes every index above it and the
-lowest-indexed ties at it with two prefix sums. One launch, no host sync: capturable in a CUDA graph.
+15% of a 512-token one. Two selects here, both exact:
+  rank    (N <= MAX_RANK_LENGTH) every entry's rank, the number of entries ahead of it (larger, or equal with
+          a lower index), counted by many programs at once (N^2 integer compares spread over the GPU); an
+          entry of rank < k is written to out[rank]. No serial step: the one-program select below spent 15 us
+          at N = 4096 and 39 us at N = 11008 in its 32 dependent block-wide counts (H200, CUDA-graph replay,
+          results/probes-topk-h200); more warps or counting 2-4 bits per round were no faster.
+  bisect  (N <= MAX_TRITON_LENGTH) one program holds all N values in registers and finds the k-th largest by a
+          binary search over the 32-bit order key (32 block-wide counts), then writes every index above it and
+          the lowest-indexed ties at it with two prefix sums.
+One launch, no host sync: capturable in a CUDA graph. Longer vectors take torch.topk.
 
 Same set as torch.topk whenever the k-th largest value is not tied with a value left out (ties at the
-threshold are broken by lowest index here, unspecified in torch); the order of the indices is ascending
-(torch.topk(sorted=False) gives no order either). NaN ranks above everything, as in torch.topk.
-Vectors longer than MAX_TRITON_LENGTH take torch.topk.
+threshold are broken by lowest index here, unspecified in torch). Order: rank gives the entries by value,
+largest first (ties: lower index first), bisect ascending indices (torch.topk(sorted=False) promises no order).
+NaN ranks above everything, as in torch.topk.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ from falqon_core.kernels import _triton_common as tc
 
 # a vector of up to this many fp32 values is held by one program (32 values per thread at 32 warps)
 MAX_TRITON_LENGTH = 32768
+# the rank select's work grows as N^2: up to this length it is the faster one
+MAX_RANK_LENGTH = 16384
+SELECTS = ("rank", "bisect")
+# rank select: entries ranked per program x entries compared per loop step (4 warps: 32 compares per thread)
+_RANK_BLOCK_I = 32
+_RANK_BLOCK_J = 128
 
 
 def topk_indices_reference(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +73,33 @@ def _topk_indices_kernel(values_ptr, out_ptr, n, k, BLOCK: tl.constexpr):
     tl.store(out_ptr + pos, offs.to(tl.int64), mask=take)
 
 
+@triton.jit
+def _topk_rank_kernel(values_ptr, out_ptr, n, k, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """For the BLOCK_I entries i of this program: rank_i = #{j: key_j > key_i or (key_j == key_i and j < i)};
+    out[rank_i] = i where rank_i < k. BLOCK_I divides BLOCK_J, so the program's entries lie in one j-chunk:
+    before it every j < i (count key_j >= key_i), after it every j > i (count key_j > key_i), one compare each."""
+    pid = tl.program_id(0)
+    i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = i < n
+    key_i = _order_key(tl.load(values_ptr + i, mask=i_mask, other=0.0))[:, None]
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)  # summed over j-chunks first, reduced once at the end
+    cols = tl.arange(0, BLOCK_J)
+    chunk = (pid * BLOCK_I) // BLOCK_J * BLOCK_J
+    for j0 in range(0, chunk, BLOCK_J):  # whole chunks of lower indices
+        key_j = _order_key(tl.load(values_ptr + j0 + cols))[None, :]
+        acc += (key_j >= key_i).to(tl.int32)
+    j = chunk + cols
+    key_j = _order_key(tl.load(values_ptr + j, mask=j < n, other=0.0))[None, :]
+    ahead = (key_j > key_i) | ((key_j == key_i) & (j[None, :] < i[:, None]))
+    acc += (ahead & (j < n)[None, :]).to(tl.int32)
+    for j0 in range(chunk + BLOCK_J, n, BLOCK_J):  # higher indices; the last chunk may be partial
+        j = j0 + cols
+        key_j = _order_key(tl.load(values_ptr + j, mask=j < n, other=0.0))[None, :]
+        acc += ((key_j > key_i) & (j < n)[None, :]).to(tl.int32)
+    rank = tl.sum(acc, axis=1)
+    tl.store(out_ptr + rank, i.to(tl.int64), mask=i_mask & (rank < k))
+
+
 def _check(values: torch.Tensor, k: int) -> None:
     if values.dim() != 1 or values.dtype != torch.float32:
         raise ValueError(f"topk_indices needs a 1-D fp32 tensor, got shape {tuple(values.shape)} {values.dtype}")
@@ -68,15 +108,30 @@ def _check(values: torch.Tensor, k: int) -> None:
 
 
 @tc.opaque_to_compile
-def topk_indices_triton(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The Triton select behind topk_indices (same set as the reference; indices ascending). (k,) int64."""
+def topk_indices_triton(values: torch.Tensor, k: int, select: str | None = None) -> torch.Tensor:
+    """The Triton select behind topk_indices (same set as the reference). (k,) int64.
+
+    select: "rank" or "bisect" (module docstring; their orders differ); None: rank up to MAX_RANK_LENGTH entries.
+    """
     _check(values, k)
     n = values.numel()
+    if select is None:
+        select = "rank" if n <= MAX_RANK_LENGTH else "bisect"
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if select == "bisect" and n > MAX_TRITON_LENGTH:
+        raise ValueError(f"the bisect select holds at most {MAX_TRITON_LENGTH} values in one program, got {n}")
     out = torch.empty(k, device=values.device, dtype=torch.int64)
-    if k > 0:
+    if k == 0:
+        return out
+    values = values.contiguous()
+    if select == "rank":
+        grid = (triton.cdiv(n, _RANK_BLOCK_I),)
+        _topk_rank_kernel[grid](values, out, n, k, BLOCK_I=_RANK_BLOCK_I, BLOCK_J=_RANK_BLOCK_J, num_warps=4)
+    else:
         block = triton.next_power_of_2(n)
         num_warps = max(4, min(32, block // 1024))
-        _topk_indices_kernel[(1,)](values.contiguous(), out, n, k, BLOCK=block, num_warps=num_warps)
+        _topk_indices_kernel[(1,)](values, out, n, k, BLOCK=block, num_warps=num_warps)
     return out
 
 
