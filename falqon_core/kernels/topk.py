@@ -8,7 +8,7 @@ N = 1024 .. 14336 norms runs a single-block radix select that took 11 us (N = 10
           a lower index), counted by many programs at once (N^2 integer compares spread over the GPU); an
           entry of rank < k is written to out[rank]. No serial step: the one-program select below spent 15 us
           at N = 4096 and 39 us at N = 11008 in its 32 dependent block-wide counts (H200, CUDA-graph replay,
-          results/probes-topk-h200); more warps or counting 2-4 bits per round were no faster.
+          results/probes-topk-h200); more warps or counting 2-4 bits per round were no faster. Rank: 5.9 and 29 us.
   bisect  (N <= MAX_TRITON_LENGTH) one program holds all N values in registers and finds the k-th largest by a
           binary search over the 32-bit order key (32 block-wide counts), then writes every index above it and
           the lowest-indexed ties at it with two prefix sums.
@@ -30,12 +30,15 @@ from falqon_core.kernels import _triton_common as tc
 
 # a vector of up to this many fp32 values is held by one program (32 values per thread at 32 warps)
 MAX_TRITON_LENGTH = 32768
-# the rank select's work grows as N^2: up to this length it is the faster one
-MAX_RANK_LENGTH = 16384
+# the rank select's work grows as N^2: up to this length it is the faster one (H200: 2.2 / 5.9 / 29 us at
+# N = 1024 / 4096 / 11008 against the bisect's 7.2 / 15.2 / 38.6; 47 against 39 at 14336)
+MAX_RANK_LENGTH = 12288
 SELECTS = ("rank", "bisect")
-# rank select: entries ranked per program x entries compared per loop step (4 warps: 32 compares per thread)
-_RANK_BLOCK_I = 32
-_RANK_BLOCK_J = 128
+# rank select: entries ranked per program x entries compared per loop step. Few entries per program make many
+# programs (N / 4), so the loop's loads of the compared chunk are hidden by other programs: 32 x 128 took
+# 13.7 us at N = 4096, 4 x 512 5.9 (results/probes-topk-h200/rank-blocks.txt)
+_RANK_BLOCK_I = 4
+_RANK_BLOCK_J = 512
 
 
 def topk_indices_reference(values: torch.Tensor, k: int) -> torch.Tensor:
