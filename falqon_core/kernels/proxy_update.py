@@ -1,7 +1,7 @@
 """FALQON's row-wise proxy update: merge the top-k rows of B into the fp8 backbone, then zero B.
 
 Triton path (CUDA): row L1 norms of B (torch's ops, the same fp32 values as the reference) and a
-one-program Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
+one-launch Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
 ONE Triton kernel computes, for the k selected rows, W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in
 place; then B.zero_(). Zeroing B is not fused into the kernel: several programs read the same B rows
 (one per column block of W), so a program zeroing them would race with the others. No host sync
