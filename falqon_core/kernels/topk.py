@@ -68,8 +68,15 @@ def _topk_indices_kernel(values_ptr, out_ptr, n, k, BLOCK: tl.constexpr):
         enough = tl.sum((valid & (key >= mid)).to(tl.int32), axis=0) >= k
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    above = valid & (key > lo)
-    tied = valid & (key == lo)
+    _store_from_threshold(out_ptr, offs, valid, key, lo, k)
+
+
+@triton.jit
+def _store_from_threshold(out_ptr, offs, valid, key, kth, k):
+    """Given the k-th largest key, write (ascending) every index whose key is above it and the lowest-indexed ties
+    at it, k in all: two prefix sums over the program's block."""
+    above = valid & (key > kth)
+    tied = valid & (key == kth)
     room = k - tl.sum(above.to(tl.int32), axis=0)
     take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1

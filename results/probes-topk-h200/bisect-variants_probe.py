@@ -1,8 +1,9 @@
 """One-program selects counting 1, 2 or 4 bits of the k-th largest key per round (2^bits - 1 thresholds at once),
-at 8-32 warps, against the committed bisect select (then topk_indices_triton). Output: bisect-variants.txt."""
+at 8-32 warps, against the committed bisect select (then topk_indices_triton). Output: bisect-variants.txt.
+(As run, the kernel ended with the bisect's own store code, since factored out as _store_from_threshold.)"""
 import torch, triton, triton.language as tl
 from triton.testing import do_bench_cudagraph as bench
-from falqon_core.kernels.topk import _order_key, topk_indices_triton
+from falqon_core.kernels.topk import _order_key, _store_from_threshold, topk_indices_triton
 
 
 @triton.jit
@@ -19,12 +20,7 @@ def _topk_bits_kernel(values_ptr, out_ptr, n, k, BLOCK: tl.constexpr, BITS: tl.c
         cnt = tl.sum((valid[:, None] & (ukey[:, None] >= t[None, :])).to(tl.int32), axis=0)
         best = tl.max(tl.where(cnt >= k, j, 0), axis=0)
         prefix = prefix | (best << shift)
-    above = valid & (ukey > prefix)
-    tied = valid & (ukey == prefix)
-    room = k - tl.sum(above.to(tl.int32), axis=0)
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + pos, offs.to(tl.int64), mask=take)
+    _store_from_threshold(out_ptr, offs, valid, ukey, prefix, k)
 
 
 def topk_bits(values, k, bits, num_warps):
