@@ -27,8 +27,9 @@ def test_triton_select_picks_the_same_set_as_torch_topk(n, k, select):
 
 
 def test_rank_select_counts_across_chunks_and_a_partial_last_chunk():
-    # n not a multiple of the chunk, the k-th largest in the last (partial) chunk and in the first
-    for n in (129, 300, 1000):
+    # n not a multiple of the chunk (one partial chunk, two and three chunks), the largest in the first and the last
+    chunk = tk._RANK_BLOCK_J
+    for n in (chunk // 2 + 1, chunk + 3, 2 * chunk + 17):
         values = torch.rand(n)
         for kth_at in (0, n - 1):
             values[kth_at] = 2.0
@@ -53,8 +54,8 @@ def test_ties_at_the_threshold_are_broken_by_lowest_index(select):
     values = torch.tensor([5.0, 1.0, 3.0, 3.0, 0.0, 3.0, 3.0])
     assert as_set(topk_indices_triton(values, 3, select)) == [0, 2, 3]
     assert as_set(topk_indices_triton(torch.zeros(50), 10, select)) == list(range(10))  # B = 0 before any gradient
-    ties = torch.zeros(300)  # ties spread over three chunks of the rank select
-    assert as_set(topk_indices_triton(ties, 200, select)) == list(range(200))
+    n = 2 * tk._RANK_BLOCK_J + 17  # ties spread over three chunks of the rank select
+    assert as_set(topk_indices_triton(torch.zeros(n), n - 20, select)) == list(range(n - 20))
 
 
 @pytest.mark.parametrize("select", SELECTS)
@@ -64,10 +65,13 @@ def test_nan_ranks_above_everything_as_in_torch_topk(select):
         assert as_set(topk_indices_triton(values, k, select)) == as_set(topk_indices_reference(values, k))
 
 
-def test_default_select_is_rank_up_to_its_length_then_bisect():
-    short = torch.rand(100)
+def test_default_select_is_rank_up_to_its_length_then_bisect(monkeypatch):
+    monkeypatch.setattr(tk, "MAX_RANK_LENGTH", 100)  # the threshold, not its value, is under test (CPU time)
+    short, long = torch.rand(100), torch.rand(101)
     got = topk_indices_triton(short, 10)
-    assert torch.equal(short[got], short[got].sort(descending=True).values)
+    assert torch.equal(short[got], short[got].sort(descending=True).values), "rank: largest first"
+    got = topk_indices_triton(long, 10)
+    assert torch.equal(got, got.sort().values) and as_set(got) == as_set(torch.topk(long, 10).indices), "bisect"
     with pytest.raises(ValueError, match="select must be one of"):
         topk_indices_triton(short, 10, "radix")
 
