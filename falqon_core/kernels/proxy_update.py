@@ -1,11 +1,11 @@
 """FALQON's row-wise proxy update: merge the top-k rows of B into the fp8 backbone, then zero B.
 
-Triton path (CUDA): row L1 norms of B (torch's ops, the same fp32 values as the reference) and a
-one-launch Triton select (falqon_core.kernels.topk: the same set as the reference's torch.topk); then
-ONE Triton kernel computes, for the k selected rows, W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in
-place; then B.zero_(). Zeroing B is not fused into the kernel: several programs read the same B rows
-(one per column block of W), so a program zeroing them would race with the others. No host sync
-anywhere: capturable in a CUDA graph.
+Triton path (CUDA), three launches up to N = topk.MAX_RANK_LENGTH rows (falqon_core.kernels.row_select): the
+row L1 norms of B; the rank select, which also copies the k chosen rows of B out and zeroes B (each row of B
+belongs to one of its programs); then ONE Triton kernel computes, for the k selected rows,
+W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place from that copy. Longer B: the norms, the bisect select
+(falqon_core.kernels.topk), the merge reading B's rows, then B.zero_() (the merge cannot zero B: several of its
+programs read the same B rows, one per column block of W). No host sync anywhere: capturable in a CUDA graph.
 
 The product B[rows] @ A8 is a tl.dot over blocks of 32 ranks (fp32 "ieee": CUDA-core FMAs, no TF32), not a
 loop over single ranks: the loop's r dependent global loads per program made the kernel latency-bound
@@ -29,7 +29,8 @@ from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
-from falqon_core.kernels.topk import topk_indices, topk_indices_reference
+from falqon_core.kernels.row_select import row_l1, row_l1_reference, take_top_rows_triton_
+from falqon_core.kernels.topk import MAX_RANK_LENGTH, topk_indices, topk_indices_reference
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
@@ -42,15 +43,16 @@ _MIN_DOT_ROWS: tl.constexpr = tl.constexpr(16)
 def top_rows_by_l1(b: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (k,) of the k rows of B (N x r) with the largest L1 norm, in no promised order.
 
-    The norms are torch's (so the same fp32 values as before); the selection is topk_indices (one Triton
-    program on CUDA, torch.topk elsewhere): the same set as top_rows_by_l1_reference.
+    The norms are row_select.row_l1 (one Triton launch on CUDA: fp32 sums in another order than torch's, see
+    there), the selection topk_indices (Triton on CUDA, torch.topk elsewhere): the same set as
+    top_rows_by_l1_reference except where the k-th and (k+1)-th norms differ by no more than that order does.
     """
-    return topk_indices(b.float().abs().sum(dim=1), k)
+    return topk_indices(row_l1(b), k)
 
 
 def top_rows_by_l1_reference(b: torch.Tensor, k: int) -> torch.Tensor:
     """top_rows_by_l1 with torch.topk on every device (what the reference update uses)."""
-    return topk_indices_reference(b.float().abs().sum(dim=1), k)
+    return topk_indices_reference(row_l1_reference(b), k)
 
 
 @torch.no_grad()
@@ -90,13 +92,14 @@ def _merge_rows_kernel(
     w_ptr, a_ptr, b_ptr, rows_ptr, k, n_cols, rank,
     stride_wl, stride_w, stride_al, stride_a, stride_bl, stride_b, stride_b_col,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, B_COMPACT: tl.constexpr,
 ):
     """W[l, rows[l, i], cols] = sat_cast(W[l, rows[l, i], cols] + sum_j B[l, rows[l, i], j] * A[l, j, cols]), one tile.
 
     Grid: (cdiv(k, BLOCK_ROWS), cdiv(n_cols, BLOCK_COLS), L): L layers of one shape (rows: L x k; the per-layer
     update is L = 1). rows are distinct within a layer, so tiles never overlap. The sum over j is the same
     fp32 tl.dot over rank blocks (_merged_delta) whatever L is: the batched update is bit-identical to the per-layer one.
+    B_COMPACT: B holds only the selected rows (L x k x r, row i of B for rows[l, i]: row_select's copy).
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -110,7 +113,7 @@ def _merge_rows_kernel(
     c_mask = cols < n_cols
     w_layer = w_ptr + layer * stride_wl
     a_layer = a_ptr + layer * stride_al
-    b_rows = b_ptr + layer * stride_bl + rows * stride_b
+    b_rows = b_ptr + layer * stride_bl + (i.to(tl.int64) if B_COMPACT else rows) * stride_b
     acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
                         _BLOCK_RANK)
     mask = i_mask[:, None] & c_mask[None, :]
@@ -139,24 +142,37 @@ def _check_inputs(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int) -
 @tc.opaque_to_compile
 @torch.no_grad()
 def proxy_update_triton_(
-    w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, *, software_round: bool | None = None
+    w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, *, software_round: bool | None = None,
+    fused_select: bool | None = None,
 ) -> torch.Tensor:
     """The Triton path of proxy_update_ (same contract as proxy_update_reference_). Returns rows (k,).
 
     software_round: round to the e4m3 grid with fp32 adds before the cast (None: only under the interpreter).
+    fused_select: take the rows with row_select (norms, then a select that copies and zeroes B; rows by norm,
+    largest first) instead of top_rows_by_l1 + B.zero_(); None: on CUDA up to MAX_RANK_LENGTH rows.
     """
     _check_inputs(w8, a8, b, k)
+    if fused_select is None:
+        fused_select = tc.triton_fp8_ok(b) and b.shape[0] <= MAX_RANK_LENGTH
+    if fused_select:
+        rows, b_rows = take_top_rows_triton_(b, k)
+        merge_rows_(w8[None], a8[None], b_rows[None], rows[None], software_round, b_compact=True)
+        return rows
     rows = top_rows_by_l1(b, k)
     merge_rows_(w8[None], a8[None], b[None], rows[None], software_round)
     b.zero_()
     return rows
 
 
-def merge_rows_(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, software_round: bool | None) -> None:
+def merge_rows_(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, software_round: bool | None,
+    b_compact: bool = False,
+) -> None:
     """One launch of _merge_rows_kernel over L layers: W[l, rows[l]] = sat_cast(W[l, rows[l]] + B[l, rows[l]] @ A[l]).
 
     w: L x (>= N) x K fp8, a: L x (>= r) x K fp8, b: L x N x r (r = b's last dim is the sum's length), rows: L x k
     int64; rows of w and a have stride 1 along K. The per-layer update passes L = 1 views.
+    b_compact: b is L x k x r, its row i the B row of rows[l, i] (row_select's copy), instead of all N rows.
     """
     n_layers, k = rows.shape
     if k == 0 or n_layers == 0:
@@ -169,7 +185,7 @@ def merge_rows_(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.T
         w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
         SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
-        BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS, B_COMPACT=bool(b_compact),
         num_warps=4,
     )
 

@@ -85,11 +85,10 @@ def _store_from_threshold(out_ptr, offs, valid, key, kth, k):
 
 
 @triton.jit
-def _topk_rank_kernel(values_ptr, out_ptr, n, k, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """For the BLOCK_I entries i of this program: rank_i = #{j: key_j > key_i or (key_j == key_i and j < i)};
-    out[rank_i] = i where rank_i < k. BLOCK_I divides BLOCK_J, so the program's entries lie in one j-chunk:
-    before it every j < i (count key_j >= key_i), after it every j > i (count key_j > key_i), one compare each."""
-    pid = tl.program_id(0)
+def _ranks(values_ptr, n, pid, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(i, i_mask, rank_i) for the BLOCK_I entries i of program pid: rank_i = #{j: key_j > key_i or (key_j == key_i
+    and j < i)}. BLOCK_I divides BLOCK_J, so the program's entries lie in one j-chunk: before it every j < i (count
+    key_j >= key_i), after it every j > i (count key_j > key_i), one compare each."""
     i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     i_mask = i < n
     key_i = _order_key(tl.load(values_ptr + i, mask=i_mask, other=0.0))[:, None]
@@ -107,7 +106,13 @@ def _topk_rank_kernel(values_ptr, out_ptr, n, k, BLOCK_I: tl.constexpr, BLOCK_J:
         j = j0 + cols
         key_j = _order_key(tl.load(values_ptr + j, mask=j < n, other=0.0))[None, :]
         acc += ((key_j > key_i) & (j < n)[None, :]).to(tl.int32)
-    rank = tl.sum(acc, axis=1)
+    return i, i_mask, tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _topk_rank_kernel(values_ptr, out_ptr, n, k, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """out[rank_i] = i for the BLOCK_I entries i of this program whose rank (_ranks) is below k."""
+    i, i_mask, rank = _ranks(values_ptr, n, tl.program_id(0), BLOCK_I, BLOCK_J)
     tl.store(out_ptr + rank, i.to(tl.int64), mask=i_mask & (rank < k))
 
 

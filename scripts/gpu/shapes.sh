@@ -20,7 +20,7 @@ RUNS="$OUT/runs"
 mkdir -p "$RUNS"
 SWEEP="$RUNS/shapes"
 FAST="$RUNS/fast-accum"
-SUITE=suites/shapes.toml
+SUITE=${SHAPES_SUITE:-suites/shapes.toml}  # SHAPES_SUITE: another suite file (e.g. one without qlora_nf4 where bitsandbytes is missing)
 FAST_SUITE="$RUNS/fast_accum.toml"
 
 if [ "$SMOKE" = 1 ]; then
