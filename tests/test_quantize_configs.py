@@ -96,6 +96,8 @@ def test_shape_classes_bucket_by_elements_and_width():
     assert qc.shape_class("partial_amax", 4096, 4096) == qc.shape_class("partial_amax", 1, 4096 * 4096) == "le16M"
     assert qc.shape_class("partial_amax", 3000, 4096) == "le16M"  # an untuned shape shares its class's config
     assert qc.shape_class("cast_transpose", 4096, 1024) == "le4M/narrow"
+    assert qc.shape_class("cast_transpose", 4096, 64) == "le1M/thin"  # O_A (M x r): no layer's x or dY is this thin
+    assert qc.shape_class("cast_transpose", 512, 1024) == "le1M/narrow"
     assert qc.shape_class("cast_transpose", 1024, 4096) == "le4M/mid"
     assert qc.shape_class("transpose_bytes", 4096, 14336) == "le64M/wide"
     assert qc.shape_class("cast_tensorwise", 16384, 8192) == "gt64M"

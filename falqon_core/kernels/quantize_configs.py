@@ -26,8 +26,9 @@ KERNELS = ("partial_amax", "cast_tensorwise", "cast_transpose", "transpose_bytes
 
 # numel buckets (upper bounds, inclusive) and their names; past the last: "gt64M"
 _NUMEL_BUCKETS = ((1 << 20, "le1M"), (1 << 22, "le4M"), (1 << 24, "le16M"), (1 << 26, "le64M"))
-# width buckets of the contiguous dimension (columns): tiles that suit a 1024-wide dY differ from a 4096-wide x
-_WIDTH_BUCKETS = ((1024, "narrow"), (4096, "mid"))
+# width buckets of the contiguous dimension (columns): tiles that suit a 1024-wide dY differ from a 4096-wide x;
+# "thin" (<= 256 columns) is FALQON's O_A (M x r), which no dY or x is (their widths are layer dims, >= 1024)
+_WIDTH_BUCKETS = ((256, "thin"), (1024, "narrow"), (4096, "mid"))
 
 # the interpreter runs whole blocks as numpy arrays: a small flat block keeps the CPU tests fast
 _FLAT_BLOCK_INTERPRETER = 512
@@ -108,6 +109,9 @@ TUNED: dict[str, dict[str, dict]] = {
         "le64M": {"num_warps": 4, "programs_per_sm": 8},
     },
     "cast_transpose": {
+        # O_A (M x r, r <= 256): 64 x 64 tiles took 6.4-6.6 us at r 8-24 and 5.0 at r 100 (M 2048 and 4096, H200),
+        # 32 x 16 tiles 1.8-3.2 us (results/probes-step-h200/oa_cast.txt; r 64: 3.0 -> 2.3 at M 4096)
+        "le1M/thin": {"block_r": 32, "block_c": 16, "programs_per_sm": None},
         "le16M/mid": {"programs_per_sm": None},
         "le64M/mid": {"programs_per_sm": None},
         "le64M/wide": {"programs_per_sm": None},
@@ -259,6 +263,7 @@ TUNE_GRID = {
         DEFAULTS["cast_transpose"], _tile(64, 64, 4, None), _tile(64, 64, 4, 8), _tile(64, 128, 4, 4),
         _tile(64, 128, 8, 8), _tile(64, 128, 4, None), _tile(128, 64, 4, 8), _tile(128, 64, 8, 4),
         _tile(128, 64, 4, None), _tile(128, 128, 8, 4), _tile(128, 128, 8, None), _tile(128, 128, 8, 16),
+        _tile(32, 16, 4, None), _tile(64, 16, 4, None),  # thin O_A (M x r)
     ),
     "transpose_bytes": (
         DEFAULTS["transpose_bytes"], _tile(64, 128, 4, None), _tile(128, 64, 4, None), _tile(128, 128, 4, None),

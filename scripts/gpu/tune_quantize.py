@@ -36,7 +36,7 @@ from falqon_core.kernels.transpose import launch_transpose_bytes, transpose_fp8_
 # one or more shapes per class that FALQON's layers hit: x (M x K) and dY (M x N) at 512-16384 tokens, incl. a GQA kv
 # dY (M x 1024) at 512 and 2048 tokens, where a step is a string of short launches (classes le1M/narrow, le4M/narrow)
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (4096, 14336), (3000, 4096), (512, 4096), (16384, 4096),
-          (512, 1024), (2048, 1024)]
+          (512, 1024), (2048, 1024), (4096, 16), (2048, 64)]  # last two: O_A (M x r, class le1M/thin)
 TRANSPOSE_SHAPES = [(4096, 4096), (11008, 4096), (1024, 4096)]  # W8 (N x K) of attn, up, kv
 SMOKE_SHAPES = [(77, 130), (300, 96)]
 SMOKE_TRANSPOSE_SHAPES = [(77, 130), (130, 33)]
