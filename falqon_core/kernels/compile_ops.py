@@ -103,18 +103,23 @@ def _(x, pad_to=1):
 
 
 @torch.library.custom_op("falqon::proxy_update_", mutates_args=("w8", "b"))
-def proxy_update_(w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, software_round: Optional[bool] = None) -> torch.Tensor:
+def proxy_update_(
+    w8: torch.Tensor, a8: torch.Tensor, b: torch.Tensor, k: int, software_round: Optional[bool] = None,
+    fused_select: Optional[bool] = None,
+) -> torch.Tensor:
     """In place on w8 (merged rows) and b (zeroed); returns the merged rows (k,) int64."""
-    return _launcher(proxy_update.proxy_update_triton_)(w8, a8, b, k, software_round=software_round)
+    return _launcher(proxy_update.proxy_update_triton_)(
+        w8, a8, b, k, software_round=software_round, fused_select=fused_select
+    )
 
 
 @proxy_update_.register_fake
-def _(w8, a8, b, k, software_round=None):
+def _(w8, a8, b, k, software_round=None, fused_select=None):
     return w8.new_empty(k, dtype=torch.int64)
 
 
-def _proxy_update_call(w8, a8, b, k, *, software_round=None):
-    return proxy_update_(w8, a8, b, k, software_round)
+def _proxy_update_call(w8, a8, b, k, *, software_round=None, fused_select=None):
+    return proxy_update_(w8, a8, b, k, software_round, fused_select)
 
 
 @torch.library.custom_op("falqon::proxy_update_batched_", mutates_args=("melded", "b"))
