@@ -24,9 +24,12 @@ Measured per variant on the H200 (docs/perf-notes.md, "FALQON's flush"): the per
 bounds this kernel, not its bytes: the stochastic rounding is integer work on fp32 bits (add the random
 bits below the grid, clear them), one hash per two entries, the W8 tile loaded before the delta, and a
 128-register cap (four programs per SM).
-W8^T is not stored from the kernel's tile (tl.trans of the rounded tile): with 64 x 128 tiles that store gave
-wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile quantize_transpose works around; the
-separate transpose (one more read of W8) only costs the layers that opt into cache_weight_t.
+W8^T (layers with cache_weight_t): the kernel stores it too, so a step needs no transpose of W8 for its dX GEMM
+(9 us for llama-7b attn, 24 us for up / down, measured in the step). Not as tl.trans of the rounded tile: with
+64 x 128 tiles that store gave wrong W8^T bytes on the H200, the pattern of the Triton 3.6 miscompile
+quantize_transpose works around. Instead each program, after a barrier, reloads the tile it has just written
+(from L2, bypassing L1) in transposed order and stores that: Triton moves it through shared memory itself. The
+extra bytes (N K written, N K read from L2) are overlapped by the kernel's instruction-bound rounding.
 """
 
 from __future__ import annotations
@@ -151,9 +154,9 @@ def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, PIECES: tl.con
 
 @triton.jit
 def _flush_kernel(
-    w_ptr, a16_ptr, pieces_ptr, seed_ptr, n_rows, n_cols, rank, stride_w,
+    w_ptr, a16_ptr, pieces_ptr, seed_ptr, wt_ptr, n_rows, n_cols, rank, stride_w,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    STOCHASTIC: tl.constexpr, WRITE_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     BLOCK_RANK: tl.constexpr, PIECES: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + (b0 + b1)[rows] @ a16[:, cols]), as two halves
@@ -162,6 +165,7 @@ def _flush_kernel(
     Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
     same rows of the pieces (kept in L2) and walk a16 (r x K bf16) which L2 holds whole. The W8 tile is
     loaded first: its latency overlaps the delta. Tile offsets are int32 from an int64 tile base.
+    WRITE_T: the new tile is also stored to wt_ptr (W8^T, K x N contiguous), reloaded transposed (module docstring).
     """
     tl.static_assert(BLOCK_COLS == 128, "the rounding's pairs are (c, c + 64) of each 128-column block")
     HALF: tl.constexpr = BLOCK_COLS // 2
@@ -206,6 +210,14 @@ def _flush_kernel(
     q_r = _round_to_fp8(old_r.to(tl.float32) + acc_r, bits_r, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, STOCHASTIC, out)
     tl.store(w_l, q_l, mask=mask_l)
     tl.store(w_r, q_r, mask=mask_r)
+    if WRITE_T:
+        tl.debug_barrier()  # every thread's stores of the tile are visible to the whole program after this
+        c_loc = tl.arange(0, BLOCK_COLS)
+        mask_t = ((col0 + c_loc) < n_cols)[:, None] & r_mask[None, :]
+        tile_t = tl.load((w_ptr + row0.to(tl.int64) * stride_w + col0) + (c_loc[:, None] + r_loc[None, :] * stride_w),
+                         mask=mask_t, other=0.0, cache_modifier=".cg")
+        tl.store((wt_ptr + col0.to(tl.int64) * n_rows + row0) + (c_loc[:, None] * n_rows + r_loc[None, :]),
+                 tile_t, mask=mask_t)
 
 
 @tc.opaque_to_compile
@@ -217,7 +229,8 @@ def flush_triton_(
     """The Triton path of flush_reference_ (same contract): two launches (prepare, flush). No host sync.
 
     B is zeroed by the prepare kernel, after it has split B: the flush's programs read the pieces, so none
-    races with the zeroing. software_round: as in proxy_update_triton_.
+    races with the zeroing. A contiguous weight_t is written by the flush kernel itself; any other is refreshed
+    by a transpose after it. software_round: as in proxy_update_triton_.
     """
     _check_flush(w8, a8, b, stochastic, seed, weight_t)
     n_rows, n_cols = w8.shape
@@ -226,17 +239,19 @@ def flush_triton_(
     if n_rows == 0 or n_cols == 0:
         b.zero_()
         return
+    write_t = weight_t is not None and weight_t.is_contiguous() and rank > 0
     if rank > 0:  # rank 0: nothing to merge, W8 stays (W8^T is still refreshed below, as the contract says)
         pieces, a16 = prepare_flush_inputs_(b, a8, software_round=soft)
         fp8_max, mant_bits, min_exp = tc.format_constants(w8.dtype)
         grid = (triton.cdiv(n_rows, _BLOCK_ROWS) * triton.cdiv(n_cols, _BLOCK_COLS),)
         _flush_kernel[grid](
-            w8, a16, pieces, seed if stochastic else w8, n_rows, n_cols, rank, w8.stride(0),
-            FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft, STOCHASTIC=bool(stochastic),
+            w8, a16, pieces, seed if stochastic else w8, weight_t if write_t else w8, n_rows, n_cols, rank,
+            w8.stride(0), FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp, SOFTWARE_ROUND=soft,
+            STOCHASTIC=bool(stochastic), WRITE_T=write_t,
             BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS, BLOCK_RANK=_block_rank(rank), PIECES=_PIECES,
             DOT_F32=tc.is_interpreter(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, maxnreg=_MAX_REGISTERS,
         )
-    if weight_t is not None:  # in place: a captured graph keeps weight_t's address
+    if weight_t is not None and not write_t:  # in place: a captured graph keeps weight_t's address
         weight_t.copy_(transpose_fp8_triton(w8))
 
 
