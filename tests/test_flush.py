@@ -52,6 +52,16 @@ def test_triton_flush_equals_reference(n, k_dim, r, stochastic, with_t):
         assert _same(wt_t, wt_r) and _same(wt_t, w_t.t().contiguous())
 
 
+def test_flush_refreshes_a_strided_weight_t_too():
+    """A contiguous W8^T is written by the flush kernel itself; a strided one (here a transposed view) by the
+    transpose after it: both end as W8's bytes transposed."""
+    w8, a8, b = exact_inputs(130, 131, 5)
+    w, bb = w8.clone(), b.float()
+    wt = torch.zeros(w8.shape[0], w8.shape[1], dtype=w8.dtype).t()  # K x N, strides (1, K)
+    flush_triton_(w, a8, bb, weight_t=wt, stochastic=True, seed=torch.tensor(7))
+    assert not wt.is_contiguous() and _same(wt.contiguous(), w.t().contiguous()) and not _same(w, w8)
+
+
 def test_stochastic_flush_depends_on_the_seed():
     w8, a8, b = exact_inputs(40, 150, 4)
     b = b.float() / 64  # deltas below the grid spacing: where they land is the rounding's draw

@@ -211,7 +211,8 @@ class FalqonLinear(nn.Module):
     Buffers: `melded` ((N+r_pad) x K, float8_e4m3fn; rows [:N] are W8, rows [N:N+r] are A8, zero rows up to a
     multiple of 16), `scale` (0-dim fp32 dequant scale, fixed after init), optionally `weight_t` (K x N fp8 copy of W8, only with
     cache_weight_t: costs N x K more bytes, i.e. doubles the weight memory, and saves the N x K
-    transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update).
+    transpose that every backward otherwise makes for the dX GEMM; kept in sync by the proxy update: the merged
+    columns copied after a top-k merge, or written by the flush kernel itself with flush_every).
     Parameters: `lora_B` (N x r, fp32 as in the reference, trainable, zero after every proxy update unless
     keep_unmerged), `bias` (frozen, if present). Buffer `rounding_seed` (int64, stochastic rounding only).
     `track_lost = True` makes each proxy update add, on the device, [lost entries, merged entries with a
