@@ -1,9 +1,16 @@
-"""Per-kernel device time inside one training step (torch.profiler), for falqon option sets."""
+"""Per-kernel device time inside one training step (torch.profiler), for falqon option sets.
+
+No argument: default, variant, default + cache_weight_t (step_kernels.txt). Argument `vcache`: default, variant,
+variant + cache_weight_t (variant-cache-flush/step_kernels.txt)."""
 import json, sys, torch
 from collections import defaultdict
 from falqon_bench.measure.workload import build_workload
 VARIANT = {"a_scale": "kaiming", "rounding": "stochastic", "flush_every": 1}
-opts = {"default": {}, "variant": VARIANT, "cache": {"cache_weight_t": True}}
+opts = {"default": {}, "variant": VARIANT}
+if sys.argv[1:] == ["vcache"]:
+    opts["vcache"] = dict(VARIANT, cache_weight_t=True)
+else:
+    opts["cache"] = {"cache_weight_t": True}
 layers = {"attn": (4096, 4096), "up": (4096, 11008), "down": (11008, 4096)}
 for lname, (K, N) in layers.items():
     for rank in (16, 64):
