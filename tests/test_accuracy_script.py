@@ -55,3 +55,13 @@ def test_cpu_smoke_runs_the_given_accuracy_suite(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "falqon+kA+sr+f1 [mine]" in summary and "bf16_lora" not in summary, summary
     assert "Traceback" not in out, out
+
+
+def test_cpu_smoke_times_the_layer_step_in_rounds_and_gives_their_median(tmp_path):
+    done = run_script(tmp_path, T_ACC="0", T_UPDATE="0", T_REPORT="0", LAYER_ROUNDS="2")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "round 1:" in summary and "round 2:" in summary and "round 3:" not in summary, summary
+    assert "median (min-max) of the ratio to default over 2 round(s)" in summary, summary
+    assert "a_scale=kaiming,flush_every=1,rounding=stochastic" in summary and "Traceback" not in out, out

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Does it still learn, and at what cost? On one H200 (about 7 min, each phase under its own time limit):
+# Does it still learn, and at what cost? On one H200 (up to ~10 min with every phase, each under its own time limit;
+# T_ACC=0 for the cost alone, ~4 min):
 # (1) the real-text accuracy suite (suites/accuracy-text.toml, or ACC_SUITE: small-llama pretrained on part of the
 #     stdlib's sources, an lr grid per method, FALQON reference and the recommended variant
 #     {a_scale = "kaiming", rounding = "stochastic", flush_every = 1});
 # (2) the layer step time of default falqon vs that variant (llama-7b attn/up/down, r 16 and 64, 4096 tokens)
-#     through the same runner, side by side in one run (flush_every = 1 does the same work every step, so a
-#     captured step times it exactly);
+#     through the same runner, side by side in each of LAYER_ROUNDS back-to-back runs (default 3: on a
+#     power-capped H200 two runs' ratios differ by up to ~3%), each round's ratios and their median
+#     (flush_every = 1 does the same work every step, so a captured step times it exactly);
 # (3) the proxy update alone, default vs the variant, back to back (the only work the variant changes), so its
 #     cost is not lost in the drift between two step timings.
 # Run from the repo root:  OUT=/some/dir bash scripts/gpu/accuracy.sh
 # CPU dry run (tiny sizes, checks the script end to end):  OUT=/tmp/x bash scripts/gpu/accuracy.sh --cpu-smoke
-# (ACC_SUITE=a CPU suite of yours; T_ACC / T_LAYER / T_UPDATE / T_REPORT: seconds per phase, 0 skips it)
+# (ACC_SUITE=a CPU suite of yours; T_ACC / T_LAYER (per round) / T_UPDATE / T_REPORT: seconds per phase, 0 skips it;
+#  LAYER_ROUNDS: runs of phase (2); with all phases on the H200 the defaults take up to ~10 min, T_ACC=0 for cost only)
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the output directory}"
@@ -66,10 +69,13 @@ if [[ $T_ACC -gt 0 ]]; then
   timeout -s INT -k 15 "$T_ACC" python -m falqon_bench.cli run "$ACC_SUITE" --out "$RUNS/accuracy-text" \
     --point-timeout-s 120 || echo "accuracy run exited $?"
 else echo "skipped (T_ACC=0)"; fi
-echo "== (2) layer step time: default falqon vs the variant (limit ${T_LAYER}s)"
+LAYER_ROUNDS=${LAYER_ROUNDS:-3}
+echo "== (2) layer step time: default falqon vs the variant, $LAYER_ROUNDS round(s) (limit ${T_LAYER}s each)"
 if [[ $T_LAYER -gt 0 ]]; then
-  timeout -s INT -k 15 "$T_LAYER" python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" \
-    --out "$RUNS/falqon-variant-overhead" || echo "overhead run exited $?"
+  for ((round = 1; round <= LAYER_ROUNDS; round++)); do
+    timeout -s INT -k 15 "$T_LAYER" python -m falqon_bench.cli run "$WORK/suites/falqon-variant-overhead.toml" \
+      --out "$RUNS/falqon-variant-overhead-round$(printf %02d "$round")" || echo "overhead run $round exited $?"
+  done
 else echo "skipped (T_LAYER=0)"; fi
 echo "== (3) proxy update alone (limit ${T_UPDATE}s)"
 if [[ $T_UPDATE -gt 0 ]]; then
@@ -88,22 +94,9 @@ echo
 echo "================ summary ================"
 if [[ -s "$RUNS/accuracy-text/points.jsonl" ]]; then python -m falqon_bench.readers.accuracy_summary "$RUNS/accuracy-text" || true
 else echo "accuracy suite: no points (phase (1) skipped or nothing finished)"; fi
-python - "$RUNS/falqon-variant-overhead/points.jsonl" <<'PY' || true
-import json, os, sys
-if not os.path.exists(sys.argv[1]):
-    sys.exit(print("layer step: no points (phase (2) skipped or nothing finished)"))
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = {}
-for r in rows:
-    by.setdefault((r["layer"], r["rank"], r["tokens"]), {})["variant" if r["options"] else "default"] = r
-print("layer step, gpu_ms (else wall_ms), median: default falqon vs the recommended variant, one run")
-print(f"{'layer':<16} {'rank':>4} {'default':>9} {'variant':>9} {'ratio':>7}")
-for k, group in by.items():
-    ms = {n: (r.get("gpu_ms") or r.get("wall_ms")) if r.get("status") == "ok" else None for n, r in group.items()}
-    d, v = ms.get("default"), ms.get("variant")
-    cell = lambda x: "-" if x is None else f"{x:.4f}"
-    print(f"{k[0]:<16} {k[1]:>4} {cell(d):>9} {cell(v):>9} {(f'{v / d:.3f}' if d and v else '-'):>7}")
-PY
+if compgen -G "$RUNS/falqon-variant-overhead-round*/points.jsonl" > /dev/null; then
+  python -m falqon_bench.readers.step_ratio_summary "$RUNS"/falqon-variant-overhead-round*/ || true
+else echo "layer step: no points (phase (2) skipped or nothing finished)"; fi
 cat "$RUNS/proxy-update-alone.txt" 2>/dev/null | grep -v '^W[0-9]' || true
 } 2>&1 | tee "$OUT/summary.txt"
 rm -rf "$WORK"
