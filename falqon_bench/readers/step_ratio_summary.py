@@ -44,14 +44,14 @@ def ratios(times: dict[str, float | None]) -> dict[str, float | None]:
 
 def median_ratios(rounds: list[dict[Cell, dict[str, float | None]]]) -> dict[Cell, dict[str, tuple[float, float, float, int]]]:
     """cell -> option label -> (median, min, max, rounds counted) of the per-round ratios to default."""
-    out: dict[Cell, dict[str, tuple[float, float, float, int]]] = {}
+    seen: dict[Cell, dict[str, list[float]]] = {}
     for times in rounds:
         for cell, by_label in times.items():
             for label, ratio in ratios(by_label).items():
                 if ratio is not None:
-                    out.setdefault(cell, {}).setdefault(label, []).append(ratio)  # type: ignore[arg-type]
-    return {cell: {label: (statistics.median(xs), min(xs), max(xs), len(xs)) for label, xs in by.items()}  # type: ignore[misc]
-            for cell, by in out.items()}
+                    seen.setdefault(cell, {}).setdefault(label, []).append(ratio)
+    return {cell: {label: (statistics.median(xs), min(xs), max(xs), len(xs)) for label, xs in by.items()}
+            for cell, by in seen.items()}
 
 
 def summary_lines(rounds: list[list[dict[str, Any]]]) -> list[str]:
