@@ -7,6 +7,6 @@ W=$(mktemp -d)
 for i in $(seq 1 "${ROUNDS:-3}"); do
   timeout 150 python -m falqon_bench.cli run "$(dirname "$0")/variant-cost.toml" --variant eager --out "$W/round$i" >/dev/null 2>&1 || echo "round $i exited $?"
 done
-python "$(dirname "$0")/ratio.py" "$W"/round*/points.jsonl > "$OUT/variant-rounds.txt" 2>&1
+python "$(dirname "$0")/ratio.py" "$W"/round*/points.jsonl > "$OUT/variant-rounds.txt" 2>&1  # = python -m falqon_bench.readers.step_ratio_summary "$W"/round*
 tar -czf "$OUT/variant-rounds.tar.gz" -C "$W" .
 cat "$OUT/variant-rounds.txt"
