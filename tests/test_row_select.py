@@ -13,8 +13,9 @@ import torch
 from bounds import U_FP32
 from falqon_core.kernels import topk as tk
 from falqon_core.kernels.proxy_update import proxy_update_reference_, proxy_update_triton_
+from falqon_core.kernels import row_select as rs
 from falqon_core.kernels.row_select import (
-    row_l1_reference, row_l1_triton, take_top_rows_reference_, take_top_rows_triton_,
+    chunked_select_wins, row_l1_reference, row_l1_triton, take_top_rows_reference_, take_top_rows_triton_,
 )
 from test_kernels_proxy_update import exact_inputs, fp8_ulps_apart
 
@@ -45,9 +46,9 @@ def test_row_norms_of_empty_and_rank_zero_b():
     assert torch.equal(row_l1_triton(torch.zeros(5, 0)), torch.zeros(5))
 
 
-def run_take(b, k):
+def run_take(b, k, chunked=None):
     b_t, b_r = b.clone(), b.clone()
-    got = take_top_rows_triton_(b_t, k)
+    got = take_top_rows_triton_(b_t, k, chunked=chunked)
     ref = take_top_rows_reference_(b_r, k)
     return got, ref, b_t
 
@@ -55,23 +56,60 @@ def run_take(b, k):
 @pytest.mark.parametrize("n,r,k", [(1, 4, 1), (40, 8, 5), (300, 24, 300), (tk._RANK_BLOCK_J + 3, 64, 64),
                                    (2 * tk._RANK_BLOCK_J + 17, 100, 33), (50, 256, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_take_top_rows_matches_the_reference_in_order_copies_the_rows_and_zeroes_b(n, r, k, dtype):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_take_top_rows_matches_the_reference_in_order_copies_the_rows_and_zeroes_b(n, r, k, dtype, chunked):
     # ties among norms are common on this grid: both break them by lower index, so even the order is identical
     b = exact_b(n, r, dtype)
-    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, k)
+    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, k, chunked)
     assert rows.dtype == torch.int64 and rows.shape == (k,)
     assert torch.equal(rows, rows_ref)
     assert b_rows.dtype == dtype and torch.equal(b_rows, b_rows_ref) and torch.equal(b_rows, b[rows])
     assert (b_after == 0).all()
 
 
-def test_take_top_rows_on_a_transposed_b_and_with_ties_and_nan():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_take_top_rows_on_a_transposed_b_and_with_ties_and_nan(chunked):
     b = torch.ones(6, 20).t()  # column-major B (strides 1, 20), every norm tied
     b[13, 2] = float("nan")  # NaN ranks above everything (torch.topk's order)
-    (rows, b_rows), (rows_ref, _), b_after = run_take(b, 4)
+    (rows, b_rows), (rows_ref, _), b_after = run_take(b, 4, chunked)
     assert rows.tolist() == rows_ref.tolist() == [13, 0, 1, 2]
     assert torch.equal(b_rows[1:], torch.ones(3, 6)) and b_rows[0].isnan().any()
     assert (b_after == 0).all()
+
+
+CHUNK = rs._CHUNK
+
+
+@pytest.mark.parametrize("n,k", [
+    (3 * CHUNK, 5),  # whole chunks
+    (2 * CHUNK + 1, 40),  # a last chunk of one row: k - 1 of its slots unused
+    (CHUNK + 200, 300),  # k above the last chunk's 200 rows
+    (2 * CHUNK + 7, CHUNK + 60),  # k above a whole chunk: every row a candidate, slots past each chunk unused
+])
+def test_chunked_select_matches_the_rank_select_and_the_reference_at_chunk_edges(n, k):
+    # values with many ties across chunks: the candidates' order must still put the lower row first
+    b = exact_b(n, 4)
+    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, k, chunked=True)
+    (rows_rank, _), _, _ = run_take(b, k, chunked=False)
+    assert torch.equal(rows, rows_ref) and torch.equal(rows, rows_rank)
+    assert torch.equal(b_rows, b_rows_ref) and (b_after == 0).all()
+
+
+def test_chunked_select_with_nan_inf_and_zero_rows_spread_over_chunks():
+    b = torch.randn(3 * CHUNK + 11, 8)
+    b[CHUNK + 3, 1] = float("nan")
+    b[5, 0] = float("inf")
+    b[2 * CHUNK:2 * CHUNK + 40] = 0.0
+    b[3 * CHUNK + 2] = -float("inf")  # |B| = inf: a second inf norm, in the last, partial chunk
+    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, 9, chunked=True)
+    assert rows.tolist() == rows_ref.tolist() and rows[:3].tolist() == [CHUNK + 3, 5, 3 * CHUNK + 2]
+    assert torch.equal(b_rows[1:], b_rows_ref[1:]) and b_rows[0].isnan().any()
+    assert (b_after[~b_after.isnan()] == 0).all() and not b_after.isnan().any()
+
+
+def test_chunked_select_is_chosen_when_its_candidates_are_at_most_half_the_rows():
+    assert chunked_select_wins(4096, 16) and chunked_select_wins(11008, 64) and chunked_select_wins(4096, 256)
+    assert not chunked_select_wins(1024, 257) and not chunked_select_wins(CHUNK, 1)
 
 
 def test_take_top_rows_rejects_bad_arguments():
@@ -106,10 +144,11 @@ def test_fused_proxy_update_within_one_fp8_ulp_for_general_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,r,k", [(4096, 64, 64), (11008, 16, 16), (1024, 256, 256)])
-def test_take_top_rows_on_cuda_matches_the_reference(n, r, k):
+@pytest.mark.parametrize("n,r,k", [(4096, 64, 64), (11008, 16, 16), (1024, 256, 256), (14336, 40, 40), (3000, 8, 8)])
+@pytest.mark.parametrize("chunked", [None, False, True])
+def test_take_top_rows_on_cuda_matches_the_reference(n, r, k, chunked):
     b = exact_b(n, r, torch.float32, "cuda")
-    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, k)
+    (rows, b_rows), (rows_ref, b_rows_ref), b_after = run_take(b, k, chunked)
     assert torch.equal(rows, rows_ref) and torch.equal(b_rows, b_rows_ref) and (b_after == 0).all()
     g = torch.randn(n, r, device="cuda")
     exact = g.double().abs().sum(dim=1)
@@ -117,13 +156,14 @@ def test_take_top_rows_on_cuda_matches_the_reference(n, r, k):
 
 
 @pytest.mark.gpu
-def test_proxy_update_on_cuda_takes_the_fused_select(monkeypatch):
+@pytest.mark.parametrize("n,r", [(4096, 64), (14336, 16)])  # 14336 rows: above MAX_RANK_LENGTH, the chunked select
+def test_proxy_update_on_cuda_takes_the_fused_select(monkeypatch, n, r):
     from falqon_core.kernels import proxy_update as pu
 
     called = []
     monkeypatch.setattr(pu, "take_top_rows_triton_", lambda b, k: called.append(k) or take_top_rows_triton_(b, k))
-    w8, a8, b = exact_inputs(4096, 4096, 64, 64, device="cuda")
+    w8, a8, b = exact_inputs(n, 4096, r, r, device="cuda")
     w_r = w8.clone()
-    pu.proxy_update_(w8, a8, b.clone(), 64)
-    proxy_update_reference_(w_r, a8, b.clone(), 64)
-    assert called == [64] and torch.equal(w8.view(torch.uint8), w_r.view(torch.uint8))
+    pu.proxy_update_(w8, a8, b.clone(), r)
+    proxy_update_reference_(w_r, a8, b.clone(), r)
+    assert called == [r] and torch.equal(w8.view(torch.uint8), w_r.view(torch.uint8))

@@ -29,7 +29,7 @@ from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
-from falqon_core.kernels.row_select import row_l1, row_l1_reference, take_top_rows_triton_
+from falqon_core.kernels.row_select import chunked_select_wins, row_l1, row_l1_reference, take_top_rows_triton_
 from falqon_core.kernels.topk import MAX_RANK_LENGTH, topk_indices, topk_indices_reference
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
@@ -149,11 +149,12 @@ def proxy_update_triton_(
 
     software_round: round to the e4m3 grid with fp32 adds before the cast (None: only under the interpreter).
     fused_select: take the rows with row_select (norms, then a select that copies and zeroes B; rows by norm,
-    largest first) instead of top_rows_by_l1 + B.zero_(); None: on CUDA up to MAX_RANK_LENGTH rows.
+    largest first) instead of top_rows_by_l1 + B.zero_(); None: on CUDA up to MAX_RANK_LENGTH rows, or more where
+    row_select's chunked select takes them.
     """
     _check_inputs(w8, a8, b, k)
     if fused_select is None:
-        fused_select = tc.triton_fp8_ok(b) and b.shape[0] <= MAX_RANK_LENGTH
+        fused_select = tc.triton_fp8_ok(b) and (b.shape[0] <= MAX_RANK_LENGTH or chunked_select_wins(b.shape[0], k))
     if fused_select:
         rows, b_rows = take_top_rows_triton_(b, k)
         merge_rows_(w8[None], a8[None], b_rows[None], rows[None], software_round, b_compact=True)

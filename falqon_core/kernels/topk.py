@@ -85,26 +85,42 @@ def _store_from_threshold(out_ptr, offs, valid, key, kth, k):
 
 
 @triton.jit
-def _ranks(values_ptr, n, pid, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _load_keys(ptr, j, n, CANDIDATES: tl.constexpr, cand_k, cand_n, CHUNK: tl.constexpr):
+    """Order keys of entries j (int32; j >= n reads as 0, always masked by the caller). CANDIDATES False: ptr holds
+    fp32 values (_order_key). True: ptr holds the chunked select's candidate keys, cand_k slots per CHUNK entries of
+    the cand_n ranked (row_select); a slot past its chunk's length is unused and reads as int32 min, below every
+    key (-inf's is -2^31 + 2^23 - 1)."""
+    if CANDIDATES:
+        chunk = j // cand_k
+        used = (j < n) & (j - chunk * cand_k < tl.minimum(cand_n - chunk * CHUNK, CHUNK))
+        key = tl.load(ptr + j, mask=used, other=-2147483648)
+    else:
+        key = _order_key(tl.load(ptr + j, mask=j < n, other=0.0))
+    return key
+
+
+@triton.jit
+def _ranks(values_ptr, n, pid, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, CANDIDATES: tl.constexpr = False,
+           cand_k=1, cand_n=0, CHUNK: tl.constexpr = 1):
     """(i, i_mask, rank_i) for the BLOCK_I entries i of program pid: rank_i = #{j: key_j > key_i or (key_j == key_i
     and j < i)}. BLOCK_I divides BLOCK_J, so the program's entries lie in one j-chunk: before it every j < i (count
-    key_j >= key_i), after it every j > i (count key_j > key_i), one compare each."""
+    key_j >= key_i), after it every j > i (count key_j > key_i), one compare each. Keys: _load_keys."""
     i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     i_mask = i < n
-    key_i = _order_key(tl.load(values_ptr + i, mask=i_mask, other=0.0))[:, None]
+    key_i = _load_keys(values_ptr, i, n, CANDIDATES, cand_k, cand_n, CHUNK)[:, None]
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)  # summed over j-chunks first, reduced once at the end
     cols = tl.arange(0, BLOCK_J)
     chunk = (pid * BLOCK_I) // BLOCK_J * BLOCK_J
     for j0 in range(0, chunk, BLOCK_J):  # whole chunks of lower indices
-        key_j = _order_key(tl.load(values_ptr + j0 + cols))[None, :]
+        key_j = _load_keys(values_ptr, j0 + cols, n, CANDIDATES, cand_k, cand_n, CHUNK)[None, :]
         acc += (key_j >= key_i).to(tl.int32)
     j = chunk + cols
-    key_j = _order_key(tl.load(values_ptr + j, mask=j < n, other=0.0))[None, :]
+    key_j = _load_keys(values_ptr, j, n, CANDIDATES, cand_k, cand_n, CHUNK)[None, :]
     ahead = (key_j > key_i) | ((key_j == key_i) & (j[None, :] < i[:, None]))
     acc += (ahead & (j < n)[None, :]).to(tl.int32)
     for j0 in range(chunk + BLOCK_J, n, BLOCK_J):  # higher indices; the last chunk may be partial
         j = j0 + cols
-        key_j = _order_key(tl.load(values_ptr + j, mask=j < n, other=0.0))[None, :]
+        key_j = _load_keys(values_ptr, j, n, CANDIDATES, cand_k, cand_n, CHUNK)[None, :]
         acc += ((key_j > key_i) & (j < n)[None, :]).to(tl.int32)
     return i, i_mask, tl.sum(acc, axis=1)
 
