@@ -154,23 +154,12 @@ def _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a16, acc, PIECES: tl.con
 
 
 @triton.jit
-def _flush_kernel(
-    w_ptr, a16_ptr, pieces_ptr, seed_ptr, wt_ptr, n_rows, n_cols, rank, stride_w,
-    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
-    STOCHASTIC: tl.constexpr, WRITE_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    BLOCK_RANK: tl.constexpr, PIECES: tl.constexpr, DOT_F32: tl.constexpr,
-):
-    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + (b0 + b1)[rows] @ a16[:, cols]), as two halves
-    of BLOCK_COLS / 2 columns (c and c + BLOCK_COLS / 2 share one hash: the pairs of _rounding_bits).
-
-    Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
-    same rows of the pieces (kept in L2) and walk a16 (r x K bf16) which L2 holds whole. The W8 tile is
-    loaded first: its latency overlaps the delta. Tile offsets are int32 from an int64 tile base.
-    WRITE_T: the new tile is also stored to wt_ptr (W8^T, K x N contiguous), reloaded transposed (module docstring).
-    """
-    tl.static_assert(BLOCK_COLS == 128, "the rounding's pairs are (c, c + 64) of each 128-column block")
+def _tile_and_delta(w_ptr, a16_ptr, pieces_ptr, pid, n_rows, n_cols, rank, stride_w, BLOCK_ROWS: tl.constexpr,
+                    BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr, PIECES: tl.constexpr, DOT_F32: tl.constexpr):
+    """Program pid's tile of W8 as two halves of BLOCK_COLS / 2 columns: (row0, col0, r_loc, h_loc, and per half its
+    pointers, mask, old fp8 values and fp32 delta (b0 + b1)[rows] @ a16[:, cols]). The W8 tile is loaded first:
+    its latency overlaps the delta."""
     HALF: tl.constexpr = BLOCK_COLS // 2
-    pid = tl.program_id(0)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
     row0 = (pid // n_col_blocks) * BLOCK_ROWS
     col0 = (pid % n_col_blocks) * BLOCK_COLS
@@ -199,6 +188,30 @@ def _flush_kernel(
         a_r = tl.load(a_rows + cols_r[None, :], mask=j_mask[:, None] & (cols_r < n_cols)[None, :], other=0.0)
         acc_l = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_l, acc_l, PIECES, DOT_F32)
         acc_r = _dot_half(pieces_ptr, piece_stride, b_offs, b_mask, a_r, acc_r, PIECES, DOT_F32)
+    return row0, col0, r_loc, h_loc, r_mask, w_l, w_r, mask_l, mask_r, old_l, old_r, acc_l, acc_r
+
+
+@triton.jit
+def _flush_kernel(
+    w_ptr, a16_ptr, pieces_ptr, seed_ptr, wt_ptr, n_rows, n_cols, rank, stride_w,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
+    STOCHASTIC: tl.constexpr, WRITE_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_RANK: tl.constexpr, PIECES: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One BLOCK_ROWS x BLOCK_COLS tile of W8: W8 = round(W8 + (b0 + b1)[rows] @ a16[:, cols]), as two halves
+    of BLOCK_COLS / 2 columns (c and c + BLOCK_COLS / 2 share one hash: the pairs of _rounding_bits).
+
+    Grid: (cdiv(N, BLOCK_ROWS) * cdiv(K, BLOCK_COLS),), column blocks fastest: consecutive programs read the
+    same rows of the pieces (kept in L2) and walk a16 (r x K bf16) which L2 holds whole (_tile_and_delta). Tile
+    offsets are int32 from an int64 tile base.
+    WRITE_T: the new tile is also stored to wt_ptr (W8^T, K x N contiguous), reloaded transposed (module docstring).
+    """
+    tl.static_assert(BLOCK_COLS == 128, "the rounding's pairs are (c, c + 64) of each 128-column block")
+    HALF: tl.constexpr = BLOCK_COLS // 2
+    row0, col0, r_loc, h_loc, r_mask, w_l, w_r, mask_l, mask_r, old_l, old_r, acc_l, acc_r = _tile_and_delta(
+        w_ptr, a16_ptr, pieces_ptr, tl.program_id(0), n_rows, n_cols, rank, stride_w, BLOCK_ROWS, BLOCK_COLS,
+        BLOCK_RANK, PIECES, DOT_F32,
+    )
     bits_l = tl.zeros([BLOCK_ROWS, HALF], dtype=tl.int32)
     bits_r = bits_l
     if STOCHASTIC:  # the pair counter of _rounding_bits, row * K + col0 / 2 + (c mod 64), mod 2^32 (as the hash)
