@@ -8,7 +8,7 @@ plus a gap between each pair of launches, in a step of ~184 us (docs/perf-notes.
   select   the rank select's ranks (topk._ranks); the program that ranks entry i also copies B's row i to
            b_rows[rank_i] when rank_i < k and zeroes B's row i. Each row of B belongs to one program, so the copy
            and the zeroing never race; the merge then reads the compact k x r copy, not B.
-  chunked  the same in two launches when N is large against k (chunked_select_wins): rank each row only within
+  chunked  the same in two launches when N is large (chunked_select_wins, measured): rank each row only within
            its chunk of _CHUNK rows, keep the k best of each chunk as candidates (key, row index, copy of the B
            row; B zeroed), then rank the candidates. N x _CHUNK + (N / _CHUNK x k)^2 compares instead of N^2:
            the one-launch select spent 29 us at N = 11008 (llama-7b up) and its N^2 kept N > 12288 on the
@@ -163,9 +163,12 @@ def _candidate_take_kernel(cand_key_ptr, cand_row_ptr, cand_b_ptr, rows_ptr, b_r
 
 def chunked_select_wins(n: int, k: int) -> bool:
     """The chunked select (two launches: ranks within chunks of _CHUNK rows, then among the k best of each chunk)
-    when there are several chunks and its candidates are at most half the rows: n x _CHUNK + (chunks x k)^2 compares
-    instead of n^2."""
-    return n > _CHUNK and 2 * triton.cdiv(n, _CHUNK) * k <= n
+    where it was faster than the one-launch rank select on the H200 (norms + select, CUDA-graph replay,
+    results/probes-topk-h200/select-chunked.txt): from N = 4096 while the candidates are at most an eighth of the
+    rows (4096: 8.4-9.7 vs 9.3-10.4 us at k 8-64, slower at k 256: 16.8 vs 14.9), at every k above N = 8192
+    (11008: 11.6-31.6 vs 33.7-42.4 us; past MAX_RANK_LENGTH the alternative is the bisect select, ~39 us + B.zero_()),
+    never at N = 1024 (6.9-12.6 vs 4.8-9.6 us: its second launch costs more than the N^2 compares it saves)."""
+    return n > 8192 or (n >= 4096 and 8 * triton.cdiv(n, _CHUNK) * k <= n)
 
 
 @tc.opaque_to_compile
