@@ -11,7 +11,14 @@ VARIANT = {"flush_every": 1, "rounding": "stochastic"}
 
 
 def _row(options, ms, layer="l.attn", rank=16, tokens=4096, status="ok", key="gpu_ms"):
-    return {"layer": layer, "rank": rank, "tokens": tokens, "options": options, "status": status, key: ms}
+    """A results row of the schema (falqon_bench.data.schema.REQUIRED_KEYS) with its time in `key`."""
+    row = {"point_id": f"{layer}-{rank}-{tokens}-{sorted((options or {}).items())}", "method": "falqon",
+           "layer": layer, "K": 64, "N": 64, "rank": rank, "tokens": tokens, "compile": False, "cache": "warm",
+           "device": "CPU", "status": status, "error": None if status == "ok" else "boom", "gpu_ms": None,
+           "gpu_samples_ms": [], "gpu_timing": "none", "wall_ms": None, "wall_samples_ms": [], "kernel_ms": {},
+           "floor_ms": None, "peak_mem_bytes": 0, "options": options}
+    row[key] = ms
+    return row
 
 
 def test_option_labels_name_the_default_and_sort_the_rest():
@@ -56,3 +63,9 @@ def test_summary_lists_every_round_then_the_median(tmp_path, capsys):
 
 def test_no_points_at_all_says_so():
     assert summary_lines([[], []]) == ["layer step: no points"]
+
+
+def test_a_corrupt_run_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "points.jsonl").write_text('{"layer": 1}\n')
+    assert main([str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -10,13 +10,13 @@ A point's time is its gpu_ms (CUDA-graph replay), else wall_ms (CPU runs); rows 
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from falqon_bench.data.schema import option_text
+from falqon_bench.data.store import POINTS, POINTS_GZ, ResultsError, load_run
 
 DEFAULT = "default"
 Cell = tuple[str, int, int]  # layer, rank, tokens
@@ -81,17 +81,25 @@ def summary_lines(rounds: list[list[dict[str, Any]]]) -> list[str]:
 
 
 def read_rows(run: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run directory's points.jsonl (or of a points file); none if it does not exist."""
-    path = Path(run) / "points.jsonl" if Path(run).is_dir() else Path(run)
-    if not path.exists():
+    """The points of a run directory (or its points file) through the results store (gzip'd files, a partial last
+    line, a resumed run's retried points); none where the run wrote no points (absent, or killed before its first)."""
+    path = Path(run)
+    run_dir = path if path.is_dir() else path.parent
+    points = [run_dir / POINTS, run_dir / POINTS_GZ]
+    if not path.exists() or not any(p.exists() and p.stat().st_size for p in points):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_run(path).points
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m falqon_bench.readers.step_ratio_summary RUN_DIR...: one round per run directory."""
     runs = argv if argv is not None else sys.argv[1:]
-    print("\n".join(summary_lines([read_rows(run) for run in runs])))
+    try:
+        rounds = [read_rows(run) for run in runs]
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(rounds)))
     return 0
 
 

@@ -1,11 +1,11 @@
 """FALQON's row-wise proxy update: merge the top-k rows of B into the fp8 backbone, then zero B.
 
-Triton path (CUDA), three launches up to N = topk.MAX_RANK_LENGTH rows (falqon_core.kernels.row_select): the
-row L1 norms of B; the rank select, which also copies the k chosen rows of B out and zeroes B (each row of B
-belongs to one of its programs); then ONE Triton kernel computes, for the k selected rows,
-W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place from that copy. Longer B: the norms, the bisect select
-(falqon_core.kernels.topk), the merge reading B's rows, then B.zero_() (the merge cannot zero B: several of its
-programs read the same B rows, one per column block of W). No host sync anywhere: capturable in a CUDA graph.
+Triton path (CUDA), three or four launches (falqon_core.kernels.row_select): the row L1 norms of B; the rank
+select, in one launch or chunk by chunk on wide layers, which also copies the k chosen rows of B out and zeroes B
+(each row of B belongs to one of its programs); then ONE Triton kernel computes, for the k selected rows,
+W8[rows] = sat_e4m3(W8[rows] + B[rows] @ A8) in place from that copy. (fused_select=False: the norms, the select of
+falqon_core.kernels.topk, the merge reading B's rows, then B.zero_(); the merge cannot zero B: several of its
+programs read the same B rows, one per column block of W.) No host sync anywhere: capturable in a CUDA graph.
 
 The product B[rows] @ A8 is a tl.dot over blocks of 32 ranks (fp32 "ieee": CUDA-core FMAs, no TF32), not a
 loop over single ranks: the loop's r dependent global loads per program made the kernel latency-bound
@@ -29,8 +29,8 @@ from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
 from falqon_core.kernels._triton_common import saturating_cast
-from falqon_core.kernels.row_select import chunked_select_wins, row_l1, row_l1_reference, take_top_rows_triton_
-from falqon_core.kernels.topk import MAX_RANK_LENGTH, topk_indices, topk_indices_reference
+from falqon_core.kernels.row_select import row_l1, row_l1_reference, take_top_rows_triton_
+from falqon_core.kernels.topk import topk_indices, topk_indices_reference
 
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
@@ -149,12 +149,12 @@ def proxy_update_triton_(
 
     software_round: round to the e4m3 grid with fp32 adds before the cast (None: only under the interpreter).
     fused_select: take the rows with row_select (norms, then a select that copies and zeroes B; rows by norm,
-    largest first) instead of top_rows_by_l1 + B.zero_(); None: on CUDA up to MAX_RANK_LENGTH rows, or more where
-    row_select's chunked select takes them.
+    largest first) instead of top_rows_by_l1 + B.zero_(); None: on CUDA (row_select takes any N: past
+    topk.MAX_RANK_LENGTH its chunked select).
     """
     _check_inputs(w8, a8, b, k)
     if fused_select is None:
-        fused_select = tc.triton_fp8_ok(b) and (b.shape[0] <= MAX_RANK_LENGTH or chunked_select_wins(b.shape[0], k))
+        fused_select = tc.triton_fp8_ok(b)
     if fused_select:
         rows, b_rows = take_top_rows_triton_(b, k)
         merge_rows_(w8[None], a8[None], b_rows[None], rows[None], software_round, b_compact=True)
