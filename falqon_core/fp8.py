@@ -64,7 +64,9 @@ def quantize(
     """
     if scale is None:
         scale = tensorwise_scale(x, dtype) if granularity == "tensorwise" else rowwise_scale(x, dtype)
-    data = saturating_cast(x.float() / scale, dtype)
+    # times the correctly rounded fp32 reciprocal, not a division: what the Triton casts compute (a division per
+    # element made them compute-bound; falqon_core.kernels._triton_common.inverse_scale)
+    data = saturating_cast(x.float() * torch.reciprocal(torch.as_tensor(scale, device=x.device).float()), dtype)
     return data, scale
 
 

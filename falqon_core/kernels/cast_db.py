@@ -30,7 +30,7 @@ import triton.language as tl
 
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_partials
+from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_partials
 from falqon_core.kernels.quantize import (
     _scale_args, _software_round, partial_amax, quantize_fp8_reference, quantize_fp8_triton,
 )
@@ -70,6 +70,7 @@ def _cast_db_kernel(x_ptr, partial_ptr, num_partials, out_ptr, scale_ptr, oa_ptr
     split = tl.program_id(1)
     scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     r_blocks = tl.cdiv(rank, BLOCK_R)
     n0 = (pid // r_blocks) * BLOCK_N
     r0 = (pid % r_blocks) * BLOCK_R
@@ -85,7 +86,7 @@ def _cast_db_kernel(x_ptr, partial_ptr, num_partials, out_ptr, scale_ptr, oa_ptr
         m_mask = ms < m_hi
         mask = m_mask[:, None] & n_mask[None, :]
         x = tl.load(x_ptr + ms[:, None].to(tl.int64) * stride_x + ns[None, :], mask=mask, other=0.0)
-        y = tl.math.div_rn(x.to(tl.float32), scale)
+        y = x.to(tl.float32) * inv
         q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         if WRITE_ROWS and r0 == 0:  # the r blocks share the cast: one of them stores it
             tl.store(out_ptr + ms[:, None].to(tl.int64) * n_cols + ns[None, :], q, mask=mask)

@@ -41,7 +41,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax, scale_from_partials
+from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_amax, scale_from_partials
 
 MAX_BLOCK = 128
 MIN_BLOCK = 16
@@ -210,13 +210,14 @@ def _rotate_cast_tensorwise_kernel(
     pid = tl.program_id(0)
     scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     h = _load_hadamard(h_ptr, BLOCK)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows = (t // tiles_per_row).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         col0 = (t % tiles_per_row) * BLOCK
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
-        q = saturating_cast(tl.math.div_rn(y, scale), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+        q = saturating_cast(y * inv, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
                                out_ptr.dtype.element_ty)
         cols = col0 + tl.arange(0, BLOCK)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], q, mask=row_mask[:, None])
@@ -240,9 +241,10 @@ def _rotate_cast_rowwise_kernel(
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
         acc = tl.maximum(acc, tl.abs(y))
     scale = scale_from_amax(tl.max(acc, axis=1), fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+    inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     for col0 in range(0, n_cols, BLOCK):
         y = _rotate_tile(x_ptr, stride_x, rows, row_mask, col0, h, inv_sqrt_b, BLOCK, DOT_FP32)
-        q = saturating_cast(tl.math.div_rn(y, scale[:, None]), FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
+        q = saturating_cast(y * inv[:, None], FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
                                out_ptr.dtype.element_ty)
         cols = col0 + tl.arange(0, BLOCK)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], q, mask=row_mask[:, None])

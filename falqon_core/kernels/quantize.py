@@ -5,8 +5,9 @@ The Triton path is bit-exact with the torch reference on the device it runs on:
   `tensor / python_float` on CUDA as tensor * fp32(1 / fp8_max) (ATen's BinaryDivTrueKernel.cu turns a
   CPU-scalar divisor into a reciprocal multiply) and on CPU as a true division; the kernel does the same
   as torch on the tensor's device (`SCALE_BY_RECIPROCAL`).
-- data: x / scale as an IEEE round-to-nearest division (tl.math.div_rn, what torch's `/` compiles to;
-  Triton's plain `/` is an approximate division on NVIDIA), clamp to +-fp8_max, round-to-nearest-even.
+- data: x times the correctly rounded fp32 reciprocal of the scale (inverse_scale: one IEEE division per
+  program, tl.math.div_rn, as torch.reciprocal computes it; Triton's plain `/` is an approximate division on
+  NVIDIA), clamp to +-fp8_max, round-to-nearest-even. A division per element made the cast compute-bound.
 
 Tensorwise needs the global amax before any element can be cast, hence two launches: a grid-stride pass
 writing one partial amax per program into an uninitialised buffer (no zeroing launch, no atomics,
@@ -25,7 +26,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_amax, scale_from_partials
+from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_amax, scale_from_partials
 from falqon_core.kernels.quantize_configs import FlatConfig, config_for
 
 # rowwise: a row of up to this many elements is held in registers (one read); longer rows take two passes
@@ -66,13 +67,14 @@ def _cast_tensorwise_kernel(
     pid = tl.program_id(0)
     scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     # blocks in the reverse of launch 1's order: the last blocks it read are the ones still in L2
     n_blocks = tl.cdiv(n, BLOCK)
     for i in tl.range(pid, n_blocks, tl.num_programs(0), num_stages=NUM_STAGES):
         offs = (n_blocks - 1 - i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, scale)
+        y = x * inv
         q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, q, mask=mask)
 
@@ -97,7 +99,8 @@ def _quantize_rowwise_kernel(
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
         scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
-        y = tl.math.div_rn(x, scale[:, None])
+        inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
+        y = x * inv[:, None]
         q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
         tl.store(out_rows + cols[None, :], q, mask=mask)
     else:
@@ -109,11 +112,12 @@ def _quantize_rowwise_kernel(
             acc = tl.maximum(acc, tl.abs(x))
         amax = tl.max(acc, axis=1)
         scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
+        inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
         for k0 in range(0, n_cols, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(x, scale[:, None])
+            y = x * inv[:, None]
             q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, out_ptr.dtype.element_ty)
             tl.store(out_rows + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_mask)

@@ -25,7 +25,7 @@ import triton.language as tl
 from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import saturating_cast, scale_from_partials
+from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_partials
 from falqon_core.kernels.quantize import _scale_args, _software_round, partial_amax, quantize_fp8_reference
 from falqon_core.kernels.quantize_configs import TileConfig, config_for
 from falqon_core.kernels.transpose import padded_length, transpose_fp8_reference
@@ -83,6 +83,7 @@ def _cast_transpose_kernel(
     pid = tl.program_id(0)
     scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
                                 SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     col_blocks = tl.cdiv(n_cols, BLOCK_C)
     n_tiles = tl.cdiv(n_rows_out, BLOCK_R) * col_blocks
     for i in tl.range(pid, n_tiles, tl.num_programs(0), num_stages=NUM_STAGES):
@@ -91,14 +92,14 @@ def _cast_transpose_kernel(
         cols = (t % col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
-        y = tl.math.div_rn(x.to(tl.float32), scale)  # padding rows: 0 / scale = +0, the zero byte
+        y = x.to(tl.float32) * inv  # padding rows: 0 x inv = +0, the zero byte
         q = saturating_cast(y, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE).to(tl.uint8, bitcast=True)
         if WRITE_ROWS:
             tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], q, mask=mask)
         mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
         if TRANSPOSED_LOAD:
             x_t = tl.load(x_ptr + rows[None, :] * stride_r + cols[:, None] * stride_c, mask=tl.trans(mask), other=0.0)
-            y_t = tl.math.div_rn(x_t.to(tl.float32), scale)
+            y_t = x_t.to(tl.float32) * inv
             q_t = saturating_cast(y_t, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, OUT_DTYPE).to(tl.uint8, bitcast=True)
         else:
             q_t = tl.trans(q)
