@@ -166,3 +166,31 @@ def test_dispatcher_takes_triton_on_cuda(monkeypatch):
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     assert_bit_exact(quantize_fp8(x, fp8.E4M3, "tensorwise"), quantize_fp8_reference(x, fp8.E4M3, "tensorwise"))
     assert calls == [1]
+
+
+def _division_flips(amax: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values x (with a max |x| of amax in the tensor) whose fp8 value differs between x / scale and
+    x * RN(1 / scale): within a few fp32 ulps of the format's rounding midpoints."""
+    scale = torch.clamp(torch.tensor(amax) / fp8.fp8_max(dtype), min=fp8.MIN_SCALE)
+    inv = torch.reciprocal(scale)
+    candidates = (fp8_midpoints(dtype) * scale).view(torch.int32)
+    xs = torch.cat([(candidates + d).view(torch.float32) for d in range(-3, 4)])
+    by_division = fp8.saturating_cast(xs / scale, dtype).view(torch.uint8)
+    flips = by_division != fp8.saturating_cast(xs * inv, dtype).view(torch.uint8)
+    return xs[flips & (xs.abs() <= amax)]
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_casts_multiply_by_the_reciprocal_of_the_scale_not_divide(dtype, granularity):
+    # the documented contract (inverse_scale): data = sat_cast(x * RN(1 / scale)). On the values where that and
+    # x / scale round to different fp8 values, kernel and reference must both give the multiply's
+    xs = _division_flips(3.7, dtype)
+    assert xs.numel() >= 10, "the search found too few values where the two differ"
+    x = torch.cat([torch.tensor([3.7]), xs])[None, :]
+    data, scale = quantize_fp8_triton(x, dtype, granularity)
+    assert_bit_exact((data, scale), quantize_fp8_reference(x, dtype, granularity))
+    by_multiply = fp8.saturating_cast(x * torch.reciprocal(scale), dtype)
+    by_division = fp8.saturating_cast(x / scale, dtype)
+    assert torch.equal(data.view(torch.uint8), by_multiply.view(torch.uint8))
+    assert not torch.equal(data.view(torch.uint8), by_division.view(torch.uint8))
