@@ -353,3 +353,22 @@ def test_learning_rates_between_decades_are_printed_apart():
     from falqon_bench.readers.accuracy_summary import lr_text
 
     assert [lr_text(x) for x in (3e-3, 1e-2, 1.5e-2, 2e-2)] == ["3e-03", "1e-02", "1.5e-02", "2e-02"]
+
+
+def test_accuracy_summary_reads_a_gzipped_committed_run_and_exits_2_on_a_missing_one(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    from falqon_bench.readers.accuracy_summary import main
+
+    committed = Path(__file__).resolve().parent.parent / "results" / "accuracy-text-lag-h200"
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(committed / "manifest.json", run)
+    with open(committed / "points.jsonl", "rb") as src, gzip.open(run / "points.jsonl.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "bf16_lora" in out and "1.312*" in out  # the committed run's best bf16_lora loss, read from the gzip
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -6,11 +6,11 @@ Best-of-grid: per label, the lr whose final held-out loss, averaged over seeds, 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
+
+from falqon_bench.data.store import ResultsError, load_run
 
 
 def lr_text(lr: float) -> str:
@@ -78,8 +78,11 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """python -m falqon_bench.readers.accuracy_summary RUN_DIR...: print the table of each run."""
     for run in (argv if argv is not None else sys.argv[1:]):
-        path = Path(run) / "points.jsonl" if Path(run).is_dir() else Path(run)
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:  # through the results store: gzip'd points, a partial last line, a resumed run's retried points
+            rows = load_run(run).points
+        except ResultsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"== {run}")
         print("\n".join(summary_lines(rows)))
     return 0
