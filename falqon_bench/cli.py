@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from falqon_bench.data.errors import BenchInputError
+from falqon_bench.data.errors import EXIT_INPUT_ERROR, BenchInputError
 
 app = typer.Typer(
     name="falqon-bench",
@@ -30,7 +30,6 @@ app = typer.Typer(
 )
 
 RESULTS_ROOT = Path("results")
-EXIT_INPUT_ERROR = 2
 EXIT_REGRESSION = 1
 EXIT_INTERRUPTED = 130
 

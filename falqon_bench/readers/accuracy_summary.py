@@ -10,7 +10,8 @@ import math
 import sys
 from typing import Any
 
-from falqon_bench.data.store import ResultsError, load_run
+from falqon_bench.data.errors import script_exit_code
+from falqon_bench.data.store import load_run
 
 
 def lr_text(lr: float) -> str:
@@ -77,15 +78,13 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m falqon_bench.readers.accuracy_summary RUN_DIR...: print the table of each run."""
-    for run in (argv if argv is not None else sys.argv[1:]):
-        try:  # through the results store: gzip'd points, a partial last line, a resumed run's retried points
-            rows = load_run(run).points
-        except ResultsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"== {run}")
-        print("\n".join(summary_lines(rows)))
-    return 0
+    def body() -> None:
+        for run in (argv if argv is not None else sys.argv[1:]):
+            rows = load_run(run).points  # the results store: gzip'd points, a partial last line, retried points
+            print(f"== {run}")
+            print("\n".join(summary_lines(rows)))
+
+    return script_exit_code(body)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from falqon_bench.data.schema import option_text
-from falqon_bench.data.store import POINTS, POINTS_GZ, ResultsError, load_run
+from falqon_bench.data.errors import script_exit_code
+from falqon_bench.data.store import POINTS, POINTS_GZ, load_run
 
 DEFAULT = "default"
 Cell = tuple[str, int, int]  # layer, rank, tokens
@@ -94,13 +95,7 @@ def read_rows(run: str | Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """python -m falqon_bench.readers.step_ratio_summary RUN_DIR...: one round per run directory."""
     runs = argv if argv is not None else sys.argv[1:]
-    try:
-        rounds = [read_rows(run) for run in runs]
-    except ResultsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(rounds)))
-    return 0
+    return script_exit_code(lambda: print("\n".join(summary_lines([read_rows(run) for run in runs]))))
 
 
 if __name__ == "__main__":
