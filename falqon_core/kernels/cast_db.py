@@ -10,7 +10,8 @@ as in the fp8 GEMM) and feeds it to fp16 tensor cores as an N-major operand, whi
   dY8 = sat_cast(dY / s_dY)                                 (bit-identical to quantize_fp8)
   dB[n, j] = s_dY s_OA sum_m dY8[m, n] O_A8^T[j, m]         (fp32 accumulation, then the two scales)
 
-Launches: quantize's partial amax of dY, then the fused cast + dB over (N blocks x r blocks, splits of M). With
+Launches: dY's partial amax (quantize's, or, in FALQON's backward, kernels/grad_prepass.py's, which also
+transposes W8 in the same launch), then the fused cast + dB over (N blocks x r blocks, splits of M). With
 one split each program writes its dB block; with several, each writes a partial (splits x N x r fp32) and a
 third launch sums them in split order (deterministic: the same bits on every run). The split count aims at a
 few programs per SM, so a layer with few N blocks still fills the GPU.
@@ -145,15 +146,16 @@ def quantize_db_reference(
 @tc.opaque_to_compile
 def quantize_db_triton(
     dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype,
-    keep_rows: bool = True, software_round: bool | None = None,
+    keep_rows: bool = True, software_round: bool | None = None, partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton path of quantize_db_reference: the amax pass, then the fused cast + dB (+ the split reduce)."""
-    return launch_quantize_db(dy, oa8_t, oa_scale, rank, dtype, keep_rows, CAST_DB_CONFIG, software_round)
+    """The Triton path of quantize_db_reference: the amax pass (unless `partials`, dY's partial amaxes from
+    grad_prepass, are given), then the fused cast + dB (+ the split reduce)."""
+    return launch_quantize_db(dy, oa8_t, oa_scale, rank, dtype, keep_rows, CAST_DB_CONFIG, software_round, partials)
 
 
 def launch_quantize_db(
     dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype,
-    keep_rows: bool, cfg: CastDbConfig, software_round: bool | None = None,
+    keep_rows: bool, cfg: CastDbConfig, software_round: bool | None = None, partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quantize_db_triton with an explicit launch config (the same dY8 bytes for every config; dB's fp32 sums
     in a config's own order)."""
@@ -166,7 +168,8 @@ def launch_quantize_db(
     if rank == 0:  # no dB to fuse
         dy8, dy_scale = quantize_fp8_triton(dy, dtype, "tensorwise", software_round=software_round)
         return dy8, dy_scale, dy8.new_zeros((n_cols, 0), dtype=torch.float32)
-    partials = partial_amax(dy.view(-1))
+    if partials is None:
+        partials = partial_amax(dy.view(-1))
     dy8 = torch.empty((n_tokens, n_cols) if keep_rows else (0,), device=dy.device, dtype=dtype)
     dy_scale = torch.empty((), device=dy.device, dtype=torch.float32)
     db = torch.empty((n_cols, rank), device=dy.device, dtype=torch.float32)
@@ -195,12 +198,13 @@ def launch_quantize_db(
 
 def quantize_db(
     dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype,
-    keep_rows: bool = True,
+    keep_rows: bool = True, partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """dY (M x N) -> (dY8 M x N or None without keep_rows, dequant scale, dB = dY8^T . O_A8 x both scales, N x rank
-    fp32). Triton on CUDA (one pass over dY after its amax: no dY8^T), the reference elsewhere."""
+    fp32). Triton on CUDA (one pass over dY after its amax: no dY8^T), the reference elsewhere (which ignores
+    `partials`, dY's partial amaxes from grad_prepass)."""
     if tc.triton_fp8_ok(dy) and oa8_t.stride(1) == 1:
-        dy8, dy_scale, db = quantize_db_triton(dy, oa8_t, oa_scale, rank, dtype, keep_rows)
+        dy8, dy_scale, db = quantize_db_triton(dy, oa8_t, oa_scale, rank, dtype, keep_rows, None, partials)
     else:
         dy8, dy_scale, db = quantize_db_reference(dy, oa8_t, oa_scale, rank, dtype)
     return (dy8 if keep_rows else None), dy_scale, db

@@ -20,6 +20,7 @@ from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels import (
     cast_db, melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose,
 )
+from falqon_core.kernels import grad_prepass as grad_prepass_kernels
 
 
 def _launcher(fn):
@@ -165,16 +166,28 @@ def _(x, partials, dtype, pad_to, keep_rows, software_round=None):
             x.new_empty((x.shape[1], rows_out), dtype=dtype), x.new_empty((), dtype=torch.float32))
 
 
+@torch.library.custom_op("falqon::grad_prepass", mutates_args=())
+def grad_prepass(dy: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launcher(grad_prepass_kernels.grad_prepass)(dy, weight)
+
+
+@grad_prepass.register_fake
+def _(dy, weight):
+    amax_cfg, _ = grad_prepass_kernels.prepass_configs(dy, weight)
+    return (dy.new_empty(amax_cfg.programs(dy.numel(), tc.num_sms(dy)), dtype=torch.float32),
+            weight.new_empty((weight.shape[1], weight.shape[0])))
+
+
 @torch.library.custom_op("falqon::quantize_db", mutates_args=())
 def quantize_db(
     dy: torch.Tensor, oa8_t: torch.Tensor, oa_scale: torch.Tensor, rank: int, dtype: torch.dtype, keep_rows: bool = True,
-    software_round: Optional[bool] = None,
+    software_round: Optional[bool] = None, partials: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launcher(cast_db.quantize_db_triton)(dy, oa8_t, oa_scale, rank, dtype, keep_rows, software_round)
+    return _launcher(cast_db.quantize_db_triton)(dy, oa8_t, oa_scale, rank, dtype, keep_rows, software_round, partials)
 
 
 @quantize_db.register_fake
-def _(dy, oa8_t, oa_scale, rank, dtype, keep_rows=True, software_round=None):
+def _(dy, oa8_t, oa_scale, rank, dtype, keep_rows=True, software_round=None, partials=None):
     return (dy.new_empty(tuple(dy.shape) if keep_rows else (0,), dtype=dtype), dy.new_empty((), dtype=torch.float32),
             dy.new_empty((dy.shape[1], rank), dtype=torch.float32))
 
@@ -190,3 +203,4 @@ tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy
 tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
 tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)
 tc.register_compile_op(cast_db.quantize_db_triton, quantize_db)
+tc.register_compile_op(grad_prepass_kernels.grad_prepass, grad_prepass)

@@ -43,16 +43,22 @@ def quantize_fp8_reference(
 
 
 @triton.jit
-def _partial_amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """partial[pid] = max |x| over the blocks this program visits (grid-stride over n elements)."""
-    pid = tl.program_id(0)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
+def partial_amax_program(x_ptr, partial_ptr, n, pid, programs, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """partial[pid] = max |x| over the blocks program `pid` of `programs` visits (grid-stride over n elements);
+    a jit helper, so that a launch doing other work too (kernels/grad_prepass.py) runs the same pass."""
+    step = programs.to(tl.int64) * BLOCK
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in tl.range(pid.to(tl.int64) * BLOCK, n, step, num_stages=NUM_STAGES):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
         acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
     tl.store(partial_ptr + pid, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _partial_amax_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """partial[pid] = max |x| over the blocks this program visits (grid-stride over n elements)."""
+    partial_amax_program(x_ptr, partial_ptr, n, tl.program_id(0), tl.num_programs(0), BLOCK, NUM_STAGES)
 
 
 @triton.jit

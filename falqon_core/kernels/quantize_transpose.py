@@ -162,26 +162,31 @@ def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def quantize_transpose_fp8_triton(
-    x: torch.Tensor, dtype: torch.dtype, pad_to: int = 1, keep_rows: bool = True, *, software_round: bool | None = None
+    x: torch.Tensor, dtype: torch.dtype, pad_to: int = 1, keep_rows: bool = True, *, software_round: bool | None = None,
+    partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The two Triton launches behind quantize_transpose_fp8 (same contract as the reference)."""
+    """The two Triton launches behind quantize_transpose_fp8 (same contract as the reference); with `partials`
+    (x's partial amaxes from another launch, kernels/grad_prepass.py) only the second."""
     _check(x, dtype)
     x = x.detach()
     # a contiguous x (dY in FALQON's backward) takes the flat amax pass: on the H200 the 2-D tiled one read dY at
     # ~1.9 TB/s against ~2.7 for the flat one (results/shapes-levers-h200); the max is the same either way
-    partials = partial_amax(x.view(-1)) if x.is_contiguous() else partial_amax_2d(x)
+    if partials is None:
+        partials = partial_amax(x.view(-1)) if x.is_contiguous() else partial_amax_2d(x)
     out, out_t, scale = cast_transpose_from_partials(x, partials, dtype, pad_to, keep_rows, software_round)
     return (out if keep_rows else None), out_t, scale
 
 
 def quantize_transpose_fp8(
-    x: torch.Tensor, dtype: torch.dtype = fp8.E4M3, pad_to: int = 1, keep_rows: bool = True
+    x: torch.Tensor, dtype: torch.dtype = fp8.E4M3, pad_to: int = 1, keep_rows: bool = True,
+    partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """x (M x C, any strides) -> (x8 M x C or None without keep_rows, x8^T C x M_pad, tensorwise dequant scale).
 
-    M_pad = M rounded up to pad_to; x8^T's columns past M are zero. Triton on CUDA, the reference elsewhere.
+    M_pad = M rounded up to pad_to; x8^T's columns past M are zero. Triton on CUDA, the reference elsewhere
+    (which ignores `partials`, x's partial amaxes from grad_prepass).
     """
     if tc.triton_fp8_ok(x):
-        return quantize_transpose_fp8_triton(x, dtype, pad_to, keep_rows)
+        return quantize_transpose_fp8_triton(x, dtype, pad_to, keep_rows, partials=partials)
     _check(x, dtype)
     return quantize_transpose_fp8_reference(x, dtype, pad_to, keep_rows)

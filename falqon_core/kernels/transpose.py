@@ -44,17 +44,17 @@ def transpose_fp8_reference(x: torch.Tensor, pad_to: int = 1) -> torch.Tensor:
 
 
 @triton.jit
-def _transpose_bytes_kernel(
-    x_ptr, out_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c,
+def transpose_tile(
+    x_ptr, out_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c, pid,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[c, r] = x[r, c] for one BLOCK_R x BLOCK_C tile of x; out is n_cols x n_rows_out, row-major, and its
-    columns n_rows .. n_rows_out - 1 (the padding) are written as zeros.
+    """out[c, r] = x[r, c] for tile `pid` of x (BLOCK_R x BLOCK_C); out is n_cols x n_rows_out, row-major, and its
+    columns n_rows .. n_rows_out - 1 (the padding) are written as zeros. A jit helper, so that a launch doing
+    other work too (kernels/grad_prepass.py) moves the same bytes.
 
-    The 1-D grid walks tiles row-block-major: consecutive programs read neighbouring column blocks of the
+    Tiles are numbered row-block-major: consecutive programs read neighbouring column blocks of the
     same input rows and write neighbouring row blocks of the output.
     """
-    pid = tl.program_id(0)
     col_blocks = tl.cdiv(n_cols, BLOCK_C)
     pid_r = pid // col_blocks
     pid_c = pid % col_blocks
@@ -65,6 +65,15 @@ def _transpose_bytes_kernel(
     tile_t = tl.trans(tile)  # BLOCK_C x BLOCK_R
     mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
     tl.store(out_ptr + cols[:, None] * n_rows_out + rows[None, :], tile_t, mask=mask_t)
+
+
+@triton.jit
+def _transpose_bytes_kernel(
+    x_ptr, out_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per tile: transpose_tile."""
+    transpose_tile(x_ptr, out_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c, tl.program_id(0), BLOCK_R, BLOCK_C)
 
 
 def _check_input(x: torch.Tensor) -> None:

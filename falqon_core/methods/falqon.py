@@ -5,9 +5,9 @@ A frozen nn.Linear(K -> N) becomes one e4m3 matrix [W; A] of (N+r) x K with one 
 plus a trainable B (N x r) that the forward never reads:
   forward   x -> e4m3; one fp8 GEMM against [W; A] gives (out = x.W^T, O_A = x.A^T); O_A kept in e4m3.
   backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A. No gradient for W or A.
-            The fp8 GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by transpose_fp8
-            (a tiled Triton byte transpose on CUDA; torch's generic copy of a transposed fp8 tensor is not
-            vectorised); O_A8^T (r x M) is written by its e4m3 cast itself. dB (`db_path`): either the e5m2 cast
+            The fp8 GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by a tiled Triton
+            byte transpose on CUDA (in the launch that also takes dY's amax, kernels/grad_prepass.py; torch's
+            generic copy of a transposed fp8 tensor is not vectorised); O_A8^T (r x M) is written by its e4m3 cast itself. dB (`db_path`): either the e5m2 cast
             of dY also computes dB from its tiles (kernels/cast_db.quantize_db: fp16 tensor cores take the
             N-major dY8 tile as it is, so no dY8^T is written), or the cast writes dY8 and dY8^T in one pass
             (quantize_transpose_fp8) for a cuBLAS fp8 dB GEMM; "auto" picks per shape (fused_db_wins).
@@ -95,8 +95,10 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, transpose_fp8
+from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels.cast_db import quantize_db
 from falqon_core.kernels.flush import flush_
+from falqon_core.kernels.grad_prepass import grad_prepass
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
 from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
 from falqon_core.methods import register_method
@@ -113,6 +115,10 @@ A_SCALES = ("svd", "kaiming")
 _SVD_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
 # torch._scaled_mm (cuBLASLt) needs the reduction dim and the output-column dim to be multiples of 16
 FP8_GEMM_MULTIPLE = 16
+
+
+# W8's transpose in the launch of dY's amax (kernels/grad_prepass.py) rather than a launch of its own
+PREPASS = True
 
 
 def fused_db_wins(n_out: int, rank: int, tokens: int, grad_bytes: int = 2) -> bool:
@@ -185,17 +191,25 @@ class MeldedLinearFunction(torch.autograd.Function):
         n_out = ctx.n_out
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_b = None
+        # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N) N-contiguous:
+        # the cached copy, else a transposed copy (N x K bytes read + written), made on the Triton path by the
+        # same launch as dY's amax
+        w8_t, partials = weight_t, None
+        if need_b and need_x and w8_t is None and PREPASS and tc.triton_fp8_ok(grad_out):
+            grad_out = grad_out.contiguous()
+            partials, w8_t = grad_prepass(grad_out, melded[:n_out])
         if need_b and ctx.fused_db:  # dY8 (M x N e5m2, for dX) and dB (N x r) from one pass over dY's tiles
-            dy8, dy_scale, grad_b = quantize_db(grad_out, oa8_t, oa_scale, ctx.rank, fp8.E5M2, keep_rows=need_x)
+            dy8, dy_scale, grad_b = quantize_db(grad_out, oa8_t, oa_scale, ctx.rank, fp8.E5M2, keep_rows=need_x,
+                                                partials=partials)
             grad_b = grad_b.to(ctx.b_dtype)
         elif need_b:  # dY8 (M x N e5m2, for dX) and dY8^T (N x M_pad, for the dB GEMM) from one cast pass
-            dy8, dy8_t, dy_scale = quantize_transpose_fp8(grad_out, fp8.E5M2, FP8_GEMM_MULTIPLE, keep_rows=need_x)
+            dy8, dy8_t, dy_scale = quantize_transpose_fp8(grad_out, fp8.E5M2, FP8_GEMM_MULTIPLE, keep_rows=need_x,
+                                                          partials=partials)
         else:
             dy8, dy_scale = quantize_fp8(grad_out.contiguous(), fp8.E5M2, "tensorwise")  # M x N e5m2
         if need_x:
-            # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N)
-            # N-contiguous: the cached copy, else a transposed copy made here (N x K bytes read + written).
-            w8_t = weight_t if weight_t is not None else transpose_fp8(melded[:n_out])
+            if w8_t is None:
+                w8_t = transpose_fp8(melded[:n_out])
             grad_x = fp8_matmul_nt(dy8, dy_scale, w8_t, scale, ctx.x_dtype)
         if need_b and not ctx.fused_db:
             # dB (N x r) = dY^T (N x M) . O_A (M x r): reduction over M, so dY8^T (N x M_pad) M-contiguous, written

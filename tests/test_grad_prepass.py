@@ -1,0 +1,91 @@
+"""grad_prepass: FALQON's first backward launch (dY's partial amax + W8's transpose) against the separate launches
+it replaces (partial_amax, transpose_fp8), under the interpreter on CPU and on the GPU when marked; and the falqon layer's gradients with and without it, bit for bit."""
+
+import pytest
+import torch
+
+from falqon_core import fp8
+from falqon_core.kernels import grad_prepass as gp
+from falqon_core.kernels.quantize import partial_amax
+from falqon_core.kernels.quantize_configs import FlatConfig, TileConfig
+from falqon_core.kernels.transpose import transpose_fp8_reference
+from test_cast_db import same_bytes
+from test_kernels_transpose import random_bytes
+
+
+def garbage_empty(monkeypatch):
+    """torch.empty that returns NaN / 7-filled tensors, so a kernel that skips a store leaves visible garbage."""
+    real = torch.empty
+
+    def empty(*shape, **kw):
+        t = real(*shape, **kw)
+        return t.fill_(7) if not t.is_floating_point() else t.fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("m,n,w_shape", [(37, 48, (100, 37)), (64, 256, (256, 64)), (3, 5, (1, 1))],
+                         ids=["odd", "aligned", "tiny"])
+def test_one_launch_equals_the_separate_launches(monkeypatch, m, n, w_shape):
+    """partials bit-identical to partial_amax's (same config: same per-program maxima), W8^T byte-identical to the
+    reference transpose for all 256 encodings (NaNs included); outputs start as garbage, so a skipped store shows."""
+    g = torch.Generator().manual_seed(m)
+    dy = (torch.randn(m, n, generator=g) * 0.03).bfloat16()
+    dy[m // 2, n // 3] = -5.0  # the amax sits in one program's blocks
+    weight = random_bytes(*w_shape, fp8.E4M3)
+    want_partials = partial_amax(dy.view(-1))
+    garbage_empty(monkeypatch)
+    partials, weight_t = gp.grad_prepass(dy, weight)
+    assert torch.equal(partials, want_partials) and float(partials.max()) == 5.0
+    assert same_bytes(weight_t, transpose_fp8_reference(weight)) and weight_t.is_contiguous()
+
+
+def test_small_tiles_and_few_amax_programs_cover_everything():
+    """A tile smaller than the weight and fewer amax programs than blocks: every tile and block is visited."""
+    dy = torch.randn(129, 33).bfloat16()
+    weight = random_bytes(70, 45, fp8.E5M2)
+    partials, weight_t = gp.launch_grad_prepass(dy, weight, FlatConfig(block=64, programs_per_sm=1),
+                                                TileConfig(block_r=16, block_c=32, programs_per_sm=None))
+    assert float(partials.max()) == float(dy.float().abs().max())
+    assert same_bytes(weight_t, transpose_fp8_reference(weight))
+
+
+def test_bad_inputs_say_what_is_wrong():
+    dy = torch.randn(8, 16).bfloat16()
+    weight = random_bytes(4, 4, fp8.E4M3)
+    with pytest.raises(ValueError, match="contiguous"):
+        gp.grad_prepass(dy.t(), weight)
+    with pytest.raises(ValueError, match="1-byte"):
+        gp.grad_prepass(dy, torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        gp.launch_grad_prepass(dy, weight, FlatConfig(), TileConfig())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(2048, 4096, 4096), (3000, 1024, 4096), (2048, 11008, 4096), (512, 4096, 11008)])
+def test_gpu_prepass_equals_the_separate_launches(m, n, k):
+    dy = (torch.randn(m, n, device="cuda") * 0.03).bfloat16()
+    weight = random_bytes(n, k, fp8.E4M3, device="cuda")
+    partials, weight_t = gp.grad_prepass(dy, weight)
+    assert torch.equal(partials, partial_amax(dy.view(-1)))
+    assert same_bytes(weight_t, transpose_fp8_reference(weight))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,rank,m", [(4096, 64, 2048), (1024, 40, 2048), (512, 24, 3000)], ids=["fused-db", "transposed-db", "odd"])
+def test_gpu_falqon_grads_are_the_same_bits_with_and_without_the_prepass(monkeypatch, n, rank, m):
+    """The prepass changes where W8^T and dY's amax are computed, not what: dX and dB bit-identical."""
+    from falqon_core.methods import falqon as fm
+
+    torch.manual_seed(0)
+    layer = fm.FalqonLinear(torch.nn.Linear(1024, n, bias=False, device="cuda", dtype=torch.bfloat16), rank)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 0.01
+    grads = []
+    for prepass in (False, True):
+        monkeypatch.setattr(fm, "PREPASS", prepass)
+        xi = x.clone().requires_grad_()
+        layer.lora_B.grad = None
+        layer(xi).backward(dy)
+        grads.append((xi.grad.clone(), layer.lora_B.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
