@@ -8,7 +8,7 @@ the two there.
 
 Layout of the grid: the amax programs first (a grid-stride pass, as quantize's), then the transpose tiles (one
 program per tile). Measured on an H200 against the separate launches (falqon layer step, CUDA-graph replay, side by
-side; results/probes-step-h200/prepass-ab.txt): 1.0-1.3% faster at 2048 tokens on llama-7b attention, 1.8-2.1% on
+side; results/probes-step-h200/prepass/prepass-ab.txt): 1.0-1.3% faster at 2048 tokens on llama-7b attention, 1.8-2.1% on
 the GQA kv projections, even (0.999) at llama-7b up and at 4096 tokens. The other order (tiles first, so that dY
 is read last and stays in L2 for the cast) was 2.3% slower at llama-7b up: W8 (45 MB there) and dY compete for L2.
 
