@@ -1,5 +1,6 @@
 """grad_prepass: FALQON's first backward launch (dY's partial amax + W8's transpose) against the separate launches
-it replaces (partial_amax, transpose_fp8), under the interpreter on CPU and on the GPU when marked; and the falqon layer's gradients with and without it, bit for bit."""
+it replaces (partial_amax, transpose_fp8), under the interpreter on CPU and on the GPU when marked; and the falqon
+layer's gradients with and without it, bit for bit."""
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def test_gpu_prepass_equals_the_separate_launches(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,rank,m", [(4096, 64, 2048), (1024, 40, 2048), (512, 24, 3000)], ids=["fused-db", "transposed-db", "odd"])
+@pytest.mark.parametrize("n,rank,m", [(4096, 64, 2048), (1024, 40, 2048), (512, 24, 3000)],
+                         ids=["fused-db", "transposed-db", "odd"])
 def test_gpu_falqon_grads_are_the_same_bits_with_and_without_the_prepass(monkeypatch, n, rank, m):
     """The prepass changes where W8^T and dY's amax are computed, not what: dX and dB bit-identical."""
     from falqon_core.methods import falqon as fm
@@ -81,11 +83,14 @@ def test_gpu_falqon_grads_are_the_same_bits_with_and_without_the_prepass(monkeyp
     layer = fm.FalqonLinear(torch.nn.Linear(1024, n, bias=False, device="cuda", dtype=torch.bfloat16), rank)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 0.01
-    grads = []
+    grads, calls = [], []
+    real = fm.grad_prepass
+    monkeypatch.setattr(fm, "grad_prepass", lambda *a: calls.append(1) or real(*a))
     for prepass in (False, True):
         monkeypatch.setattr(fm, "PREPASS", prepass)
         xi = x.clone().requires_grad_()
         layer.lora_B.grad = None
         layer(xi).backward(dy)
         grads.append((xi.grad.clone(), layer.lora_B.grad.clone()))
+    assert len(calls) == 1  # the second backward took the one launch, the first the separate ones
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -7,10 +7,11 @@ between launches (docs/perf-notes.md). One launch streams the same bytes with on
 the two there.
 
 Layout of the grid: the amax programs first (a grid-stride pass, as quantize's), then the transpose tiles (one
-program per tile). Measured on an H200 against the separate launches (falqon layer step, CUDA-graph replay, side by
-side; results/probes-step-h200/prepass/prepass-ab.txt): 1.0-1.3% faster at 2048 tokens on llama-7b attention, 1.8-2.1% on
-the GQA kv projections, even (0.999) at llama-7b up and at 4096 tokens. The other order (tiles first, so that dY
-is read last and stays in L2 for the cast) was 2.3% slower at llama-7b up: W8 (45 MB there) and dY compete for L2.
+program per tile). Measured on an H200 against the separate launches (falqon layer step, CUDA-graph replay,
+side by side; results/probes-step-h200/prepass/prepass-ab.txt): 1.0-1.3% faster at 2048 tokens on llama-7b
+attention, 1.8-2.1% on the GQA kv projections, even (0.999-1.002) at llama-7b up and down and at 4096 tokens.
+The other order (tiles first, so that dY is read last and stays in L2 for the cast) was 2.3% slower at llama-7b
+up: W8 (45 MB there) and dY compete for L2.
 
 Numerics: none of its own. The partial amaxes are the same per-program maxima quantize's pass writes (the max
 is exact in any order: the scale and every cast after it are bit-identical), and the transpose moves bytes.
@@ -51,7 +52,9 @@ def launch_grad_prepass(
     if dy.numel() == 0 or not dy.is_contiguous():
         raise ValueError(f"grad_prepass needs a non-empty contiguous dY, got {tuple(dy.shape)}")
     if weight.dim() != 2 or weight.element_size() != 1 or weight.numel() == 0:
-        raise ValueError(f"grad_prepass transposes a non-empty 2-D 1-byte (fp8) weight, got {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"grad_prepass transposes a non-empty 2-D 1-byte (fp8) weight, got {tuple(weight.shape)} {weight.dtype}"
+        )
     if tile_cfg.programs_per_sm is not None:
         raise ValueError(f"the transpose part runs one program per tile: programs_per_sm must be None, got {tile_cfg}")
     n = dy.numel()

@@ -7,10 +7,11 @@ plus a trainable B (N x r) that the forward never reads:
   backward  dY -> e5m2; dX = dY.W8 (fp8 GEMM); dB = dY^T.O_A. No gradient for W or A.
             The fp8 GEMMs want their operands K-contiguous: W8^T (K x N, unless cached) is made by a tiled Triton
             byte transpose on CUDA (in the launch that also takes dY's amax, kernels/grad_prepass.py; torch's
-            generic copy of a transposed fp8 tensor is not vectorised); O_A8^T (r x M) is written by its e4m3 cast itself. dB (`db_path`): either the e5m2 cast
-            of dY also computes dB from its tiles (kernels/cast_db.quantize_db: fp16 tensor cores take the
-            N-major dY8 tile as it is, so no dY8^T is written), or the cast writes dY8 and dY8^T in one pass
-            (quantize_transpose_fp8) for a cuBLAS fp8 dB GEMM; "auto" picks per shape (fused_db_wins).
+            generic copy of a transposed fp8 tensor is not vectorised); O_A8^T (r x M) is written by its e4m3
+            cast itself. dB (`db_path`): either the e5m2 cast of dY also computes dB from its tiles
+            (kernels/cast_db.quantize_db: fp16 tensor cores take the N-major dY8 tile as it is, so no dY8^T is
+            written), or the cast writes dY8 and dY8^T in one pass (quantize_transpose_fp8) for a cuBLAS fp8 dB
+            GEMM; "auto" picks per shape (fused_db_wins).
   update    after each optimizer step, the top-k rows of B (by L1 norm) are merged into W8 in fp8 units
             of s (W8[rows] += B[rows].A8, saturating re-cast) and B is zeroed; s never changes.
 
