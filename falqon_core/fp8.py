@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from falqon_core import cublaslt
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 # fp8 tensor cores (Triton's fp8 casts and dots, cuBLASLt's fp8 GEMM) need this CUDA compute capability: Ada, Hopper
@@ -145,6 +147,10 @@ def upcast_scaled_mm(
     return (product * sa * sb).to(out_dtype)
 
 
+# CUDA calls of scaled_mm with tensorwise scales take cuBLASLt with no workspace (falqon_core/cublaslt.py: no
+# stream-K memset before the GEMM); False: torch._scaled_mm, whose heuristic may pick a kernel that needs one
+WORKSPACE_FREE_GEMM = True
+
 # CPU calls of scaled_mm take upcast_scaled_mm (see scaled_mm); tests that check which GEMM a CUDA step would
 # reach set this False to run torch._scaled_mm on the CPU.
 CPU_UPCAST = True
@@ -162,7 +168,7 @@ def scaled_mm(
     """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
 
     Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
-    GPU). cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to upcast_scaled_mm (fp32
+    GPU); tensorwise CUDA calls take cublaslt.scaled_mm (a workspace-free algorithm) while WORKSPACE_FREE_GEMM. cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to upcast_scaled_mm (fp32
     accumulation); so does every CPU call: torch._scaled_mm's CPU kernel is a slow reference on some CPUs
     (Intel Xeon with AMX, torch 2.14: 70 ms for a 256 x 64 x 192 product, 0.26 ms upcast, same values), which
     made the CPU accuracy suite take minutes per point. fallback: True forces upcast_scaled_mm, False forces
@@ -174,6 +180,10 @@ def scaled_mm(
     if fallback:
         return upcast_scaled_mm(a_data, a_scale, b_data, b_scale, out_dtype)
     sa, sb = _row_col_scales(a_scale, b_scale, a_data.shape[0], b_data.shape[0])
+    if WORKSPACE_FREE_GEMM and a_data.is_cuda:
+        out = cublaslt.scaled_mm(a_data, sa, b_data, sb, out_dtype, use_fast_accum)
+        if out is not None:
+            return out
     return torch._scaled_mm(
         a_data, b_data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=use_fast_accum
     )

@@ -35,6 +35,7 @@ from falqon_core.kernels.topk import topk_indices, topk_indices_reference
 # selected rows x W columns per program (GPU); small k and a 128-column block give ~100+ programs at K=4096
 _BLOCK_ROWS = 16
 _BLOCK_COLS = 128
+_MERGE_WARPS = 4  # warps per merge program (results/probes-step-h200/lt-gemm/update-ab.txt: 2 or 8 no faster)
 # ranks per tl.dot step of the merge; a tl.dot wants >= 16 rows, so a program has at least that many row slots
 _BLOCK_RANK: tl.constexpr = tl.constexpr(32)
 _MIN_DOT_ROWS: tl.constexpr = tl.constexpr(16)
@@ -187,7 +188,7 @@ def merge_rows_(
         FP8_MAX=fp8_max, MANT_BITS=mant_bits, MIN_EXP=min_exp,
         SOFTWARE_ROUND=tc.is_interpreter() if software_round is None else bool(software_round),
         BLOCK_ROWS=block_rows, BLOCK_COLS=_BLOCK_COLS, B_COMPACT=bool(b_compact),
-        num_warps=4,
+        num_warps=_MERGE_WARPS,
     )
 
 
