@@ -75,11 +75,15 @@ _plans: dict[tuple, _Plan | None] = {}
 
 
 def _library_candidates() -> list[str]:
-    """libcublasLt names to try: the soname torch's CUDA build loaded first, then the nvidia wheels' copies."""
-    names = [f"libcublasLt.so.{v}" for v in ("13", "12")]
+    """libcublasLt files to try, all of the CUDA major version torch was built with (none for a CPU or ROCm
+    build): the soname first (dlopen returns the copy torch already loaded), then the nvidia wheels' copies."""
+    if not torch.version.cuda:
+        return []
+    soname = f"libcublasLt.so.{torch.version.cuda.split('.')[0]}"
+    names = [soname]
     for root in {os.path.dirname(os.path.dirname(torch.__file__)), *(p for p in sys.path if "site-packages" in p)}:
-        names += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libcublasLt.so.*")))
-        names += sorted(glob.glob(os.path.join(root, "nvidia", "cublas", "lib", "libcublasLt.so.*")))
+        names += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", soname)))
+        names += sorted(glob.glob(os.path.join(root, "nvidia", "cublas", "lib", soname)))
     return names
 
 

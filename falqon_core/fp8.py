@@ -168,7 +168,8 @@ def scaled_mm(
     """a (M x K, fp8) @ b (N x K, fp8)^T -> M x N in out_dtype, with dequant scales applied.
 
     Scales: tensorwise (0-dim) or rowwise (a: M x 1, b: N x 1). Uses torch._scaled_mm (cuBLASLt on
-    GPU); tensorwise CUDA calls take cublaslt.scaled_mm (a workspace-free algorithm) while WORKSPACE_FREE_GEMM. cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to upcast_scaled_mm (fp32
+    GPU); tensorwise CUDA calls take cublaslt.scaled_mm (a workspace-free algorithm) while
+    WORKSPACE_FREE_GEMM. cuBLASLt needs K and N multiples of 16: on CUDA other shapes go to upcast_scaled_mm (fp32
     accumulation); so does every CPU call: torch._scaled_mm's CPU kernel is a slow reference on some CPUs
     (Intel Xeon with AMX, torch 2.14: 70 ms for a 256 x 64 x 192 product, 0.26 ms upcast, same values), which
     made the CPU accuracy suite take minutes per point. fallback: True forces upcast_scaled_mm, False forces

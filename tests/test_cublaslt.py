@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bounds import gemm_bound
+from falqon_steps import falqon_steps
 from falqon_core import cublaslt, fp8
 
 
@@ -26,6 +27,14 @@ def test_alignment_is_the_largest_power_of_two_up_to_256():
     assert cublaslt.alignment(0x7F0000001000) == 256
     assert cublaslt.alignment(0x7F0000001010) == 16
     assert cublaslt.alignment(0x7F0000001003) == 1
+
+
+def test_library_candidates_match_the_cuda_major_torch_was_built_with(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    names = cublaslt._library_candidates()
+    assert names[0] == "libcublasLt.so.12" and all(n.endswith("libcublasLt.so.12") for n in names)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU or ROCm build: nothing to load
+    assert cublaslt._library_candidates() == []
 
 
 def test_cpu_tensors_do_not_take_the_path():
@@ -71,6 +80,11 @@ def test_cpu_scaled_mm_is_unchanged_by_the_switch(monkeypatch):
     assert torch.equal(results[0], results[1])
 
 
+def _within_one_bf16_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return bool(((a.float() - b.float()).abs() <= ulp * 1.0001).all())
+
+
 def _check_against_fp64_and_torch(a, sa, b, sb, out_dtype, fast_accum):
     got = cublaslt.scaled_mm(a, sa, b, sb, out_dtype, fast_accum)
     assert got is not None and got.shape == (a.shape[0], b.shape[0]) and got.dtype == out_dtype
@@ -80,8 +94,7 @@ def _check_against_fp64_and_torch(a, sa, b, sb, out_dtype, fast_accum):
     assert ((got.double() - exact).abs() <= bound).all()
     ref = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast_accum)
     if out_dtype == torch.bfloat16:  # the same fp32 sums up to their order: one bf16 ulp at most
-        ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
-        assert ((got.float() - ref.float()).abs() <= ulp * 1.0001).all()
+        assert _within_one_bf16_ulp(ref, got)
     return got
 
 
@@ -137,11 +150,6 @@ def test_gpu_graph_replay_reads_the_current_operands():
     assert torch.equal(out, cublaslt.scaled_mm(a, sa, b, sb))
 
 
-def _within_one_bf16_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
-    return bool(((a.float() - b.float()).abs() <= ulp * 1.0001).all())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,rank,m", [(4096, 64, 2048), (1024, 40, 2048), (512, 24, 3000)])
 def test_gpu_falqon_step_with_and_without_the_path(monkeypatch, n, rank, m):
@@ -149,22 +157,12 @@ def test_gpu_falqon_step_with_and_without_the_path(monkeypatch, n, rank, m):
     one bf16 ulp (the fp32 sums' order). dB goes through O_A's e4m3 cast, whose scale follows O_A's amax: a
     one-ulp change there may move each O_A8 value by one e4m3 step (2^-3 relative), so the two dB differ by at
     most twice that plus each GEMM's accumulation bound, relative to |dY|^T |O_A|."""
-    from falqon_core.methods import falqon as fm
-
-    torch.manual_seed(0)
-    layer = fm.FalqonLinear(torch.nn.Linear(1024, n, bias=False, device="cuda", dtype=torch.bfloat16), rank)
-    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 0.01
-    calls, results = [], []
+    calls = []
     real = cublaslt.scaled_mm
     monkeypatch.setattr(cublaslt, "scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for on in (False, True):
-        monkeypatch.setattr(fp8, "WORKSPACE_FREE_GEMM", on)
-        xi = x.clone().requires_grad_()
-        layer.lora_B.grad = None
-        y = layer(xi)
-        y.backward(dy)
-        results.append((y.detach().clone(), xi.grad.clone(), layer.lora_B.grad.clone()))
+    layer, x, dy, results = falqon_steps(
+        n, rank, m, [lambda on=on: monkeypatch.setattr(fp8, "WORKSPACE_FREE_GEMM", on) for on in (False, True)]
+    )
     assert calls  # the second step went through the workspace-free path
     (y0, dx0, db0), (y1, dx1, db1) = results
     assert _within_one_bf16_ulp(y0, y1) and _within_one_bf16_ulp(dx0, dx1)

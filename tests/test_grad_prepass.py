@@ -10,6 +10,7 @@ from falqon_core.kernels import grad_prepass as gp
 from falqon_core.kernels.quantize import partial_amax
 from falqon_core.kernels.quantize_configs import FlatConfig, TileConfig
 from falqon_core.kernels.transpose import transpose_fp8_reference
+from falqon_steps import falqon_steps
 from test_cast_db import same_bytes
 from test_kernels_transpose import random_bytes
 
@@ -79,18 +80,12 @@ def test_gpu_falqon_grads_are_the_same_bits_with_and_without_the_prepass(monkeyp
     """The prepass changes where W8^T and dY's amax are computed, not what: dX and dB bit-identical."""
     from falqon_core.methods import falqon as fm
 
-    torch.manual_seed(0)
-    layer = fm.FalqonLinear(torch.nn.Linear(1024, n, bias=False, device="cuda", dtype=torch.bfloat16), rank)
-    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 0.01
-    grads, calls = [], []
+    calls = []
     real = fm.grad_prepass
     monkeypatch.setattr(fm, "grad_prepass", lambda *a: calls.append(1) or real(*a))
-    for prepass in (False, True):
-        monkeypatch.setattr(fm, "PREPASS", prepass)
-        xi = x.clone().requires_grad_()
-        layer.lora_B.grad = None
-        layer(xi).backward(dy)
-        grads.append((xi.grad.clone(), layer.lora_B.grad.clone()))
+    *_, results = falqon_steps(
+        n, rank, m, [lambda on=on: monkeypatch.setattr(fm, "PREPASS", on) for on in (False, True)]
+    )
+    grads = [(dx, db) for _, dx, db in results]
     assert len(calls) == 1  # the second backward took the one launch, the first the separate ones
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
