@@ -69,7 +69,7 @@ class _Plan:
 
 _lock = threading.Lock()
 _lib: Any = None
-_lib_error: str | None = None
+_load_tried = False  # the library is looked for once per process
 _handles: dict[int, ctypes.c_void_p] = {}
 _plans: dict[tuple, _Plan | None] = {}
 
@@ -88,9 +88,10 @@ def _library_candidates() -> list[str]:
 
 
 def _load() -> Any:
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
+    global _lib, _load_tried
+    if _load_tried:
         return _lib
+    _load_tried = True
     for name in _library_candidates():
         try:
             lib = ctypes.CDLL(name)
@@ -110,8 +111,7 @@ def _load() -> Any:
         # c_size_t, structs by reference), so they need no argtypes
         _lib = lib
         return lib
-    _lib_error = "libcublasLt not found (it comes with a CUDA build of torch)"
-    return None
+    return None  # no libcublasLt of torch's CUDA version: callers take torch._scaled_mm
 
 
 def available() -> bool:

@@ -70,14 +70,21 @@ def test_the_contract_applies_to_what_falqon_passes():
     assert cublaslt._applies(a, b, torch.ones(()), torch.ones(()), torch.bfloat16)
 
 
-def test_cpu_scaled_mm_is_unchanged_by_the_switch(monkeypatch):
+def test_cpu_scaled_mm_never_reaches_cublaslt(monkeypatch):
+    """With the switch on, CPU calls (the upcast GEMM and torch._scaled_mm's CPU kernel alike) stay off cuBLASLt."""
+    def fail(*args, **kwargs):
+        raise AssertionError("cublaslt.scaled_mm called for CPU tensors")
+
+    monkeypatch.setattr(cublaslt, "scaled_mm", fail)
+    monkeypatch.setattr(fp8, "WORKSPACE_FREE_GEMM", True)
     a, b = fp8_operand(32, 64, fp8.E4M3), fp8_operand(48, 64, fp8.E4M3, seed=1)
     scale = torch.tensor(0.5)
-    results = []
-    for on in (False, True):
-        monkeypatch.setattr(fp8, "WORKSPACE_FREE_GEMM", on)
-        results.append(fp8.scaled_mm(a, scale, b, scale))
-    assert torch.equal(results[0], results[1])
+    exact = (a.double() @ b.double().t()) * 0.25
+    bound = gemm_bound((a.double().abs() @ b.double().abs().t()) * 0.25, exact.abs(), 64, "cpu", True, torch.bfloat16)
+    for upcast in (True, False):
+        monkeypatch.setattr(fp8, "CPU_UPCAST", upcast)
+        got = fp8.scaled_mm(a, scale, b, scale)
+        assert got.shape == (32, 48) and ((got.double() - exact).abs() <= bound).all()
 
 
 def _within_one_bf16_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
