@@ -115,11 +115,12 @@ def _merge_rows_kernel(
     w_layer = w_ptr + layer * stride_wl
     a_layer = a_ptr + layer * stride_al
     b_rows = b_ptr + layer * stride_bl + (i.to(tl.int64) if B_COMPACT else rows) * stride_b
-    acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
-                        _BLOCK_RANK)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_layer + rows[:, None] * stride_w + cols[None, :]
-    merged = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+    old = tl.load(w_ptrs, mask=mask, other=0.0)  # issued before the product's loads: their latencies overlap
+    acc = _merged_delta(b_rows, i_mask, a_layer, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
+                        _BLOCK_RANK)
+    merged = old.to(tl.float32) + acc
     q = saturating_cast(merged, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND, w_ptr.dtype.element_ty)
     tl.store(w_ptrs, q, mask=mask)
 
