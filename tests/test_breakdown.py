@@ -5,6 +5,7 @@ import torch
 
 from falqon_bench.measure.breakdown import MAX_KERNEL_ROWS, classify, profile_step, residual, summarize
 from falqon_bench.data.schema import BREAKDOWN_CATEGORIES
+from falqon_core import cublaslt
 
 BF16, FP8, F32 = "c10::BFloat16", "c10::Float8_e4m3fn", "float"
 NVJET = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
@@ -15,6 +16,9 @@ CASES = [
     # cuBLAS names both GEMM precisions nvjet_*: only the parent op tells them apart
     (NVJET, "aten::_scaled_mm", [[4096, 4096], [4096, 4096], [], []], [FP8, FP8, F32, F32], False, "gemm_fp8"),
     (NVJET, "aten::mm", [[4096, 4096], [4096, 4096]], [BF16, BF16], False, "gemm_bf16"),
+    # falqon_core.cublaslt's own cuBLASLt call (ctypes, no aten op) runs in this custom op while profiling
+    (NVJET, "falqon::cublaslt_scaled_mm", [[2048, 4096], [], [4096, 4096], [], []], [FP8, F32, FP8, F32, "ScalarType", "Scalar"], False, "gemm_fp8"),
+    (NVJET, "falqon::cublaslt_scaled_mm", [[4096, 2048], [], [R, 2048], [], []], [FP8, F32, FP8, F32, "ScalarType", "Scalar"], False, "lora_gemm"),
     (NVJET, "aten::addmm", [[4096], [4096, 4096], [4096, 4096]], [BF16, BF16, BF16], False, "gemm_bf16"),
     ("aten::addmm_", "aten::addmm_", [[48, 96], [48, R], [R, 96]], [BF16, BF16, BF16], False, "lora_gemm"),
     # a GEMM with a dimension equal to the rank is a LoRA GEMM, fp8 or bf16
@@ -160,6 +164,29 @@ def test_profile_step_on_gpu_attributes_nvjet_kernels_by_parent_op():
     assert sum(cats.values()) == pytest.approx(out["total_ms"], rel=1e-6)
 
 
+@pytest.mark.gpu
+def test_profile_step_on_gpu_files_the_cublaslt_gemms_of_a_falqon_step_as_fp8():
+    """falqon's GEMMs run through falqon_core.cublaslt (a ctypes call, no aten op): none lands in gemm_bf16, and the
+    device time still sums up."""
+    from falqon_core import fp8
+    from falqon_core.methods.falqon import FalqonLinear
+
+    assert fp8.WORKSPACE_FREE_GEMM and cublaslt.available()
+    dev = torch.device("cuda")
+    layer = FalqonLinear(torch.nn.Linear(1024, 1024, bias=False).to(dev), R)
+    x = torch.randn(512, 1024, device=dev, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+
+    out = profile_step(step, rank=R, device=dev, steps=3)
+    cats = out["kernel_ms"]
+    assert cats["gemm_fp8"] > 0 and cats["gemm_bf16"] == 0
+    gemms = [k for k in out["kernels"] if k["name"].startswith("nvjet")]
+    assert gemms and all(k["op"] == cublaslt.PROFILER_OP for k in gemms)
+    assert sum(cats.values()) == pytest.approx(out["total_ms"], rel=1e-6)
+
+
 def _fake_event(name, start, end, device="CPU", kernels=(), shapes=None, dtypes=None, parent=None, corr=0, linked=0):
     """A stand-in for torch.profiler's FunctionEvent with just what _collect_rows reads.
 
@@ -217,3 +244,4 @@ def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once
         assert total_us == 130
     else:
         assert total_us == 120
+

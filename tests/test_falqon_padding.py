@@ -80,18 +80,28 @@ def test_padded_forward_and_grads_match_fp64_of_the_same_fp8_operands(r, M):
 
 
 class ScaledMmSpy:
-    """Records (reduction length, output width, use_fast_accum) of every torch._scaled_mm call."""
+    """Records (reduction length, output width, use_fast_accum) of every fp8 GEMM: each torch._scaled_mm call and
+    each workspace-free cuBLASLt call (falqon_core.cublaslt, what fp8.scaled_mm takes on CUDA) that ran."""
 
     def __init__(self, monkeypatch):
+        from falqon_core import cublaslt
+
         self.calls: list[tuple[int, int, bool]] = []
         monkeypatch.setattr(fp8, "CPU_UPCAST", False)  # on the CPU too, route as on CUDA (fp8.scaled_mm)
-        real = torch._scaled_mm
+        real, real_lt = torch._scaled_mm, cublaslt.scaled_mm
 
         def spy(a, b, *args, **kwargs):
             self.calls.append((a.shape[1], b.shape[1], bool(kwargs.get("use_fast_accum", False))))
             return real(a, b, *args, **kwargs)
 
+        def spy_lt(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, use_fast_accum=False):
+            out = real_lt(a, a_scale, b, b_scale, out_dtype, use_fast_accum)
+            if out is not None:  # None: not taken, fp8.scaled_mm calls torch._scaled_mm (recorded there)
+                self.calls.append((a.shape[1], b.shape[0], bool(use_fast_accum)))
+            return out
+
         monkeypatch.setattr(torch, "_scaled_mm", spy)
+        monkeypatch.setattr(cublaslt, "scaled_mm", spy_lt)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

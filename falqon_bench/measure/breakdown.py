@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from falqon_core.cublaslt import PROFILER_OP as CUBLASLT_FP8_GEMM_OP
 from falqon_bench.data.derived import residual  # noqa: F401  (re-exported: readers import it from falqon_bench.data.derived)
 from falqon_bench.data.schema import BREAKDOWN_CATEGORIES
 
@@ -28,7 +29,8 @@ STEP_LABEL = "falqon_bench.profile_step"
 MAX_KERNEL_ROWS = 40
 
 # --- op families (aten names without the overload) -------------------------------------------------
-FP8_GEMM_OPS = frozenset({"aten::_scaled_mm", "aten::_scaled_mm_v2", "aten::_scaled_grouped_mm"})
+# CUBLASLT_FP8_GEMM_OP: the op falqon_core.cublaslt runs its own cuBLASLt fp8 GEMM call in while profiling
+FP8_GEMM_OPS = frozenset({"aten::_scaled_mm", "aten::_scaled_mm_v2", "aten::_scaled_grouped_mm", CUBLASLT_FP8_GEMM_OP})
 GEMM_OPS = frozenset(
     {
         "aten::mm",
