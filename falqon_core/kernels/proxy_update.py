@@ -412,11 +412,11 @@ def _merge_rows_variant_kernel(
     cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < n_cols
     b_rows = b_ptr + rows * stride_b
-    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
-                        _BLOCK_RANK)
     mask = i_mask[:, None] & c_mask[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_w + cols[None, :]
-    old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    old = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)  # before the product's loads, as _merge_rows_kernel
+    acc = _merged_delta(b_rows, i_mask, a_ptr, cols, c_mask, rank, stride_a, stride_b_col, ROWS, BLOCK_COLS,
+                        _BLOCK_RANK)
     merged = old + acc
     q = _round_merged(merged, rows, cols, n_cols, w_ptr, seed_ptr, FP8_MAX, MANT_BITS, MIN_EXP, SOFTWARE_ROUND,
                       STOCHASTIC)
