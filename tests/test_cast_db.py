@@ -8,7 +8,7 @@ import torch
 from bounds import accumulation_bound
 from falqon_core import fp8
 from falqon_core.kernels.cast_db import (
-    CastDbConfig, db_gemm_reference, launch_quantize_db, quantize_db, quantize_db_reference, quantize_db_triton,
+    CastDbConfig, config_for_rank, db_gemm_reference, launch_quantize_db, quantize_db, quantize_db_reference, quantize_db_triton,
 )
 
 
@@ -89,8 +89,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize(
     "m,n,rank,cfg",
     [(64, 128, 16, CastDbConfig()), (37, 48, 8, CastDbConfig()), (200, 130, 100, CastDbConfig(max_block_r=32)),
-     (300, 32, 20, CastDbConfig(block_n=32, block_m=16, programs_per_sm=64))],
-    ids=["aligned", "odd", "two-r-blocks", "split-m"],
+     (300, 32, 20, CastDbConfig(block_n=32, block_m=16, programs_per_sm=64)), (150, 96, 40, config_for_rank(40))],
+    ids=["aligned", "odd", "two-r-blocks", "split-m", "wide-r"],
 )
 @pytest.mark.parametrize("dy_dtype", [torch.bfloat16, torch.float32], ids=str)  # fp32: e2e runs in fp32
 def test_fused_cast_and_db_match_quantize_then_db(m, n, rank, cfg, dy_dtype):

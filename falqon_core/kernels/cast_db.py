@@ -121,23 +121,31 @@ def _db_reduce_kernel(part_ptr, out_ptr, dy_scale_ptr, oa_scale_ptr, n_out, spli
 class CastDbConfig:
     """The fused cast + dB kernel: block_n columns of dY x block_m tokens per step, r blocks up to max_block_r,
     warps by r block (wide accumulators take more registers), programs per SM the token split aims at, and
-    Triton's pipelining depth of the token loop (None: Triton's default).
-    Defaults: 64 x 64 tiles, 2 programs per SM, 3 stages. First the fastest of 12 configs at 12 shapes (32-token
-    tiles, 4 programs per SM); then, over 16 configs with the pipelining depth, 64-token tiles with 2 programs
-    per SM and 3 stages: the same bytes in flight per SM from fewer programs, so half the split partials.
-    0.970-1.001x the falqon step at 12 layer cells on an H200 (docs/perf-notes.md). A register prefetch of the
-    next tiles was slower at every shape."""
+    Triton's pipelining depth of the token loop (None: Triton's default). Defaults: the fastest of 12 configs
+    timed on an H200 at 12 shapes (docs/perf-notes.md); a register prefetch of the next tiles was slower at every
+    shape. Ranks above WIDE_R take CAST_DB_CONFIG_WIDE_R (config_for_rank)."""
 
     block_n: int = 64
-    block_m: int = 64
+    block_m: int = 32
     max_block_r: int = 256
     warps_small_r: int = 4
     warps_large_r: int = 8
-    programs_per_sm: int = 2
-    num_stages: int | None = 3
+    programs_per_sm: int = 4
+    num_stages: int | None = None
 
 
 CAST_DB_CONFIG = CastDbConfig()
+# r > 32 (r blocks of 64 and more): 64-token tiles, 2 programs per SM, 3 stages, i.e. the same bytes in flight
+# per SM from half the programs, so half the split partials. Timed side by side in the falqon step on an H200
+# (results/probes-step-h200/castdb-stages/): 0.970-0.997x at 10 of 11 cells with r 40-64 (1.021 at llama-7b up,
+# r 64, 4096 tokens), but 0.994-1.038x at r 8-24, where the kernel wants the programs: those keep CAST_DB_CONFIG.
+WIDE_R = 32
+CAST_DB_CONFIG_WIDE_R = CastDbConfig(block_m=64, programs_per_sm=2, num_stages=3)
+
+
+def config_for_rank(rank: int) -> CastDbConfig:
+    """The launch config quantize_db_triton uses at this adapter rank."""
+    return CAST_DB_CONFIG_WIDE_R if rank > WIDE_R else CAST_DB_CONFIG
 
 
 def quantize_db_reference(
@@ -155,7 +163,8 @@ def quantize_db_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton path of quantize_db_reference: the amax pass (unless `partials`, dY's partial amaxes from
     grad_prepass, are given), then the fused cast + dB (+ the split reduce)."""
-    return launch_quantize_db(dy, oa8_t, oa_scale, rank, dtype, keep_rows, CAST_DB_CONFIG, software_round, partials)
+    return launch_quantize_db(dy, oa8_t, oa_scale, rank, dtype, keep_rows, config_for_rank(rank), software_round,
+                              partials)
 
 
 def launch_quantize_db(
