@@ -8,7 +8,8 @@ import torch
 from bounds import accumulation_bound
 from falqon_core import fp8
 from falqon_core.kernels.cast_db import (
-    CastDbConfig, config_for_rank, db_gemm_reference, launch_quantize_db, quantize_db, quantize_db_reference, quantize_db_triton,
+    CastDbConfig, config_for_rank, db_gemm_reference, launch_quantize_db, quantize_db, quantize_db_reference,
+    quantize_db_triton,
 )
 
 
