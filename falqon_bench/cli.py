@@ -350,18 +350,20 @@ def merge(
 def report(
     runs: Optional[List[Path]] = typer.Argument(None, help="Run directories (default: the newest run under results/)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: reports/<run-id>/)."),
+    compact: bool = typer.Option(False, "--compact", help="256-colour PNGs (about a third of the bytes, the same figures): for reports committed to a repository."),
 ) -> None:
     """Render figures (PNG) and one HTML + markdown report from result files only (no GPU needed).
 
     [bold]Examples[/bold]
       falqon-bench report
       falqon-bench report results/h100-overhead results/h200-overhead --out reports/gpus
+      falqon-bench report results/my-sweep --out reports/my-sweep --compact
     """
     from falqon_bench.readers.report import render_report
     from falqon_bench.data.store import latest_run
 
     run_dirs = list(runs) if runs else [latest_run(RESULTS_ROOT)]
-    path = render_report(run_dirs, out)
+    path = render_report(run_dirs, out, compact)
     _out().print(f"report written to {path}")
 
 

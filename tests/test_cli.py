@@ -157,11 +157,12 @@ def test_parse_overrides_splits_on_the_last_equals_sign():
 def test_report_defaults_to_the_newest_run_under_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
-    fake_module(monkeypatch, "falqon_bench.readers.report", render_report=lambda runs, out: calls.append((runs, out)) or tmp_path / "rep")
+    fake_module(monkeypatch, "falqon_bench.readers.report",
+                render_report=lambda runs, out, compact: calls.append((runs, out, compact)) or tmp_path / "rep")
     write_run(tmp_path / "results" / "only-run")
     result = invoke("report")
     assert result.exit_code == 0, result.output
-    assert [([p.name for p in runs], out) for runs, out in calls] == [(["only-run"], None)]
+    assert [([p.name for p in runs], out, compact) for runs, out, compact in calls] == [(["only-run"], None, False)]
 
 
 def test_report_without_any_run_exits_2(tmp_path, monkeypatch):

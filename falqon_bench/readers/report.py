@@ -45,6 +45,7 @@ from falqon_bench.readers.figures.data import (
     speedup_text,
 )
 from falqon_bench.readers.figures.floor import has_floor
+from falqon_bench.readers.figures.png import compact_pngs
 from falqon_bench.readers.figures.style import sorted_variants
 from falqon_bench.data.identity import WARNING_SIGN, layer_problem, method_problem, row_problems
 from falqon_bench.data.derived import pct_of_floor
@@ -239,8 +240,9 @@ def identity_check(df: pd.DataFrame) -> str:
             "results file wrote them (escaped), not checked against any method's code:\n\n" + "\n".join(problems) + "\n")
 
 
-def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+def render_report(run_dirs: list[Path], out_dir: Path | None = None, compact: bool = False) -> Path:
     """Render the report of one or more runs; returns the directory written. No runs: the latest under results/.
+    `compact`: 256-colour figures (figures/png.py), for reports kept in a repository.
 
     Raises ResultsError (a BenchInputError) for a missing or corrupt results file, or one whose shape keys
     are not integers (store.require_shape_keys).
@@ -264,7 +266,7 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     if all(p.get("kind") == "accuracy" for r in runs for p in r.points):  # accuracy suites: their own figures
         from falqon_bench.readers.figures.accuracy import render_accuracy_report
 
-        return render_accuracy_report(runs, out, _cell)
+        return render_accuracy_report(runs, out, _cell, compact)
     from falqon_bench.readers.figures.e2e import FIGURE_NAME as E2E_FIGURE, render_e2e_section  # suite kind "e2e"
 
     e2e_md = render_e2e_section([p for r in runs for p in r.points], out, DPI, _cell)
@@ -283,6 +285,8 @@ def render_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
         md = f"# falqon-bench report: {', '.join(_cell(r.run_id) for r in runs)}\n\n## Runs\n\n{_runs_table(runs)}"
     md += e2e_md + scaling_md
     images = [f for f, _ in written] + ([E2E_FIGURE] if e2e_md else []) + scaling_images
+    if compact:
+        compact_pngs(out, images)
     (out / "report.md").write_text(md, encoding="utf-8")
     page = markdown_to_html(md, f"falqon-bench report {_report_name(runs)}", images, out)
     (out / "report.html").write_text(page, encoding="utf-8")

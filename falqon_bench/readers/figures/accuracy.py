@@ -13,6 +13,7 @@ from typing import Any, Callable
 from matplotlib.figure import Figure
 
 from falqon_bench.readers.accuracy_summary import accuracy_rows, best_of_grid
+from falqon_bench.readers.figures.png import compact_pngs
 
 _PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
 DPI = 110
@@ -192,8 +193,9 @@ def accuracy_table(rows: list[dict[str, Any]], escape: Callable[[Any], str]) -> 
     return "\n".join(lines) + "\n"
 
 
-def render_accuracy_report(runs, out: Path, escape: Callable[[Any], str]) -> Path:
-    """Figures + report.md + report.html of accuracy runs (one section per run) into `out`.
+def render_accuracy_report(runs, out: Path, escape: Callable[[Any], str], compact: bool = False) -> Path:
+    """Figures + report.md + report.html of accuracy runs (one section per run) into `out`; `compact`: 256-colour
+    figures (figures/png.py).
 
     `escape` makes any value from a results file one inert markdown cell (report._cell); the HTML page is built by
     safe_markup.markdown_to_html (raw HTML off, CSP, only the figures written here inlined).
@@ -226,6 +228,8 @@ def render_accuracy_report(runs, out: Path, escape: Callable[[Any], str]) -> Pat
             md.append("Failed points:\n")
             md += [f"- {escape(r['label'])} lr {r['lr']:g}: {escape(r.get('error'))}" for r in failed]
             md.append("")
+    if compact:
+        compact_pngs(out, written)
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
     page = markdown_to_html(text, "falqon-bench accuracy report", written, out)
