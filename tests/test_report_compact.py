@@ -50,3 +50,17 @@ def test_compact_png_keeps_transparent_areas_white(tmp_path):
     compact_png(path)
     got = _pixels(path)
     assert (got[:4] == (200, 30, 30)).all() and (got[4:] == 255).all()
+
+
+def test_compact_accuracy_report_writes_palette_figures(tmp_path):
+    """Accuracy runs take their own report path (figures/accuracy.py): --compact reaches it too."""
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "results" / "accuracy-synthetic-cpu"
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep"), "--compact"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted((tmp_path / "rep").glob("*.png"))
+    assert len(pngs) == 3
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.mode == "P", png.name
