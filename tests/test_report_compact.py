@@ -2,6 +2,7 @@
 page that inlines the compact files."""
 
 import base64
+from pathlib import Path
 
 import numpy as np
 from fixtures.results import write_fixture_runs
@@ -54,8 +55,6 @@ def test_compact_png_keeps_transparent_areas_white(tmp_path):
 
 def test_compact_accuracy_report_writes_palette_figures(tmp_path):
     """Accuracy runs take their own report path (figures/accuracy.py): --compact reaches it too."""
-    from pathlib import Path
-
     run = Path(__file__).resolve().parents[1] / "results" / "accuracy-synthetic-cpu"
     result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rep"), "--compact"])
     assert result.exit_code == 0, result.output
