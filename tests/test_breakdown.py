@@ -244,4 +244,3 @@ def test_a_kernel_cupti_also_files_under_activity_buffer_request_is_counted_once
         assert total_us == 130
     else:
         assert total_us == 120
-
