@@ -76,6 +76,9 @@ LAUNCHERS = {
     "partial_amax_2d": ("falqon_core.kernels.quantize_transpose", "partial_amax_2d"),
     "cast_transpose_from_partials": ("falqon_core.kernels.quantize_transpose", "cast_transpose_from_partials"),
     "quantize_db": ("falqon_core.kernels.cast_db", "quantize_db_triton"),
+    "amax_copy_transpose": ("falqon_core.kernels.quantize_transpose", "amax_copy_transpose_triton"),
+    "grad_prepass": ("falqon_core.kernels.grad_prepass", "grad_prepass"),
+    "grad_prepass_oa": ("falqon_core.kernels.grad_prepass", "grad_prepass_oa"),
 }
 
 
@@ -123,6 +126,27 @@ def test_cast_transpose_op_fake_gives_the_padded_transpose_and_an_empty_row_copy
         assert tuple(out.shape) == (0,) and tuple(out_t.shape) == (48, 80) and scale.dim() == 0
         out, _, _ = compile_ops.cast_transpose_from_partials(x, partials, torch.float8_e5m2, 16, True)
         assert tuple(out.shape) == (77, 48) and out.dtype == torch.float8_e5m2
+
+
+def test_o_a_ops_fakes_give_the_eager_shapes():
+    """The forward's O_A launch and the backward's first launch with O_A's cast: the fakes' shapes and dtypes are
+    those the launchers return (the eager call runs the kernels under the interpreter)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from falqon_core.kernels import compile_ops
+    from falqon_core.kernels import grad_prepass as gp
+    from falqon_core.kernels.quantize_transpose import amax_copy_transpose_triton
+
+    o_a = torch.randn(77, 96 + 48).bfloat16()[:, 96:]
+    dy = torch.randn(77, 64).bfloat16()
+    weight = torch.zeros(64, 32, dtype=torch.float8_e4m3fn)
+    oa_t, oa_partials = amax_copy_transpose_triton(o_a, 16)
+    eager = gp.grad_prepass_oa(dy, weight, oa_t, oa_partials)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_oa = compile_ops.amax_copy_transpose(mode.from_tensor(o_a), 16)
+        fake = compile_ops.grad_prepass_oa(*(mode.from_tensor(t) for t in (dy, weight, oa_t, oa_partials)))
+    for got, want in zip((*fake_oa, *fake), (oa_t, oa_partials, *eager)):
+        assert (tuple(got.shape), got.dtype) == (tuple(want.shape), want.dtype)
 
 
 @pytest.mark.gpu

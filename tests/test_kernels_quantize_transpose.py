@@ -8,7 +8,10 @@ from torch import nn
 
 from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
+from falqon_core.kernels.quantize import cast_tensorwise_from_partials
+from falqon_core.kernels.quantize_configs import TileConfig
 from falqon_core.kernels.quantize_transpose import (
+    amax_copy_transpose, amax_copy_transpose_reference, amax_copy_transpose_triton, launch_amax_copy_transpose,
     quantize_transpose_fp8, quantize_transpose_fp8_reference, quantize_transpose_fp8_triton,
 )
 from falqon_core.methods.falqon import FalqonLinear
@@ -64,6 +67,45 @@ def test_saturates_and_scales_like_quantize_fp8():
     assert same_bytes(x8, ref8) and torch.equal(scale, ref_scale) and x8_t.shape == (2, 16)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m,r_pad,pad_to", [(77, 48, 16), (64, 16, 16), (130, 24, 1), (1, 16, 16)])
+def test_amax_copy_transpose_then_the_flat_cast_equals_the_transposed_cast(monkeypatch, m, r_pad, pad_to, x_dtype):
+    """FALQON's O_A path: one launch (max |x| per program + x^T padded, unscaled) on the strided column slice, then
+    the flat e4m3 cast of that copy, gives quantize_transpose_fp8's x8^T and scale bit for bit. Outputs start as
+    garbage, so a skipped store (a padding column, a tile) shows."""
+    from test_grad_prepass import garbage_empty
+
+    full = (torch.randn(m, 96 + r_pad) * 7).to(x_dtype)
+    full[m // 2, 96 + r_pad // 3] = -300.0  # the amax inside one tile
+    o_a = full[:, 96:]
+    want_copy, want_max = amax_copy_transpose_reference(o_a, pad_to)
+    _, want8_t, want_scale = quantize_transpose_fp8_reference(o_a, fp8.E4M3, pad_to)
+    garbage_empty(monkeypatch)
+    copy_t, partials = amax_copy_transpose_triton(o_a, pad_to)
+    assert copy_t.is_contiguous() and copy_t.dtype == x_dtype and torch.equal(copy_t, want_copy)
+    assert float(partials.max()) == float(want_max) == 300.0
+    x8_t, scale = cast_tensorwise_from_partials(copy_t, partials, fp8.E4M3)
+    assert same_bytes(x8_t, want8_t) and torch.equal(scale, want_scale)
+
+
+def test_amax_copy_transpose_with_few_programs_and_small_tiles_covers_every_tile():
+    x = torch.randn(70, 45).bfloat16()
+    copy_t, partials = launch_amax_copy_transpose(x, 16, TileConfig(block_r=16, block_c=8, programs_per_sm=1))
+    assert torch.equal(copy_t, amax_copy_transpose_reference(x, 16)[0])
+    assert float(partials.max()) == float(x.float().abs().max())
+
+
+def test_amax_copy_transpose_takes_the_reference_off_cuda_and_rejects_bad_input():
+    x = torch.randn(20, 8)
+    copy_t, amax = amax_copy_transpose(x, 16)
+    assert copy_t.shape == (8, 32) and torch.equal(copy_t[:, :20], x.t()) and int(copy_t[:, 20:].count_nonzero()) == 0
+    assert torch.equal(amax, x.abs().amax().reshape(1))
+    with pytest.raises(ValueError, match="2-D float"):
+        amax_copy_transpose(torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="2-D float"):
+        amax_copy_transpose(torch.zeros(0, 4))
+
+
 def test_bad_input_raises_a_clear_error():
     with pytest.raises(ValueError, match="2-D float"):
         quantize_transpose_fp8(torch.zeros(3, 4, 5), fp8.E4M3)
@@ -91,8 +133,8 @@ def test_falqon_step_on_the_triton_kernels_is_bit_identical_to_the_reference_ste
         return grads, layer.melded.clone()
 
     (ref_grads, ref_melded) = step()
-    calls = []
-    real = quantize_transpose_fp8_triton
+    calls, oa_calls = [], []
+    real, real_oa = quantize_transpose_fp8_triton, amax_copy_transpose_triton
 
     def counted(*args, **kwargs):
         calls.append(args[1])
@@ -100,8 +142,11 @@ def test_falqon_step_on_the_triton_kernels_is_bit_identical_to_the_reference_ste
 
     monkeypatch.setattr(tc, "triton_fp8_ok", lambda t: True)
     monkeypatch.setattr("falqon_core.kernels.quantize_transpose.quantize_transpose_fp8_triton", counted)
+    monkeypatch.setattr("falqon_core.kernels.quantize_transpose.amax_copy_transpose_triton",
+                        lambda *a: oa_calls.append(1) or real_oa(*a))
     (tri_grads, tri_melded) = step()
-    assert calls == [fp8.E4M3, fp8.E5M2], "O_A in the forward and dY in the backward go through the fused cast"
+    assert calls == [fp8.E5M2], "dY in the backward goes through the fused cast"
+    assert oa_calls == [1], "O_A's amax and transposed copy in the forward's one launch"
     for got, want, name in zip(tri_grads, ref_grads, ("out", "dX", "dB")):
         assert torch.equal(got, want), name
     # the merge's fp32 sums may run in another order (proxy_update's docstring): at most 1 e4m3 ulp apart
@@ -125,6 +170,18 @@ def test_cuda_cast_pass_is_bit_identical_to_quantize_then_transpose_at_llama_sha
             assert torch.equal(scale, want_scale)
             assert same_bytes(x8_t, transpose_fp8(want8, 16)), f"x8^T differs (keep_rows={keep_rows})"
             assert x8 is None if not keep_rows else same_bytes(x8, want8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,r_pad", [(2048, 48), (3000, 32), (4096, 64), (9999, 112), (512, 16)])
+def test_cuda_amax_copy_transpose_then_cast_is_bit_identical_to_the_transposed_cast(m, r_pad):
+    full = (torch.randn(m, 4096 + r_pad, device="cuda") * 3).bfloat16()
+    o_a = full[:, 4096:]
+    copy_t, partials = amax_copy_transpose(o_a, 16)
+    assert torch.equal(copy_t, amax_copy_transpose_reference(o_a, 16)[0])
+    x8_t, scale = cast_tensorwise_from_partials(copy_t, partials, fp8.E4M3)
+    _, want8_t, want_scale = quantize_transpose_fp8(o_a, fp8.E4M3, 16, keep_rows=False)
+    assert same_bytes(x8_t, want8_t) and torch.equal(scale, want_scale)
 
 
 @pytest.mark.gpu

@@ -210,9 +210,18 @@ def scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, 
                         SCALE_BY_RECIPROCAL: tl.constexpr, PARTIALS_BLOCK: tl.constexpr):
     """Launch 2 of a tensorwise quantization: the dequant scale from the max of launch 1's partial amaxes
     (a few hundred fp32 values, read from L2 by every program); program 0 also stores it to scale_ptr."""
+    return scale_from_partials_of(tl.program_id(0), partial_ptr, num_partials, scale_ptr, fp8_max, inv_max,
+                                  min_scale, SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+
+
+@triton.jit
+def scale_from_partials_of(pid, partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                           SCALE_BY_RECIPROCAL: tl.constexpr, PARTIALS_BLOCK: tl.constexpr):
+    """scale_from_partials where the programs casting this tensor are numbered by `pid` (a launch that also
+    does other work, kernels/grad_prepass.py); the one numbered 0 stores the scale."""
     p = tl.arange(0, PARTIALS_BLOCK)
     amax = tl.max(tl.load(partial_ptr + p, mask=p < num_partials, other=0.0), axis=0)
     scale = scale_from_amax(amax, fp8_max, inv_max, min_scale, SCALE_BY_RECIPROCAL)
-    if tl.program_id(0) == 0:
+    if pid == 0:
         tl.store(scale_ptr, scale)
     return scale

@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 
+from falqon_core import fp8
 from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels import (
-    cast_db, melded, proxy_update, proxy_update_batched, quantize, quantize_transpose, transpose,
+    cast_db, melded, proxy_update, proxy_update_batched, quantize, quantize_configs, quantize_transpose, transpose,
 )
 from falqon_core.kernels import grad_prepass as grad_prepass_kernels
 
@@ -166,16 +167,42 @@ def _(x, partials, dtype, pad_to, keep_rows, software_round=None):
             x.new_empty((x.shape[1], rows_out), dtype=dtype), x.new_empty((), dtype=torch.float32))
 
 
+@torch.library.custom_op("falqon::amax_copy_transpose", mutates_args=())
+def amax_copy_transpose(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launcher(quantize_transpose.amax_copy_transpose_triton)(x, pad_to)
+
+
+@amax_copy_transpose.register_fake
+def _(x, pad_to=1):
+    rows_out = transpose.padded_length(x.shape[0], pad_to)
+    cfg = quantize_configs.config_for("cast_transpose", x.shape[0], x.shape[1])
+    return (x.new_empty((x.shape[1], rows_out)),
+            x.new_empty(cfg.programs(rows_out, x.shape[1], tc.num_sms(x)), dtype=torch.float32))
+
+
 @torch.library.custom_op("falqon::grad_prepass", mutates_args=())
 def grad_prepass(dy: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launcher(grad_prepass_kernels.grad_prepass)(dy, weight)
 
 
 @grad_prepass.register_fake
-def _(dy, weight):
+def _prepass_fake(dy, weight):
     amax_cfg, _ = grad_prepass_kernels.prepass_configs(dy, weight)
     return (dy.new_empty(amax_cfg.programs(dy.numel(), tc.num_sms(dy)), dtype=torch.float32),
             weight.new_empty((weight.shape[1], weight.shape[0])))
+
+
+@torch.library.custom_op("falqon::grad_prepass_oa", mutates_args=())
+def grad_prepass_oa(
+    dy: torch.Tensor, weight: torch.Tensor, oa_t: torch.Tensor, oa_partials: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launcher(grad_prepass_kernels.grad_prepass_oa)(dy, weight, oa_t, oa_partials)
+
+
+@grad_prepass_oa.register_fake
+def _(dy, weight, oa_t, oa_partials):
+    partials, weight_t = _prepass_fake(dy, weight)
+    return partials, weight_t, oa_t.new_empty(oa_t.shape, dtype=fp8.E4M3), oa_t.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("falqon::quantize_db", mutates_args=())
@@ -204,3 +231,5 @@ tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
 tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)
 tc.register_compile_op(cast_db.quantize_db_triton, quantize_db)
 tc.register_compile_op(grad_prepass_kernels.grad_prepass, grad_prepass)
+tc.register_compile_op(grad_prepass_kernels.grad_prepass_oa, grad_prepass_oa)
+tc.register_compile_op(quantize_transpose.amax_copy_transpose_triton, amax_copy_transpose)

@@ -26,7 +26,7 @@ from falqon_core import fp8
 from falqon_core.fp8 import Granularity
 from falqon_core.kernels import _triton_common as tc
 # jit helpers are imported by name: inductor re-emits user Triton kernels and loses module aliases
-from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_amax, scale_from_partials
+from falqon_core.kernels._triton_common import inverse_scale, saturating_cast, scale_from_amax, scale_from_partials_of
 from falqon_core.kernels.quantize_configs import FlatConfig, config_for
 
 # rowwise: a row of up to this many elements is held in registers (one read); longer rows take two passes
@@ -70,13 +70,27 @@ def _cast_tensorwise_kernel(
     PARTIALS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Reduce the partial amaxes to the scale, then out = sat_cast(x / scale) over a grid-stride loop."""
-    pid = tl.program_id(0)
-    scale = scale_from_partials(partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
-                                SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
+    cast_tensorwise_program(x_ptr, partial_ptr, num_partials, out_ptr, scale_ptr, n, tl.program_id(0),
+                            tl.num_programs(0), fp8_max, inv_max, min_scale, FP8_MAX, MANT_BITS, MIN_EXP,
+                            SCALE_BY_RECIPROCAL, SOFTWARE_ROUND, PARTIALS_BLOCK, BLOCK, NUM_STAGES)
+
+
+@triton.jit
+def cast_tensorwise_program(
+    x_ptr, partial_ptr, num_partials, out_ptr, scale_ptr, n, pid, programs,
+    fp8_max, inv_max, min_scale,
+    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr, SOFTWARE_ROUND: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The cast pass of program `pid` of `programs`: a jit helper, so that a launch doing other work too
+    (kernels/grad_prepass.py casts O_A there) runs the same scale and cast, bit for bit."""
+    scale = scale_from_partials_of(pid, partial_ptr, num_partials, scale_ptr, fp8_max, inv_max, min_scale,
+                                   SCALE_BY_RECIPROCAL, PARTIALS_BLOCK)
     inv = inverse_scale(scale)  # x * RN(1 / scale): see _triton_common.inverse_scale
     # blocks in the reverse of launch 1's order: the last blocks it read are the ones still in L2
     n_blocks = tl.cdiv(n, BLOCK)
-    for i in tl.range(pid, n_blocks, tl.num_programs(0), num_stages=NUM_STAGES):
+    for i in tl.range(pid, n_blocks, programs, num_stages=NUM_STAGES):
         offs = (n_blocks - 1 - i).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -270,3 +284,13 @@ def quantize_fp8(
     if tc.triton_fp8_ok(x):
         return quantize_fp8_triton(x, dtype, granularity)
     return quantize_fp8_reference(x, dtype, granularity)
+
+
+def cast_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(x, dtype, "tensorwise") when x's amax pass has already run (`partials`, whose max is max |x|):
+    the cast launch alone on CUDA; the reference elsewhere, which takes its own amax (the same value)."""
+    if tc.triton_fp8_ok(x):
+        return cast_tensorwise_from_partials(x, partials, dtype)
+    return quantize_fp8_reference(x, dtype, "tensorwise")

@@ -14,6 +14,9 @@ Bytes per element of an M x C bf16 x: read 2 + 2, write 1 (+ 1 with x8), against
 Numerics: the same scale (amax is a max, exact in any order; the scale is computed as quantize computes it)
 and the same round-to-nearest-even cast, so x8 and x8^T are bit-identical to quantize_fp8 then
 transpose_fp8 (the reference, and what FALQON ran before).
+
+amax_copy_transpose is launch 1 with the cast left for later: it writes x^T unscaled (in x's dtype) with the partial
+amaxes, so another launch can cast it (FALQON's O_A: the backward's first launch, kernels/grad_prepass.py).
 """
 
 from __future__ import annotations
@@ -106,6 +109,27 @@ def _cast_transpose_kernel(
         tl.store(out_t_ptr + cols[:, None] * n_rows_out + rows[None, :], q_t, mask=mask_t)
 
 
+@triton.jit
+def _amax_copy_t_kernel(x_ptr, partial_ptr, out_t_ptr, n_rows, n_rows_out, n_cols, stride_r, stride_c,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """partial[pid] = max |x| over this program's tiles, which it also stores transposed, unscaled, to out_t
+    (n_cols x n_rows_out, x's dtype, zero columns past n_rows): launch 1 of a quantization whose cast comes later
+    (amax_copy_transpose)."""
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(n_cols, BLOCK_C)
+    n_tiles = tl.cdiv(n_rows_out, BLOCK_R) * col_blocks
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for t in tl.range(pid, n_tiles, tl.num_programs(0), num_stages=NUM_STAGES):
+        rows = (t // col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+        mask_t = (cols[:, None] < n_cols) & (rows[None, :] < n_rows_out)
+        tl.store(out_t_ptr + cols[:, None] * n_rows_out + rows[None, :], tl.trans(x), mask=mask_t)
+    tl.store(partial_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
+
+
 def _grid(x: torch.Tensor, n_rows: int, n_cols: int) -> int:
     tiles = triton.cdiv(n_rows, _BLOCK_R) * triton.cdiv(n_cols, _BLOCK_C)
     return max(1, min(tiles, tc.num_sms(x) * _PROGRAMS_PER_SM))
@@ -153,6 +177,50 @@ def cast_transpose_from_partials(
     """Launch 2: (x8 M x C, or an empty tensor without keep_rows; x8^T C x M_pad; 0-dim scale)."""
     cfg = config_for("cast_transpose", x.shape[0], x.shape[1])
     return launch_cast_transpose(x, partials, dtype, pad_to, keep_rows, software_round, cfg)
+
+
+def amax_copy_transpose_reference(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: (x^T padded, C x M_pad in x's dtype with zero columns past M; max |x| as a (1,) fp32)."""
+    out_t = x.new_zeros((x.shape[1], padded_length(x.shape[0], pad_to)))
+    out_t[:, : x.shape[0]] = x.t()
+    return out_t, x.detach().abs().amax().float().reshape(1)
+
+
+def launch_amax_copy_transpose(x: torch.Tensor, pad_to: int, cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax_copy_transpose_triton with an explicit launch config (same copy and max for every config)."""
+    n_rows, n_cols = x.shape
+    rows_out = padded_length(n_rows, pad_to)
+    out_t = torch.empty((n_cols, rows_out), device=x.device, dtype=x.dtype)
+    programs = cfg.programs(rows_out, n_cols, tc.num_sms(x))
+    partials = torch.empty(programs, device=x.device, dtype=torch.float32)
+    _amax_copy_t_kernel[(programs,)](
+        x, partials, out_t, n_rows, rows_out, n_cols, x.stride(0), x.stride(1),
+        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    return out_t, partials
+
+
+@tc.opaque_to_compile
+def amax_copy_transpose_triton(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: (x^T padded, C x M_pad contiguous in x's dtype; x's partial amaxes, fp32 (programs,)). The
+    tiles are those of the transposed cast this replaces (quantize_configs' "cast_transpose")."""
+    return launch_amax_copy_transpose(x, pad_to, config_for("cast_transpose", x.shape[0], x.shape[1]))
+
+
+def amax_copy_transpose(x: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M x C, any strides, e.g. FALQON's O_A columns of the melded GEMM's output) -> (x^T, C x M_pad
+    contiguous in x's dtype with zero columns past M; partial amaxes, fp32, whose max is max |x|).
+
+    Why: launch 1 of quantize_transpose_fp8 with the cast left for later. The cast of x^T is then a flat pass over
+    a contiguous buffer (quantize.cast_from_partials, or extra programs of another launch, as in
+    FALQON's backward: kernels/grad_prepass.py), bit-identical to quantize_transpose_fp8's x8^T (same scale from
+    the same max, same elementwise cast; padding 0 casts to the zero byte). Triton on CUDA, the reference elsewhere.
+    """
+    if x.dim() != 2 or x.numel() == 0 or not x.is_floating_point():
+        raise ValueError(f"amax_copy_transpose needs a non-empty 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
+    if tc.triton_fp8_ok(x):
+        return amax_copy_transpose_triton(x.detach(), pad_to)
+    return amax_copy_transpose_reference(x, pad_to)
 
 
 def _check(x: torch.Tensor, dtype: torch.dtype) -> None:

@@ -17,8 +17,10 @@ plus a trainable B (N x r) that the forward never reads:
 
 Differences from the reference code (github.com/iamkanghyunchoi/falqon, float8_linear_falqon.py),
 all deliberate:
-- O_A is cast to e4m3 in the forward and saved as fp8 (the reference saves it in bf16 and casts it in
-  the backward): same values, r x M bytes saved instead of 2 r x M.
+- O_A is saved as a compact bf16 copy (r x M, transposed, with its amax taken in the same forward launch) and
+  cast to e4m3 in the backward's first launch; the reference saves O_A as a view of the melded GEMM's output
+  (which keeps that whole M x (N + r) output alive until the backward) and casts it in the backward: same values,
+  2 r x M bytes saved instead of 2 (N + r) x M.
 - The proxy update sums W8 + B.A8 in fp32 before the e4m3 cast, as the reference does (its B, and so
   its AdamW state, is fp32; so is B here, whatever the layer's compute dtype).
 - k is a parameter (default r, what the reference ran: its warm-up phase with k = r is never ended)
@@ -99,9 +101,10 @@ from falqon_core.kernels import melded_matmul, proxy_update_, quantize_fp8, tran
 from falqon_core.kernels import _triton_common as tc
 from falqon_core.kernels.cast_db import quantize_db
 from falqon_core.kernels.flush import flush_
-from falqon_core.kernels.grad_prepass import grad_prepass
+from falqon_core.kernels.grad_prepass import grad_prepass_oa
 from falqon_core.kernels.proxy_update import MERGE_RULES, proxy_update_variant_
-from falqon_core.kernels.quantize_transpose import quantize_transpose_fp8
+from falqon_core.kernels.quantize import cast_from_partials
+from falqon_core.kernels.quantize_transpose import amax_copy_transpose, quantize_transpose_fp8
 from falqon_core.methods import register_method
 from falqon_core.methods.base import AdapterConfig, Method, StepCost
 from falqon_core.methods.falqon_groups import run_proxy_updates, stack_layers
@@ -167,10 +170,12 @@ class MeldedLinearFunction(torch.autograd.Function):
         x8, x_scale = quantize_fp8(x2d.contiguous(), fp8.E4M3, "tensorwise")
         # melded has N + r_pad rows: o_a is M x r_pad, its columns past r exactly zero (zero rows of A8)
         out, o_a = melded_matmul(x8, x_scale, melded, scale, n_out, fast_accum=fast_accum)
-        # the dB GEMM reduces over M, so it wants O_A M-contiguous (r_pad x M_pad, zero columns past M): the
-        # e4m3 cast writes it transposed, reading the strided O_A columns of the GEMM output in place
-        _, oa8_t, oa_scale = quantize_transpose_fp8(o_a, fp8.E4M3, FP8_GEMM_MULTIPLE, keep_rows=False)
-        ctx.save_for_backward(melded, scale, oa8_t, oa_scale, weight_t)
+        # the dB product reduces over M, so it wants O_A M-contiguous (r_pad x M_pad, zero columns past M). One
+        # launch reads the strided O_A columns of the GEMM output in place, takes their partial amax and writes
+        # them transposed, in bf16 (a compact copy, so the backward does not keep the whole GEMM output alive);
+        # the e4m3 cast waits for the backward's first launch (grad_prepass_oa), as the reference casts it there
+        oa_t, oa_partials = amax_copy_transpose(o_a, FP8_GEMM_MULTIPLE)
+        ctx.save_for_backward(melded, scale, oa_t, oa_partials, weight_t)
         ctx.n_out = n_out
         ctx.x_dtype = x2d.dtype
         ctx.b_dtype = lora_b.dtype
@@ -188,17 +193,19 @@ class MeldedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        melded, scale, oa8_t, oa_scale, weight_t = ctx.saved_tensors
+        melded, scale, oa_t, oa_partials, weight_t = ctx.saved_tensors
         n_out = ctx.n_out
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_b = None
         # dX (M x K) = dY (M x N) . W8 (N x K): reduction over N, so the fp8 GEMM wants W8^T (K x N) N-contiguous:
         # the cached copy, else a transposed copy (N x K bytes read + written), made on the Triton path by the
-        # same launch as dY's amax
-        w8_t, partials = weight_t, None
+        # same launch as dY's amax, which also casts O_A^T to e4m3 (r_pad x M_pad, for dB)
+        w8_t, partials, oa8_t, oa_scale = weight_t, None, None, None
         if need_b and need_x and w8_t is None and PREPASS and tc.triton_fp8_ok(grad_out):
             grad_out = grad_out.contiguous()
-            partials, w8_t = grad_prepass(grad_out, melded[:n_out])
+            partials, w8_t, oa8_t, oa_scale = grad_prepass_oa(grad_out, melded[:n_out], oa_t, oa_partials)
+        elif need_b:
+            oa8_t, oa_scale = cast_from_partials(oa_t, oa_partials, fp8.E4M3)
         if need_b and ctx.fused_db:  # dY8 (M x N e5m2, for dX) and dB (N x r) from one pass over dY's tiles
             dy8, dy_scale, grad_b = quantize_db(grad_out, oa8_t, oa_scale, ctx.rank, fp8.E5M2, keep_rows=need_x,
                                                 partials=partials)
