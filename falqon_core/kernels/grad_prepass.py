@@ -17,7 +17,9 @@ up: W8 (45 MB there) and dY compete for L2.
 O_A: the forward takes O_A's partial amax and a compact transposed bf16 copy of it in one launch
 (quantize_transpose.amax_copy_transpose) and leaves the cast to extra programs of this launch, which nothing else
 in the backward has to wait for: the forward's second O_A launch (the cast, ~1.9 us plus a ~0.4 us gap on an H200
-at 2048 tokens) goes away.
+at 2048 tokens) goes away. Its programs come last in the grid, where they fill the SMs the transpose's tail leaves
+idle: 0.980-1.005x per step against placing them between the amax and the tiles
+(results/probes-step-h200/oa-to-prepass/oa-last-ab.txt).
 
 Numerics: none of its own. The partial amaxes are the same per-program maxima quantize's pass writes (the max
 is exact in any order: the scale and every cast after it are bit-identical), and the transpose moves bytes.
@@ -39,10 +41,10 @@ from falqon_core.kernels.transpose import transpose_tile
 _OA_BLOCK = 1024  # O_A^T elements per cast program (r_pad x M_pad: 48 x 2048 is 96 programs)
 
 
-@triton.jit(do_not_specialize=["amax_programs", "oa_programs"])  # 1 at small shapes: a constexpr would break .to()
+@triton.jit(do_not_specialize=["amax_programs", "w_tiles", "oa_programs"])  # 1 at small shapes: a constexpr would break .to()
 def _amax_transpose_prepass_kernel(
     x_ptr, partial_ptr, n, amax_programs,
-    w_ptr, wt_ptr, w_rows, w_cols, stride_wr, stride_wc,
+    w_ptr, wt_ptr, w_rows, w_cols, stride_wr, stride_wc, w_tiles,
     oa_ptr, oa_partial_ptr, oa_num_partials, oa8_ptr, oa_scale_ptr, oa_n, oa_programs,
     fp8_max, inv_max, min_scale,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
@@ -50,21 +52,20 @@ def _amax_transpose_prepass_kernel(
     CAST_OA: tl.constexpr, OA_BLOCK: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Programs [0, amax_programs): the amax pass's grid-stride programs over x; the next oa_programs (0 without
-    O_A): the e4m3 cast of O_A^T from its partial amaxes; the rest: one tile of W8^T each."""
+    """Programs [0, amax_programs): the amax pass's grid-stride programs over x; the next w_tiles: one tile of
+    W8^T each; the last oa_programs (0 without O_A): the e4m3 cast of O_A^T from its partial amaxes."""
     pid = tl.program_id(0)
     if pid < amax_programs:
         partial_amax_program(x_ptr, partial_ptr, n, pid, amax_programs, BLOCK, NUM_STAGES)
     else:
         tile = pid - amax_programs
         if CAST_OA:
-            if tile < oa_programs:
-                cast_tensorwise_program(oa_ptr, oa_partial_ptr, oa_num_partials, oa8_ptr, oa_scale_ptr, oa_n, tile,
-                                        oa_programs, fp8_max, inv_max, min_scale, FP8_MAX, MANT_BITS, MIN_EXP,
-                                        SCALE_BY_RECIPROCAL, SOFTWARE_ROUND, OA_PARTIALS_BLOCK, OA_BLOCK, 1)
+            if tile < w_tiles:
+                transpose_tile(w_ptr, wt_ptr, w_rows, w_rows, w_cols, stride_wr, stride_wc, tile, BLOCK_R, BLOCK_C)
             else:
-                transpose_tile(w_ptr, wt_ptr, w_rows, w_rows, w_cols, stride_wr, stride_wc, tile - oa_programs,
-                               BLOCK_R, BLOCK_C)
+                cast_tensorwise_program(oa_ptr, oa_partial_ptr, oa_num_partials, oa8_ptr, oa_scale_ptr, oa_n,
+                                        tile - w_tiles, oa_programs, fp8_max, inv_max, min_scale, FP8_MAX, MANT_BITS,
+                                        MIN_EXP, SCALE_BY_RECIPROCAL, SOFTWARE_ROUND, OA_PARTIALS_BLOCK, OA_BLOCK, 1)
         else:
             transpose_tile(w_ptr, wt_ptr, w_rows, w_rows, w_cols, stride_wr, stride_wc, tile, BLOCK_R, BLOCK_C)
 
@@ -105,7 +106,7 @@ def launch_grad_prepass(
                        OA_PARTIALS_BLOCK=triton.next_power_of_2(oa_partials.numel()))
     _amax_transpose_prepass_kernel[(amax_programs + oa_programs + tiles,)](
         dy.view(-1), partials, n, amax_programs,
-        w_bytes, weight_t, w_bytes.shape[0], w_bytes.shape[1], w_bytes.stride(0), w_bytes.stride(1),
+        w_bytes, weight_t, w_bytes.shape[0], w_bytes.shape[1], w_bytes.stride(0), w_bytes.stride(1), tiles,
         oa_programs=oa_programs, **oa_args, **_scale_args(dy if oa_t is None else oa_t, fp8.E4M3),
         SOFTWARE_ROUND=_software_round(software_round), CAST_OA=oa_t is not None, OA_BLOCK=_OA_BLOCK,
         BLOCK=amax_cfg.block, NUM_STAGES=amax_cfg.num_stages, BLOCK_R=tile_cfg.block_r, BLOCK_C=tile_cfg.block_c,
