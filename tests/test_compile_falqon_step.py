@@ -77,7 +77,6 @@ LAUNCHERS = {
     "cast_transpose_from_partials": ("falqon_core.kernels.quantize_transpose", "cast_transpose_from_partials"),
     "quantize_db": ("falqon_core.kernels.cast_db", "quantize_db_triton"),
     "amax_copy_transpose": ("falqon_core.kernels.quantize_transpose", "amax_copy_transpose_triton"),
-    "grad_prepass": ("falqon_core.kernels.grad_prepass", "grad_prepass"),
     "grad_prepass_oa": ("falqon_core.kernels.grad_prepass", "grad_prepass_oa"),
 }
 

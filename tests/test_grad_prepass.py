@@ -1,6 +1,6 @@
-"""grad_prepass: FALQON's first backward launch (dY's partial amax + W8's transpose) against the separate launches
-it replaces (partial_amax, transpose_fp8), under the interpreter on CPU and on the GPU when marked; and the falqon
-layer's gradients with and without it, bit for bit."""
+"""grad_prepass: FALQON's first backward launch (dY's partial amax + W8's transpose + O_A's cast) against the
+separate launches it replaces (partial_amax, transpose_fp8, the tensorwise cast), under the interpreter on CPU and
+on the GPU when marked; and the falqon layer's gradients with and without it, bit for bit."""
 
 import pytest
 import torch
@@ -13,6 +13,11 @@ from falqon_core.kernels.transpose import transpose_fp8_reference
 from falqon_steps import falqon_steps
 from test_cast_db import same_bytes
 from test_kernels_transpose import random_bytes
+
+
+def prepass(dy, weight):
+    """The launch without O_A, at the tuned configs grad_prepass_oa uses: (dY's partial amaxes, W8^T)."""
+    return gp.launch_grad_prepass(dy, weight, *gp.prepass_configs(dy, weight))[:2]
 
 
 def garbage_empty(monkeypatch):
@@ -37,7 +42,7 @@ def test_one_launch_equals_the_separate_launches(monkeypatch, m, n, w_shape):
     weight = random_bytes(*w_shape, fp8.E4M3)
     want_partials = partial_amax(dy.view(-1))
     garbage_empty(monkeypatch)
-    partials, weight_t = gp.grad_prepass(dy, weight)
+    partials, weight_t = prepass(dy, weight)
     assert torch.equal(partials, want_partials) and float(partials.max()) == 5.0
     assert same_bytes(weight_t, transpose_fp8_reference(weight)) and weight_t.is_contiguous()
 
@@ -66,7 +71,7 @@ def test_o_a_cast_programs_equal_the_cast_launch_and_leave_the_other_outputs_alo
     o_a[m // 2, 1] = 700.0  # saturates nothing: e4m3's scale maps the amax to 448
     oa_t, oa_partials = amax_copy_transpose_triton(o_a, 16)
     want8, want_scale = cast_tensorwise_from_partials(oa_t, oa_partials, fp8.E4M3)
-    want_partials, want_wt = gp.grad_prepass(dy, weight)
+    want_partials, want_wt = prepass(dy, weight)
     garbage_empty(monkeypatch)
     partials, weight_t, oa8_t, oa_scale = gp.grad_prepass_oa(dy, weight, oa_t, oa_partials)
     assert same_bytes(oa8_t, want8) and torch.equal(oa_scale, want_scale)
@@ -77,9 +82,9 @@ def test_bad_inputs_say_what_is_wrong():
     dy = torch.randn(8, 16).bfloat16()
     weight = random_bytes(4, 4, fp8.E4M3)
     with pytest.raises(ValueError, match="contiguous"):
-        gp.grad_prepass(dy.t(), weight)
+        prepass(dy.t(), weight)
     with pytest.raises(ValueError, match="1-byte"):
-        gp.grad_prepass(dy, torch.zeros(4, 4))
+        prepass(dy, torch.zeros(4, 4))
     with pytest.raises(ValueError, match="programs_per_sm"):
         gp.launch_grad_prepass(dy, weight, FlatConfig(), TileConfig())
     with pytest.raises(ValueError, match="O_A"):
@@ -96,7 +101,7 @@ def test_gpu_prepass_equals_the_separate_launches(m, n, k):
 
     dy = (torch.randn(m, n, device="cuda") * 0.03).bfloat16()
     weight = random_bytes(n, k, fp8.E4M3, device="cuda")
-    partials, weight_t = gp.grad_prepass(dy, weight)
+    partials, weight_t = prepass(dy, weight)
     assert torch.equal(partials, partial_amax(dy.view(-1)))
     assert same_bytes(weight_t, transpose_fp8_reference(weight))
     oa_t, oa_partials = amax_copy_transpose((torch.randn(m, n + 48, device="cuda") * 3).bfloat16()[:, n:], 16)

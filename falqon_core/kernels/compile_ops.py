@@ -180,18 +180,6 @@ def _(x, pad_to=1):
             x.new_empty(cfg.programs(rows_out, x.shape[1], tc.num_sms(x)), dtype=torch.float32))
 
 
-@torch.library.custom_op("falqon::grad_prepass", mutates_args=())
-def grad_prepass(dy: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launcher(grad_prepass_kernels.grad_prepass)(dy, weight)
-
-
-@grad_prepass.register_fake
-def _prepass_fake(dy, weight):
-    amax_cfg, _ = grad_prepass_kernels.prepass_configs(dy, weight)
-    return (dy.new_empty(amax_cfg.programs(dy.numel(), tc.num_sms(dy)), dtype=torch.float32),
-            weight.new_empty((weight.shape[1], weight.shape[0])))
-
-
 @torch.library.custom_op("falqon::grad_prepass_oa", mutates_args=())
 def grad_prepass_oa(
     dy: torch.Tensor, weight: torch.Tensor, oa_t: torch.Tensor, oa_partials: torch.Tensor
@@ -201,8 +189,10 @@ def grad_prepass_oa(
 
 @grad_prepass_oa.register_fake
 def _(dy, weight, oa_t, oa_partials):
-    partials, weight_t = _prepass_fake(dy, weight)
-    return partials, weight_t, oa_t.new_empty(oa_t.shape, dtype=fp8.E4M3), oa_t.new_empty((), dtype=torch.float32)
+    amax_cfg, _ = grad_prepass_kernels.prepass_configs(dy, weight)
+    return (dy.new_empty(amax_cfg.programs(dy.numel(), tc.num_sms(dy)), dtype=torch.float32),
+            weight.new_empty((weight.shape[1], weight.shape[0])),
+            oa_t.new_empty(oa_t.shape, dtype=fp8.E4M3), oa_t.new_empty((), dtype=torch.float32))
 
 
 @torch.library.custom_op("falqon::quantize_db", mutates_args=())
@@ -230,6 +220,5 @@ tc.register_compile_op(proxy_update_batched.proxy_update_batched_triton_, _proxy
 tc.register_compile_op(quantize_transpose.partial_amax_2d, partial_amax_2d)
 tc.register_compile_op(quantize_transpose.cast_transpose_from_partials, cast_transpose_from_partials)
 tc.register_compile_op(cast_db.quantize_db_triton, quantize_db)
-tc.register_compile_op(grad_prepass_kernels.grad_prepass, grad_prepass)
 tc.register_compile_op(grad_prepass_kernels.grad_prepass_oa, grad_prepass_oa)
 tc.register_compile_op(quantize_transpose.amax_copy_transpose_triton, amax_copy_transpose)

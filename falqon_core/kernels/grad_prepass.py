@@ -74,8 +74,9 @@ def launch_grad_prepass(
     dy: torch.Tensor, weight: torch.Tensor, amax_cfg: FlatConfig, tile_cfg: TileConfig,
     oa_t: torch.Tensor | None = None, oa_partials: torch.Tensor | None = None, software_round: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """grad_prepass (with oa_t and oa_partials: grad_prepass_oa) with explicit configs for its two passes (one
-    num_warps: the transpose's). Returns (partials, W8^T, O_A8^T or None, its scale or None)."""
+    """grad_prepass_oa with explicit configs for its amax and transpose passes (one num_warps: the transpose's);
+    without oa_t and oa_partials it leaves O_A out (tests time and check the two other passes alone). Returns
+    (partials, W8^T, O_A8^T or None, its scale or None)."""
     if dy.numel() == 0 or not dy.is_contiguous():
         raise ValueError(f"grad_prepass needs a non-empty contiguous dY, got {tuple(dy.shape)}")
     if weight.dim() != 2 or weight.element_size() != 1 or weight.numel() == 0:
@@ -121,17 +122,11 @@ def prepass_configs(dy: torch.Tensor, weight: torch.Tensor) -> tuple[FlatConfig,
 
 
 @tc.opaque_to_compile
-def grad_prepass(dy: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dY (contiguous) and W8 (N x K, fp8) -> (dY's partial amaxes, the input of quantize's cast and of cast_db;
-    W8^T, K x N contiguous). One launch, CUDA (or the interpreter)."""
-    partials, weight_t, _, _ = launch_grad_prepass(dy, weight, *prepass_configs(dy, weight))
-    return partials, weight_t
-
-
-@tc.opaque_to_compile
 def grad_prepass_oa(
     dy: torch.Tensor, weight: torch.Tensor, oa_t: torch.Tensor, oa_partials: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_prepass that also casts O_A^T (r_pad x M_pad, contiguous, from quantize_transpose.amax_copy_transpose in
-    the forward) to e4m3 with the scale of its partial amaxes: (partials, W8^T, O_A8^T, O_A's dequant scale)."""
+    """dY (contiguous), W8 (N x K, fp8) and O_A^T (r_pad x M_pad, contiguous, with its partial amaxes, from
+    quantize_transpose.amax_copy_transpose in the forward) -> (dY's partial amaxes, the input of cast_db or
+    quantize's cast; W8^T, K x N contiguous; O_A8^T in e4m3; O_A's dequant scale). One launch, CUDA (or the
+    interpreter)."""
     return launch_grad_prepass(dy, weight, *prepass_configs(dy, weight), oa_t, oa_partials)
