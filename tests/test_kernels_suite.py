@@ -253,7 +253,9 @@ def test_a_cuda_kernels_suite_runs_through_the_runner_with_replayed_gpu_times(tm
                         "proxy = [[4096, 4096, 64, 64]]\ntranspose = [[4096, 4096]]")
     outcome = runner.run_suite(load_suite(tiny_suite(tmp_path, text)), runner.RunOptions(out_dir=tmp_path / "run"), console=quiet())
     run = load_run(tmp_path / "run")
-    assert outcome.status == "complete" and len(run.points) == 2 * (8 + 2 + 2 + 2)
+    # per cache: quantize 2 formats x 2 granularities x (triton, torch); gemm 2 variants (melded_gemm, its quantized-O_A
+    # twin) x (cublas, triton); proxy and transpose (triton, torch)
+    assert outcome.status == "complete" and len(run.points) == 2 * (8 + 4 + 2 + 2)
     assert all(r["status"] == "ok" for r in run.points), [r["error"] for r in run.points if r["status"] != "ok"]
     assert all(r["gpu_timing"] == "cudagraph" and r["gpu_ms"] > 0 and r["peak_mem_bytes"] > 0 for r in run.points)
     assert run.manifest["peaks"]["copy_gb_per_s"] > 0
