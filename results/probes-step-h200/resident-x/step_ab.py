@@ -1,7 +1,8 @@
-"""falqon step A/B side by side: x's quantize in two launches (RESIDENT False) vs one resident launch."""
+"""falqon step A/B side by side: x's quantize in two launches (RESIDENT False) vs one resident launch.
+Needs resident-quantize.patch applied to c378abd; run from the repository root."""
 import sys
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "oa-to-prepass"))  # its shared A/B loop
 from _ab import run
 from falqon_core.kernels import quantize as q
 
