@@ -74,3 +74,22 @@ def test_models_for_fine_tuning_build_no_kv_cache():
     tokens = torch.randint(0, 256, (2, 8))
     out = model(input_ids=tokens, labels=tokens)
     assert model.config.use_cache is False and out.past_key_values is None
+
+
+def test_every_named_layer_family_is_a_named_model_with_those_layer_widths():
+    """A suite that names mistral-7b's layers can fine-tune mistral-7b whole: each family of the layer table builds
+    as LLaMA blocks whose projections have the table's widths (Mistral's GQA kv 4096 -> 1024, up 14336)."""
+    from falqon_bench.suites.layers import MODEL_NAMES as LAYER_FAMILIES
+    from falqon_bench.suites.layers import named_layers
+
+    table = named_layers()
+    for family in LAYER_FAMILIES:
+        config = llama_config(family, num_layers=1)
+        assert config.model_type == "llama" and not hasattr(config, "sliding_window"), family
+        kv_width = config.num_key_value_heads * config.head_dim
+        assert (table[f"{family}.up"].K, table[f"{family}.up"].N) == (config.hidden_size, config.intermediate_size)
+        assert (table[f"{family}.attn"].K, table[f"{family}.attn"].N) == (config.hidden_size, config.hidden_size)
+        kv = table.get(f"{family}.kv")
+        assert kv is None or (kv.K, kv.N) == (config.hidden_size, kv_width), family
+    mistral = llama_config("mistral-7b", num_layers=1)
+    assert (mistral.num_key_value_heads, mistral.intermediate_size, mistral.vocab_size) == (8, 14336, 32000)

@@ -39,7 +39,7 @@ KNOWN_LAYER_SHAPES: dict[str, tuple[int, int]] = {
 }
 
 # whole models: the layer name of an e2e point (falqon_bench.suites.models.MODEL_NAMES)
-KNOWN_MODELS = ("tiny-llama", "small-llama", "llama-7b", "llama-13b", "llama-3-8b", "llama-70b")
+KNOWN_MODELS = ("tiny-llama", "small-llama", "llama-7b", "llama-13b", "llama-3-8b", "mistral-7b", "llama-70b")
 
 
 def is_identifier(name: Any, pattern: re.Pattern = METHOD_NAME_RE) -> bool:

@@ -24,8 +24,12 @@ if TYPE_CHECKING:  # torch stays out of readers that only need the names
 
 TINY_LLAMA = "tiny-llama"
 SMALL_LLAMA = "small-llama"
-# LLaMA-architecture sizes of falqon_bench.suites.layers, plus a 70B-class config for "does it fit" runs
-LLAMA_MODELS = ("llama-7b", "llama-13b", "llama-3-8b", "llama-70b")
+# LLaMA-architecture sizes of falqon_bench.suites.layers (Mistral-7B's too: GQA LLaMA blocks), plus a 70B-class
+# config for "does it fit" runs
+LLAMA_MODELS = ("llama-7b", "llama-13b", "llama-3-8b", "mistral-7b", "llama-70b")
+# keys of a family config that a LlamaConfig must not take over: Mistral's model type, and its sliding window
+# (Mistral-7B v0.1's 4096-token window; v0.2 and later attend to the full context, as LLaMA blocks do)
+_NOT_LLAMA_KEYS = ("model_type", "sliding_window")
 MODEL_NAMES = (TINY_LLAMA, SMALL_LLAMA, *LLAMA_MODELS)
 
 SAFE_WEIGHT_SUFFIXES = (".safetensors",)
@@ -41,7 +45,8 @@ def llama_config(model_name: str, num_layers: int | None = None):
     """The transformers LlamaConfig of a named model; `num_layers` overrides the depth (e.g. to fit memory).
 
     tiny-llama (hidden 64, 2 layers, vocab 256) is for CPU tests; small-llama (hidden 256, 4 layers, vocab 512)
-    is the CPU-trainable base of the accuracy suite; the rest are the published LLaMA sizes.
+    is the CPU-trainable base of the accuracy suite; the rest are the published LLaMA sizes, and Mistral-7B's as
+    LLaMA blocks (full attention: its v0.2+ form).
     """
     from transformers import LlamaConfig
 
@@ -63,7 +68,8 @@ def llama_config(model_name: str, num_layers: int | None = None):
     elif model_name in LLAMA_MODELS:
         from falqon_bench.suites.layers import _llama_family_configs
 
-        config = LlamaConfig(**_llama_family_configs()[model_name].to_dict())
+        family = _llama_family_configs()[model_name].to_dict()
+        config = LlamaConfig(**{k: v for k, v in family.items() if k not in _NOT_LLAMA_KEYS})
     else:
         raise BenchInputError(
             f"unknown model {model_name!r}; allowed: {', '.join(MODEL_NAMES)}, or the path of a local Hugging Face "
