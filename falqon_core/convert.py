@@ -16,6 +16,7 @@ from falqon_core.methods._lora_common import linear_module_names
 
 __all__ = [
     "LLAMA_TARGET_MODULES",
+    "projection_targets",
     "MethodUnavailable",
     "UnknownMethodError",
     "convert_model",
@@ -25,6 +26,20 @@ __all__ = [
 
 # the projections of a LLaMA decoder layer (attention and MLP), the usual LoRA targets
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# linears of a causal LM that are not its decoder layers' projections: the output head (and a classifier's score)
+_NOT_PROJECTIONS = ("lm_head", "score")
+
+
+def projection_targets(model: nn.Module) -> tuple[str, ...]:
+    """The LoRA targets of a causal LM: the names of all its linear projections, the output head left out (what
+    PEFT calls "all-linear"), LLaMA's seven first in their usual order. For a LLaMA-architecture model (Qwen2,
+    Mistral and Gemma name theirs the same) this is LLAMA_TARGET_MODULES; another architecture's own names come
+    too (Phi-3's fused qkv_proj and gate_up_proj), so no projection is silently left frozen."""
+    names = {name.rsplit(".", 1)[-1] for name in linear_module_names(model)} - set(_NOT_PROJECTIONS)
+    llama = tuple(n for n in LLAMA_TARGET_MODULES if n in names)
+    return llama + tuple(sorted(names - set(llama)))
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -76,6 +76,11 @@ PEAKS = {"bf16_tflops": 1000.0, "fp8_tflops": 2000.0, "copy_gb_per_s": 2000.0}
 def test_llama_linear_shapes_follow_the_config_including_grouped_kv_heads():
     assert llama_linear_shapes(CONFIG) == [("q_proj", 64, 64), ("k_proj", 64, 32), ("v_proj", 64, 32), ("o_proj", 64, 64),
                                            ("gate_proj", 64, 128), ("up_proj", 64, 128), ("down_proj", 128, 64)]
+    # a query width apart from the hidden size (Gemma-7B: 16 heads x 256 on 3072): q widens, o narrows back
+    gemma = SimpleNamespace(hidden_size=3072, intermediate_size=24576, num_attention_heads=16, num_key_value_heads=16,
+                            head_dim=256)
+    assert llama_linear_shapes(gemma)[:4] == [("q_proj", 3072, 4096), ("k_proj", 3072, 4096), ("v_proj", 3072, 4096),
+                                              ("o_proj", 4096, 3072)]
 
 
 class FixedCost:

@@ -191,6 +191,30 @@ def test_layers_deeper_than_a_model_dir_exit_2_instead_of_adding_random_layers(t
     assert "exceeds the 2 decoder layers" in " ".join(result.output.split())
 
 
+def test_a_config_only_dir_of_another_architecture_trains_with_every_projection_adapted(tmp_path):
+    """Phi-3's config.json alone: built with random weights, deeper than the file says, and LoRA on its fused
+    qkv_proj and gate_up_proj as on o_proj and down_proj (a LLaMA name list would have left the fused ones frozen)."""
+    from transformers import Phi3Config
+
+    root = tmp_path / "phi3"
+    root.mkdir()
+    Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=256, pad_token_id=0).to_json_file(root / "config.json")
+    path = tmp_path / "phi3.toml"
+    text = TINY_SUITE.replace('"tiny-llama"', json.dumps(str(root))).replace("\nrank = 8", "\nlayers = 2\nrank = 8")
+    path.write_text(text.replace('methods = ["bf16_lora", "falqon", "e2e_raises"]', 'methods = ["bf16_lora", "falqon"]')
+                    .replace('modes = ["eager", "cuda_graph"]', 'modes = ["eager"]'))
+    out = tmp_path / "run"
+    result = _run(str(path), "--out", str(out), "--no-isolate")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in _rows(out)}
+    assert all(r["status"] == "ok" and r["layer"] == "phi3" for r in rows.values()), rows
+    # per layer, K -> N: qkv_proj 64 -> 128, o_proj 64 -> 64, gate_up_proj 64 -> 256, down_proj 128 -> 64; 2 layers
+    widths = [(64, 128), (64, 64), (64, 256), (128, 64)]
+    assert rows["bf16_lora"]["trainable_params"] == 2 * sum(8 * (k + n) for k, n in widths)  # A r x K + B N x r
+    assert rows["falqon"]["trainable_params"] == 2 * sum(8 * n for _, n in widths)  # B only
+
+
 @pytest.mark.parametrize("flag", [[], ["--allow-pickle"]])
 def test_a_model_dir_asking_for_remote_code_is_always_refused(tmp_path, flag):
     model = _model_dir(tmp_path / "remote", "model.safetensors", {"auto_map": {"AutoModelForCausalLM": "x.Model"}})

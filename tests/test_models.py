@@ -58,9 +58,48 @@ def test_remote_code_is_refused_even_with_allow_pickle(tmp_path):
 def test_directory_without_config_or_weights_is_refused(tmp_path):
     with pytest.raises(BenchInputError, match="no config.json"):
         check_model_dir(tmp_path)
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(BenchInputError, match="no weights"):
+    (tmp_path / "config.json").write_text("{}")  # no weights, and nothing to build random ones from
+    with pytest.raises(BenchInputError, match="no weights .* model_type = None is not a causal LM"):
         check_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')  # ships with transformers, but no causal LM
+    with pytest.raises(BenchInputError, match="model_type = 'vit' is not a causal LM"):
+        check_model_dir(tmp_path)
+
+
+def _config_only(tmp_path, config_class, **extra):
+    config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, **extra).to_json_file(tmp_path / "config.json")
+    return str(tmp_path)
+
+
+def test_config_only_directory_builds_that_architecture_with_seeded_random_weights_at_any_depth(tmp_path):
+    """A user's config.json alone (here Qwen2's, whose per-layer `layer_types` must follow the depth) is a model:
+    built with transformers' own code, random weights from the seed, deeper or shallower than the file says."""
+    from transformers import Qwen2Config
+
+    spec = _config_only(tmp_path, Qwen2Config)
+    a = make_model(spec, torch.device("cpu"), torch.float32, num_layers=3, seed=1)
+    b = make_model(spec, torch.device("cpu"), torch.float32, num_layers=3, seed=1)
+    c = make_model(spec, torch.device("cpu"), torch.float32, num_layers=1, seed=2)
+    assert type(a).__name__ == "Qwen2ForCausalLM" and len(a.model.layers) == 3 and len(c.model.layers) == 1
+    assert len(a.config.layer_types) == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.isfinite(a(input_ids=tokens, labels=tokens).loss)
+
+
+def test_projection_targets_are_llamas_seven_or_every_projection_of_another_architecture(tmp_path):
+    """LoRA goes on every linear projection (not the output head): LLaMA's seven names exactly, in their usual order,
+    for a LLaMA-architecture model; Phi-3's fused qkv_proj and gate_up_proj too, none left frozen by a name list."""
+    from transformers import Phi3Config
+
+    from falqon_core.convert import LLAMA_TARGET_MODULES, projection_targets
+
+    llama = make_model("tiny-llama", torch.device("cpu"), torch.float32)
+    assert projection_targets(llama) == LLAMA_TARGET_MODULES
+    phi3 = make_model(_config_only(tmp_path, Phi3Config, pad_token_id=0), torch.device("cpu"), torch.float32)
+    assert projection_targets(phi3) == ("o_proj", "down_proj", "gate_up_proj", "qkv_proj")
 
 
 def test_unknown_name_lists_the_allowed_models():

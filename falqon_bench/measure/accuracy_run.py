@@ -113,7 +113,7 @@ def measure_accuracy_point(point: dict[str, Any], ctx: MeasureContext) -> dict[s
 
 
 def _fine_tune(point: dict[str, Any], ctx: MeasureContext, device: torch.device, row: dict[str, Any]) -> None:
-    from falqon_core.convert import LLAMA_TARGET_MODULES, convert_model
+    from falqon_core.convert import convert_model, projection_targets
     from falqon_core.methods import AdapterConfig
     from falqon_core.methods.falqon import falqon_layers
 
@@ -131,7 +131,7 @@ def _fine_tune(point: dict[str, Any], ctx: MeasureContext, device: torch.device,
         model.load_state_dict(state)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = AdapterConfig(rank=point["rank"], target_modules=LLAMA_TARGET_MODULES, options=dict(point["method_options"]), seed=o["seed"])
+    adapter = AdapterConfig(rank=point["rank"], target_modules=projection_targets(model), options=dict(point["method_options"]), seed=o["seed"])
     torch.manual_seed(o["seed"])
     model, method = convert_model(model, point["method"], adapter)
     params = method.trainable_parameters(model)

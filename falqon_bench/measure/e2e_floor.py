@@ -74,11 +74,14 @@ def kernel_class_ms(kernels: Iterable[tuple[str, float]], steps: int) -> dict[st
 
 
 def llama_linear_shapes(config: Any) -> list[tuple[str, int, int]]:
-    """(name, K, N) of every linear a method converts in one decoder block of a LLaMA config (K -> N)."""
+    """(name, K, N) of every linear a method converts in one decoder block of a LLaMA config (K -> N). The query
+    width is heads x head_dim, which a config may set apart from the hidden size (Gemma-7B: 16 x 256 on 3072);
+    a fused projection (Phi-3's qkv_proj, gate_up_proj) does the same work as these split ones."""
     hidden, inter = int(config.hidden_size), int(config.intermediate_size)
     heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads) * int(getattr(config, "head_dim", None) or hidden // heads)
-    return [("q_proj", hidden, hidden), ("k_proj", hidden, kv), ("v_proj", hidden, kv), ("o_proj", hidden, hidden),
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    q, kv = heads * head_dim, int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return [("q_proj", hidden, q), ("k_proj", hidden, kv), ("v_proj", hidden, kv), ("o_proj", q, hidden),
             ("gate_proj", hidden, inter), ("up_proj", hidden, inter), ("down_proj", inter, hidden)]
 
 

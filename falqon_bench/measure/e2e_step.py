@@ -133,7 +133,7 @@ def _sync(device: torch.device) -> None:
 
 def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None):
     """(Training, convert_s, trainable element count): model made, prepared, converted (timed), optimizer built."""
-    from falqon_core.convert import LLAMA_TARGET_MODULES
+    from falqon_core.convert import projection_targets
     from falqon_core.methods import AdapterConfig
 
     from falqon_bench.measure.fast_stacks import check_stack_point, convert_for_point  # issue #18: Unsloth, liger's modes
@@ -144,7 +144,7 @@ def build_training(point: dict[str, Any], device: torch.device, wrap: Callable[[
     model = make_model(point["model"], device, torch.bfloat16, num_layers=opts["layers"], seed=opts["seed"],
                        allow_pickle=bool(point.get("allow_pickle")))
     prepare_model(model, opts)
-    adapter = AdapterConfig(rank=int(point["rank"]), target_modules=LLAMA_TARGET_MODULES, seed=opts["seed"],
+    adapter = AdapterConfig(rank=int(point["rank"]), target_modules=projection_targets(model), seed=opts["seed"],
                             options=dict(opts.get("method_options") or {}))
     _sync(device)
     t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """Where a whole model comes from: a named LLaMA-architecture config (random weights) or a local Hugging Face directory.
 
 The e2e and accuracy suites fine-tune whole models. Nothing is ever downloaded: named models are built from
-transformers configs with random init; a local directory is loaded with `local_files_only=True`.
+transformers configs with random init; a local directory is loaded with `local_files_only=True`. A directory
+that holds only a config.json (any causal-LM architecture that ships with transformers: Qwen2, Gemma, Mistral,
+...) is built from it with random weights, as a named model is: speed does not depend on the weights' values.
 
 Loading a directory someone else made is loading their code if we let it: a pickled checkpoint
 (`pytorch_model.bin`, `*.pt`) can run arbitrary Python when unpickled, and `auto_map` in config.json asks
@@ -78,8 +80,19 @@ def llama_config(model_name: str, num_layers: int | None = None):
     if num_layers is not None:
         if int(num_layers) < 1:
             raise BenchInputError(f"layers must be >= 1 (got {num_layers})")
-        config.num_hidden_layers = int(num_layers)
+        set_depth(config, num_layers)
     return config
+
+
+def set_depth(config, num_layers: int) -> None:
+    """Give a transformers config `num_layers` decoder layers, with its per-layer lists resized to match (Qwen2's and
+    Gemma-2's `layer_types`: cut, or repeated in their pattern), which the model indexes per layer."""
+    depth = int(num_layers)
+    for key in ("layer_types",):
+        per_layer = getattr(config, key, None)
+        if isinstance(per_layer, list) and per_layer:
+            setattr(config, key, [per_layer[i % len(per_layer)] for i in range(depth)])
+    config.num_hidden_layers = depth
 
 
 def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
@@ -104,11 +117,10 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
             "falqon-bench never runs a model directory's own Python (trust_remote_code is always off). "
             "Use a model whose architecture ships with transformers (e.g. LlamaForCausalLM)."
         )
-    files = [p for p in root.iterdir() if p.is_file()]
-    safe = [p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIXES)]
-    pickled = [p for p in files if p.name.endswith(PICKLED_WEIGHT_SUFFIXES)]
+    safe, pickled = weight_files(root)
     if not safe and not pickled:
-        raise BenchInputError(f"{root}: no weights found (expected *.safetensors)")
+        _check_config_only(config_file, config)
+        return root
     if not safe and not allow_pickle:
         raise BenchInputError(
             f"{root}: holds only pickled weights ({', '.join(sorted(p.name for p in pickled))}); unpickling a file "
@@ -116,6 +128,35 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
             "--allow-pickle (allow_pickle = true) if you trust whoever made it."
         )
     return root
+
+
+def weight_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickled checkpoint files) directly in a model directory."""
+    files = [p for p in root.iterdir() if p.is_file()]
+    return ([p for p in files if p.name.endswith(SAFE_WEIGHT_SUFFIXES)],
+            [p for p in files if p.name.endswith(PICKLED_WEIGHT_SUFFIXES)])
+
+
+def has_weights(root: str | Path) -> bool:
+    """Whether a (checked) model directory holds weights; without, it is built from its config with random weights."""
+    safe, pickled = weight_files(Path(root))
+    return bool(safe or pickled)
+
+
+def _check_config_only(config_file: Path, config: dict) -> None:
+    """A directory with a config and no weights builds with random weights: its model_type must name a causal LM
+    that transformers ships (its own modeling code, never the directory's)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise BenchInputError(
+            f"{config_file.parent}: no weights (*.safetensors) and config.json's model_type = {model_type!r} is not a "
+            "causal LM that transformers ships, so it cannot be built with random weights either. Add the model's "
+            "*.safetensors, or write a config.json whose model_type is a causal LM's, e.g. \"llama\", \"mistral\", "
+            f"\"qwen2\", \"gemma\", \"phi3\" ({len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} in this transformers: "
+            "transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)"
+        )
 
 
 def check_dir_layers(path: str | Path, config: dict, num_layers: int | None) -> None:
@@ -129,16 +170,21 @@ def check_dir_layers(path: str | Path, config: dict, num_layers: int | None) -> 
 
 
 def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype", allow_pickle: bool = False,
-                   num_layers: int | None = None) -> "nn.Module":
-    """A causal LM from a checked local directory (`check_model_dir`), never from a hub, never remote code."""
+                   num_layers: int | None = None, seed: int = 0) -> "nn.Module":
+    """A causal LM from a checked local directory (`check_model_dir`), never from a hub, never remote code; a
+    directory with only a config is built from it with random weights (`seed`), any depth `num_layers`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = check_model_dir(path, allow_pickle)
     has_safetensors = any(p.name.endswith(SAFE_WEIGHT_SUFFIXES) for p in root.iterdir())
     config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    if not has_weights(root):
+        if num_layers is not None:
+            set_depth(config, num_layers)
+        return build_model(config, device, dtype, seed=seed)
     check_dir_layers(root, config.to_dict(), num_layers)
     if num_layers is not None:
-        config.num_hidden_layers = int(num_layers)
+        set_depth(config, num_layers)
     model = AutoModelForCausalLM.from_pretrained(
         root, config=config, local_files_only=True, trust_remote_code=False,
         use_safetensors=has_safetensors, torch_dtype=dtype,
@@ -147,16 +193,17 @@ def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype
 
 
 def build_model(config, device: "torch.device", dtype: "torch.dtype", seed: int = 0) -> "nn.Module":
-    """LlamaForCausalLM with random init, made directly on `device` in `dtype`; same seed -> same weights everywhere."""
+    """The config's causal LM with random init (LlamaForCausalLM for the named models), made directly on `device` in
+    `dtype`; same seed -> same weights everywhere."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM(config) if type(config) is LlamaConfig else AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype)
@@ -171,7 +218,7 @@ def make_model(spec: str, device: "torch.device", dtype: "torch.dtype", num_laye
     step, and torch.compile recompiles on the cache's state).
     """
     if is_model_dir(spec):
-        model = load_model_dir(spec, device, dtype, allow_pickle=allow_pickle, num_layers=num_layers)
+        model = load_model_dir(spec, device, dtype, allow_pickle=allow_pickle, num_layers=num_layers, seed=seed)
     else:
         model = build_model(llama_config(spec, num_layers), device, dtype, seed=seed)
     model.config.use_cache = False
