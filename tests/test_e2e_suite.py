@@ -215,6 +215,35 @@ def test_a_config_only_dir_of_another_architecture_trains_with_every_projection_
     assert rows["falqon"]["trainable_params"] == 2 * sum(8 * n for _, n in widths)  # B only
 
 
+def test_a_model_path_relative_to_the_suite_file_works_from_any_working_directory(tmp_path, monkeypatch):
+    """`model = "models/x"` next to the suite file (as suites/e2e-qwen2.5-7b.toml has it) is found from elsewhere."""
+    from transformers import Qwen2Config
+
+    (tmp_path / "suites" / "models" / "q").mkdir(parents=True)
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=256).to_json_file(tmp_path / "suites" / "models" / "q" / "config.json")
+    path = tmp_path / "suites" / "rel.toml"
+    path.write_text(TINY_SUITE.replace('"tiny-llama"', '"models/q"'))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "64x128" in result.output  # the plan has the directory's config: hidden 64, intermediate 128
+    path.write_text(TINY_SUITE.replace('"tiny-llama"', '"models/missing"'))
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2 and "unknown model 'models/missing'" in result.output
+
+
+def test_the_shipped_qwen_suite_builds_from_its_config_alone():
+    from falqon_bench.suites.suite import load_suite
+    from falqon_bench.suites.sweep import expand_suite
+
+    points = expand_suite(load_suite("e2e-qwen2.5-7b"))
+    assert {(p["layer"], p["K"], p["N"]) for p in points} == {("qwen2.5-7b", 3584, 18944)}
+    assert {p["method"] for p in points} >= {"falqon", "bf16_lora"} and Path(points[0]["model"]).is_dir()
+
+
 @pytest.mark.parametrize("flag", [[], ["--allow-pickle"]])
 def test_a_model_dir_asking_for_remote_code_is_always_refused(tmp_path, flag):
     model = _model_dir(tmp_path / "remote", "model.safetensors", {"auto_map": {"AutoModelForCausalLM": "x.Model"}})

@@ -84,6 +84,9 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
         spec = E2ESuiteFile.model_validate(data)
     except ValidationError as e:
         raise BenchInputError(explain_top_level_error(e, file, text, ALLOWED_KEYS)) from None
+    from falqon_bench.suites.models import model_beside
+
+    spec = spec.model_copy(update={"model": model_beside(spec.model, file)})
 
     def at(key: str) -> str:
         line = find_key_line(text, None, None, key)
