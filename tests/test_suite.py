@@ -121,6 +121,23 @@ def test_unknown_layer_lists_the_named_shapes(tmp_path):
     assert "unknown layer `llama-7b.atn`" in msg and "line 8" in msg and "llama-7b.attn" in msg and "llama-3-8b.kv" in msg
 
 
+def test_a_directory_with_a_models_config_is_all_its_layers_found_next_to_the_suite(tmp_path, monkeypatch):
+    """`layers = ["models/q"]`: the config.json there gives '<dir>.attn', '.kv' (GQA), '.up', '.down' with their widths,
+    from any working directory; a config without the widths exits 2 naming the file and what is missing."""
+    (tmp_path / "models" / "q").mkdir(parents=True)
+    (tmp_path / "models" / "q" / "config.json").write_text(
+        '{"model_type": "qwen2", "hidden_size": 96, "intermediate_size": 160, "num_attention_heads": 6, '
+        '"num_key_value_heads": 2}')
+    path = write(tmp_path, GOOD.replace('{name = "t.32x48", K = 32, N = 48}', '"models/q"'))
+    monkeypatch.chdir(tmp_path.parent)
+    suite = load_suite(path)
+    assert [(s.name, s.K, s.N, s.per_block) for s in suite.grids[0].layers] == [
+        ("q.attn", 96, 96, 2), ("q.kv", 96, 32, 2), ("q.up", 96, 160, 2), ("q.down", 160, 96, 1)]
+    (tmp_path / "models" / "q" / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 96}')
+    msg = run_cli_error(path)
+    assert "layer `models/q`" in msg and "config.json" in msg and "intermediate_size" in msg
+
+
 def test_empty_sweep_says_which_axis_is_empty(tmp_path):
     msg = run_cli_error(write(tmp_path, GOOD.replace("tokens = [16]", "tokens = []")))
     assert "empty sweep: axis `tokens` in [defaults]" in msg and "line 6" in msg

@@ -2,13 +2,16 @@
 
 A shape is one nn.Linear(K -> N) of a transformer block; `per_block` counts how many linears of that shape
 one block holds, so a report can sum a block's cost (e.g. llama-7b: attn x4 (q,k,v,o), up x2 (gate,up),
-down x1). Names are '<model>.<layer>' ('llama-7b.attn'); a bare model name ('llama-7b') means all its layers.
+down x1). Names are '<model>.<layer>' ('llama-7b.attn'); a bare model name ('llama-7b') means all its layers, and so
+does the path of a directory holding a model's config.json (layers_of_model_dir).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,26 @@ def resolve_layer(name: str) -> list[LayerShape]:
     if name in MODEL_NAMES:
         return [s for s in table.values() if s.name.startswith(name + ".")]
     raise KeyError(f"unknown layer {name!r}; allowed: {', '.join(allowed_layer_names())}")
+
+
+def layers_of_model_dir(path: Path) -> list[LayerShape]:
+    """Every layer of the model whose config.json is in directory `path` ('<dir name>.attn', '.kv' with GQA, '.up',
+    '.down'), read as layers_of_config reads a named model's config: a user's own model (Qwen2.5, Gemma, ...) in
+    a layer sweep without typing its widths. Only the json is read: no weights, no transformers import.
+    ValueError (with what is missing) when the file is not a decoder config with those fields."""
+    from types import SimpleNamespace
+
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        fields = {key: config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads")}
+        fields["num_key_value_heads"] = config.get("num_key_value_heads") or fields["num_attention_heads"]
+        fields["head_dim"] = config.get("head_dim")
+        shapes = layers_of_config(Path(path).resolve().name, SimpleNamespace(**fields))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{config_file}: not a decoder model's config.json with hidden_size, intermediate_size and "
+                         f"num_attention_heads ({type(e).__name__}: {e})") from None
+    return [LayerShape(sh.name, sh.K, sh.N, sh.per_block, str(config_file)) for sh in shapes]
 
 
 def custom_layer(K: int, N: int, name: str | None = None, per_block: int = 1) -> LayerShape:

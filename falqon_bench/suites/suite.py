@@ -29,7 +29,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from falqon_bench.data.errors import BenchInputError
-from falqon_bench.suites.layers import LayerShape, allowed_layer_names, custom_layer, named_layers, resolve_layer
+from falqon_bench.suites.layers import (
+    LayerShape, allowed_layer_names, custom_layer, layers_of_model_dir, named_layers, resolve_layer,
+)
 
 AXES = ("layers", "ranks", "tokens", "methods", "compile", "cache", "dtype", "options")
 REQUIRED_AXES = ("layers", "ranks", "tokens", "methods")
@@ -296,6 +298,14 @@ def explain_top_level_error(e: ValidationError, file: Path | str, text: str, all
 # ---------------------------------------------------------------- loading
 
 
+def _layer_model_dir(item: str, file: Path | str) -> Path | None:
+    """A `layers` entry that names a directory with a config.json: from here, or next to the suite file."""
+    candidates = [Path(item)]
+    if isinstance(file, Path) and not Path(item).is_absolute():
+        candidates.append(file.parent / item)
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
 def suites_dirs() -> list[Path]:
     """Where suite names are looked up: ./suites, then the suites/ folder next to this package."""
     here = Path(__file__).resolve().parents[2] / "suites"
@@ -433,11 +443,28 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
             continue
         try:
             layers.extend(resolve_layer(item))
+            continue
         except KeyError:
-            raise BenchInputError(
-                f"unknown layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}; named shapes: "
-                f"{', '.join(allowed_layer_names())} (or an inline table {{name, K, N}})"
-            ) from None
+            model_dir = _layer_model_dir(item, file)
+            if model_dir is None:
+                raise BenchInputError(
+                    f"unknown layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}; named shapes: "
+                    f"{', '.join(allowed_layer_names())} (or an inline table {{name, K, N}}, or the path of a directory "
+                    "holding a model's config.json)"
+                ) from None
+        try:
+            from_dir = layers_of_model_dir(model_dir)
+        except ValueError as e:
+            raise BenchInputError(f"layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}: {e}") from None
+        for shape in from_dir:
+            named = named_layers().get(shape.name)
+            if named is not None and (named.K, named.N) != (shape.K, shape.N):
+                raise BenchInputError(
+                    f"model directory `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')} gives layer "
+                    f"`{shape.name}` (K={shape.K}, N={shape.N}), the name of a named shape with other dims (K={named.K}, "
+                    f"N={named.N}); rename the directory"
+                )
+        layers.extend(from_dir)
     return Grid(
         layers=layers,
         ranks=list(values["ranks"]),
