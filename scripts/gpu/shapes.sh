@@ -18,7 +18,6 @@ SMOKE=0
 CLI=(python -m falqon_bench.cli)
 RUNS="$OUT/runs"
 mkdir -p "$RUNS"
-SWEEP="$RUNS/shapes"
 FAST="$RUNS/fast-accum"
 SUITE=${SHAPES_SUITE:-suites/shapes.toml}  # SHAPES_SUITE: another suite file (e.g. one without qlora_nf4 where bitsandbytes is missing)
 FAST_SUITE="$RUNS/fast_accum.toml"
@@ -80,6 +79,8 @@ tokens = [$FAST_TOKENS]
 methods = ["falqon"]
 options = [{ falqon = { fast_accum = true } }, { falqon = { fast_accum = false } }]
 TOML
+
+SWEEP="$RUNS/$(basename "$SUITE" .toml)"  # the run's id is its directory's name: the suite's (shapes, other-models, ...)
 
 run_capped() {  # run_capped SECONDS SUITE RUN_DIR: resume when the dir exists; a timeout keeps what finished
   local cap=$1 suite=$2 dir=$3 resume=()
