@@ -158,12 +158,11 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         )
     if spec.corpus == "file" and not spec.corpus_path:
         raise BenchInputError(f"corpus = \"file\" in {where('corpus')} needs corpus_path = \"...\" (a .jsonl or text file)")
-    from falqon_bench.suites.models import check_dir_layers, check_model_dir, has_weights, is_model_dir
+    from falqon_bench.suites.models import check_dir_layers, check_model_dir, is_model_dir
 
     if is_model_dir(spec.model):
         check_model_dir(spec.model, spec.allow_pickle)
-        if has_weights(spec.model):  # a config-only directory builds with random weights, at any depth
-            check_dir_layers(spec.model, json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")), spec.layers)
+        check_dir_layers(spec.model, json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")), spec.layers)
     _, _, model_vocab = model_shape(spec.model)  # an unknown model name fails here, before any point runs
     from falqon_bench.measure.corpora import corpus_vocab
 

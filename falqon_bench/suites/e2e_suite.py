@@ -122,7 +122,7 @@ def validate_e2e_suite(data: dict[str, Any], file: Path | str, text: str):
 
 def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str, int, int, int]:
     """(label, hidden size K, intermediate size N, decoder layers) of a named model or a checked local directory."""
-    from falqon_bench.suites.models import check_dir_layers, check_model_dir, has_weights, is_model_dir, llama_config
+    from falqon_bench.suites.models import check_dir_layers, check_model_dir, is_model_dir, llama_config
 
     if is_model_dir(model):
         import json
@@ -133,8 +133,7 @@ def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str
             hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
         except (KeyError, TypeError, ValueError):
             raise BenchInputError(f"{root}/config.json lacks hidden_size / intermediate_size: not a LLaMA-like model") from None
-        if has_weights(root):  # a config-only directory builds with random weights, at any depth
-            check_dir_layers(root, config, layers)
+        check_dir_layers(root, config, layers)
         return root.resolve().name, hidden, inter, int(layers or config.get("num_hidden_layers", 0))
     config = llama_config(model, layers)
     return model, int(config.hidden_size), int(config.intermediate_size), int(config.num_hidden_layers)

@@ -97,10 +97,9 @@ def set_depth(config, num_layers: int) -> None:
     """Give a transformers config `num_layers` decoder layers, with its per-layer lists resized to match (Qwen2's and
     Gemma-2's `layer_types`: cut, or repeated in their pattern), which the model indexes per layer."""
     depth = int(num_layers)
-    for key in ("layer_types",):
-        per_layer = getattr(config, key, None)
-        if isinstance(per_layer, list) and per_layer:
-            setattr(config, key, [per_layer[i % len(per_layer)] for i in range(depth)])
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and layer_types:
+        config.layer_types = [layer_types[i % len(layer_types)] for i in range(depth)]
     config.num_hidden_layers = depth
 
 
@@ -169,7 +168,10 @@ def _check_config_only(config_file: Path, config: dict) -> None:
 
 
 def check_dir_layers(path: str | Path, config: dict, num_layers: int | None) -> None:
-    """Refuse `layers` deeper than a model directory's own: from_pretrained would add randomly initialized layers."""
+    """Refuse `layers` deeper than a model directory's own: from_pretrained would add randomly initialized layers.
+    A directory without weights builds every layer with random weights anyway, so any depth is fine there."""
+    if not has_weights(path):
+        return
     depth = config.get("num_hidden_layers")
     if num_layers is not None and isinstance(depth, int) and int(num_layers) > depth:
         raise BenchInputError(
@@ -185,18 +187,16 @@ def load_model_dir(path: str | Path, device: "torch.device", dtype: "torch.dtype
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = check_model_dir(path, allow_pickle)
-    has_safetensors = any(p.name.endswith(SAFE_WEIGHT_SUFFIXES) for p in root.iterdir())
+    safe, pickled = weight_files(root)
     config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
-    if not has_weights(root):
-        if num_layers is not None:
-            set_depth(config, num_layers)
-        return build_model(config, device, dtype, seed=seed)
     check_dir_layers(root, config.to_dict(), num_layers)
     if num_layers is not None:
         set_depth(config, num_layers)
+    if not safe and not pickled:
+        return build_model(config, device, dtype, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(
         root, config=config, local_files_only=True, trust_remote_code=False,
-        use_safetensors=has_safetensors, torch_dtype=dtype,
+        use_safetensors=bool(safe), torch_dtype=dtype,
     )
     return model.to(device=device, dtype=dtype)
 

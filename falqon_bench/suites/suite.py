@@ -300,10 +300,17 @@ def explain_top_level_error(e: ValidationError, file: Path | str, text: str, all
 
 def _layer_model_dir(item: str, file: Path | str) -> Path | None:
     """A `layers` entry that names a directory with a config.json: from here, or next to the suite file."""
-    candidates = [Path(item)]
-    if isinstance(file, Path) and not Path(item).is_absolute():
-        candidates.append(file.parent / item)
-    return next((c for c in candidates if (c / "config.json").is_file()), None)
+    from falqon_bench.suites.models import model_beside
+
+    path = Path(model_beside(item, file))
+    return path if (path / "config.json").is_file() else None
+
+
+def _clashing_named_shape(name: str | None, K: int, N: int) -> LayerShape | None:
+    """The named shape called `name` when its dims differ: rows carry the layer's name, so a real layer's name on
+    other dims would pass for that layer."""
+    named = named_layers().get(name) if name else None
+    return named if named is not None and (named.K, named.N) != (K, N) else None
 
 
 def suites_dirs() -> list[Path]:
@@ -430,9 +437,8 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
     layers: list[LayerShape] = []
     for item in values["layers"]:
         if isinstance(item, InlineLayer):
-            # rows carry the layer's name: a real layer's name on other dims would pass for that layer
-            named = named_layers().get(item.name) if item.name else None
-            if named is not None and (named.K, named.N) != (item.K, item.N):
+            named = _clashing_named_shape(item.name, item.K, item.N)
+            if named is not None:
                 raise BenchInputError(
                     f"inline layer `{item.name}` (K={item.K}, N={item.N}) in `layers` of "
                     f"{_at(file, text, origin['layers'], 'layers')} has the name of a named shape with other dims "
@@ -457,8 +463,8 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
         except ValueError as e:
             raise BenchInputError(f"layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}: {e}") from None
         for shape in from_dir:
-            named = named_layers().get(shape.name)
-            if named is not None and (named.K, named.N) != (shape.K, shape.N):
+            named = _clashing_named_shape(shape.name, shape.K, shape.N)
+            if named is not None:
                 raise BenchInputError(
                     f"model directory `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')} gives layer "
                     f"`{shape.name}` (K={shape.K}, N={shape.N}), the name of a named shape with other dims (K={named.K}, "
