@@ -138,6 +138,18 @@ def test_a_directory_with_a_models_config_is_all_its_layers_found_next_to_the_su
     assert "layer `models/q`" in msg and "config.json" in msg and "intermediate_size" in msg
 
 
+def test_a_named_shapes_name_on_other_dims_exits_2_inline_or_from_a_model_directory(tmp_path):
+    """Rows carry the layer's name: 'llama-7b.up' on 96 x 160 would pass for the real one, so it is refused."""
+    msg = run_cli_error(write(tmp_path, GOOD.replace('{name = "t.32x48", K = 32, N = 48}',
+                                                     '{name = "llama-7b.up", K = 96, N = 160}')))
+    assert "inline layer `llama-7b.up` (K=96, N=160)" in msg and "(K=4096, N=11008)" in msg
+    (tmp_path / "llama-7b").mkdir()
+    (tmp_path / "llama-7b" / "config.json").write_text(
+        '{"hidden_size": 96, "intermediate_size": 160, "num_attention_heads": 6}')
+    msg = run_cli_error(write(tmp_path, GOOD.replace('{name = "t.32x48", K = 32, N = 48}', f'"{tmp_path / "llama-7b"}"')))
+    assert "from model directory" in msg and "`llama-7b.attn` (K=96, N=96)" in msg and "rename the directory" in msg
+
+
 def test_empty_sweep_says_which_axis_is_empty(tmp_path):
     msg = run_cli_error(write(tmp_path, GOOD.replace("tokens = [16]", "tokens = []")))
     assert "empty sweep: axis `tokens` in [defaults]" in msg and "line 6" in msg

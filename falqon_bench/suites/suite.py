@@ -306,11 +306,15 @@ def _layer_model_dir(item: str, file: Path | str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _clashing_named_shape(name: str | None, K: int, N: int) -> LayerShape | None:
-    """The named shape called `name` when its dims differ: rows carry the layer's name, so a real layer's name on
+def _refuse_named_clash(name: str | None, K: int, N: int, what: str, where: str, fix: str) -> None:
+    """Exit 2 when `name` is a named shape's with other dims: rows carry the layer's name, so a real layer's name on
     other dims would pass for that layer."""
     named = named_layers().get(name) if name else None
-    return named if named is not None and (named.K, named.N) != (K, N) else None
+    if named is not None and (named.K, named.N) != (K, N):
+        raise BenchInputError(
+            f"{what} `{name}` (K={K}, N={N}) in `layers` of {where} has the name of a named shape with other dims "
+            f"(K={named.K}, N={named.N}); {fix}"
+        )
 
 
 def suites_dirs() -> list[Path]:
@@ -435,16 +439,11 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
                 raise BenchInputError(f"`options` of {_at(file, text, origin['options'], 'options')}: {e}") from None
 
     layers: list[LayerShape] = []
+    where = _at(file, text, origin["layers"], "layers")
     for item in values["layers"]:
         if isinstance(item, InlineLayer):
-            named = _clashing_named_shape(item.name, item.K, item.N)
-            if named is not None:
-                raise BenchInputError(
-                    f"inline layer `{item.name}` (K={item.K}, N={item.N}) in `layers` of "
-                    f"{_at(file, text, origin['layers'], 'layers')} has the name of a named shape with other dims "
-                    f"(K={named.K}, N={named.N}); write \"{item.name}\" for the named shape, or give the inline layer "
-                    f"another name"
-                )
+            _refuse_named_clash(item.name, item.K, item.N, "inline layer", where,
+                                f'write "{item.name}" for the named shape, or give the inline layer another name')
             layers.append(custom_layer(item.K, item.N, item.name, item.per_block))
             continue
         try:
@@ -454,22 +453,17 @@ def _resolve_grid(spec: SuiteFile, i: int, file: Path | str, text: str) -> Grid:
             model_dir = _layer_model_dir(item, file)
             if model_dir is None:
                 raise BenchInputError(
-                    f"unknown layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}; named shapes: "
+                    f"unknown layer `{item}` in `layers` of {where}; named shapes: "
                     f"{', '.join(allowed_layer_names())} (or an inline table {{name, K, N}}, or the path of a directory "
                     "holding a model's config.json)"
                 ) from None
         try:
             from_dir = layers_of_model_dir(model_dir)
         except ValueError as e:
-            raise BenchInputError(f"layer `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')}: {e}") from None
+            raise BenchInputError(f"layer `{item}` in `layers` of {where}: {e}") from None
         for shape in from_dir:
-            named = _clashing_named_shape(shape.name, shape.K, shape.N)
-            if named is not None:
-                raise BenchInputError(
-                    f"model directory `{item}` in `layers` of {_at(file, text, origin['layers'], 'layers')} gives layer "
-                    f"`{shape.name}` (K={shape.K}, N={shape.N}), the name of a named shape with other dims (K={named.K}, "
-                    f"N={named.N}); rename the directory"
-                )
+            _refuse_named_clash(shape.name, shape.K, shape.N, f"layer (from model directory `{item}`)", where,
+                                "rename the directory")
         layers.extend(from_dir)
     return Grid(
         layers=layers,
