@@ -400,6 +400,38 @@ def test_nf4_double_quant_error_within_half_the_largest_code_gap():
     assert float((deq - blocks).abs().max()) > 0  # the 4-bit grid does round
 
 
+@pytest.mark.gpu
+def test_nf4_conversion_on_a_side_stream_quantizes_the_finished_weight():
+    """The runner builds each point on its own CUDA stream, and bitsandbytes' quantize kernel runs on the
+    legacy default stream: the conversion must wait for the weight's producer and finish before torch goes
+    on. The producer here is a chain of GEMMs on the side stream (milliseconds), so a quantization that
+    does not wait reads the weight half written; the NF4 bytes and statistics must be those of the weight
+    quantized after a device synchronization."""
+    import bitsandbytes.functional as bnbf
+
+    from falqon_core.methods.qlora_nf4 import quantize_linear_to_nf4
+
+    torch.manual_seed(0)
+    side = torch.cuda.Stream()
+    base = torch.randn(4096, 4096, dtype=BF16, device="cuda") / 64
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w = base
+        for _ in range(24):
+            w = torch.tanh(w @ base) * 0.5
+        linear = nn.Linear(4096, 4096, bias=False, device="cuda", dtype=BF16)
+        linear.weight.data = w
+        q = quantize_linear_to_nf4(linear, BF16)
+    torch.cuda.synchronize()
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    torch.cuda.synchronize()
+    assert torch.equal(q.weight.data.view(-1), packed.view(-1))
+    assert torch.equal(q.weight.quant_state.absmax, state.absmax)
+    assert torch.equal(q.weight.quant_state.offset, state.offset)
+    assert torch.equal(q.weight.quant_state.state2.absmax, state.state2.absmax)
+    assert torch.isfinite(bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # fp8_lora, fp8_base_lora: torchao float8 linears
 

@@ -299,7 +299,10 @@ def build_unsloth_model(
     """
     if baseline not in UNSLOTH_BASELINES:
         raise BenchInputError(f"unknown Unsloth baseline {baseline!r}; allowed: {', '.join(UNSLOTH_BASELINES)}")
+    import torch
+
     from falqon_core.convert import LLAMA_TARGET_MODULES
+    from falqon_core.methods.qlora_nf4 import bitsandbytes_quantize_ordered
 
     reason = unsloth_unavailable_reason()
     if reason is not None:
@@ -310,17 +313,20 @@ def build_unsloth_model(
     del model
     FastLanguageModel = import_unsloth(workdir).FastLanguageModel
 
-    unsloth_model, _tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(directory),
-        max_seq_length=max_seq_length,
-        dtype=dtype,
-        load_in_4bit=UNSLOTH_BASELINES[baseline],
-        load_in_16bit=not UNSLOTH_BASELINES[baseline],
-        local_files_only=True,
-        use_exact_model_name=True,
-        use_gradient_checkpointing=False,
-        random_state=seed,
-    )
+    # loading in 4 bit quantizes through bitsandbytes, whose kernels ignore the point's stream (see the helper)
+    ordered = bitsandbytes_quantize_ordered("cuda") if torch.cuda.is_available() else contextlib.nullcontext()
+    with ordered:
+        unsloth_model, _tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(directory),
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            load_in_4bit=UNSLOTH_BASELINES[baseline],
+            load_in_16bit=not UNSLOTH_BASELINES[baseline],
+            local_files_only=True,
+            use_exact_model_name=True,
+            use_gradient_checkpointing=False,
+            random_state=seed,
+        )
     unsloth_model = FastLanguageModel.get_peft_model(
         unsloth_model,
         r=rank,

@@ -3,7 +3,8 @@ BF16 compute, BF16 LoRA adapters through PEFT."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,10 +35,35 @@ def _import_bitsandbytes():
     return bitsandbytes
 
 
+@contextlib.contextmanager
+def bitsandbytes_quantize_ordered(device: torch.device | str) -> Iterator[None]:
+    """Run bitsandbytes' weight quantization in order with torch's work, whatever stream is current.
+
+    bitsandbytes (0.50 and before) launches its blockwise quantize kernels on CUDA's legacy default stream,
+    not on torch's current stream (its open PR #2052). Under a side stream (the runner builds every point on
+    one) the NF4 kernel then raced the torch ops around it: it read the weight before its producer wrote it,
+    and the double quantization's torch ops read absmax before the kernel wrote it. On the H200 a 4-layer
+    Qwen2.5-7B built that way gave layer 0's down_proj a non-finite NF4 weight (NaN loss from the first
+    step), and two identical builds gave different losses. Here the quantization runs on the default
+    stream itself, after and before a device synchronization; a one-time cost of the conversion.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    try:
+        with torch.cuda.stream(torch.cuda.default_stream(device)):
+            yield
+    finally:
+        torch.cuda.synchronize(device)
+
+
 def quantize_linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weight, on its device.
 
-    Params4bit quantizes when moved to a device, so the module is built on meta and moved last.
+    Params4bit quantizes when moved to a device, so the module is built on meta and moved last, in order
+    with torch's stream (`bitsandbytes_quantize_ordered`).
     """
     bnb = _import_bitsandbytes()
     device = linear.weight.device
@@ -60,7 +86,8 @@ def quantize_linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
-    return q.to(device)
+    with bitsandbytes_quantize_ordered(device):
+        return q.to(device)
 
 
 def nf4_dequant_bytes(K: int, N: int) -> float:
