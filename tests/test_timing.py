@@ -81,7 +81,9 @@ def test_cudagraph_timing_replays_a_captured_step_and_flushes_for_cold_cache():
 def test_a_tiny_step_times_the_same_in_every_new_capture():
     """A ~5 us step is timed as n back-to-back replays per sample. Sized from an estimate that included the
     graph's slow first replay, a capture could be timed one replay per sample instead, launch latency
-    included (1.5x the time of a 64x64 bf16 step on an H100)."""
+    included (1.5x the time of a 64x64 bf16 step on an H100); and with the replays queued no faster than the
+    host launches them, a sample measured the host (medians 4.4-10.1 us over captures on an H200, 3.3-3.5
+    with the device sleep before each sample)."""
     w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(32, 64, device="cuda", dtype=torch.bfloat16)
@@ -136,3 +138,15 @@ def test_a_capture_failure_names_the_first_error_in_the_chain_and_where_it_was_r
     assert "(raised under step_of_a_method in test_timing.py)" in message
     assert message.endswith("; then RuntimeError: CUDA error: operation failed due to a previous error during capture")
     assert "more" not in message
+
+
+def test_short_step_samples_sleep_long_enough_for_the_host_to_queue_their_replays():
+    """One replay per sample: no sleep. n replays: a sleep of at least HOLD_US_PER_REPLAY us per replay at the
+    assumed clock (the host queues a graph launch in a few us), growing with n."""
+    from falqon_bench.measure import timing
+
+    assert timing.hold_cycles_before_sample(1) == 0
+    for n in (2, 5, 40):
+        us = timing.hold_cycles_before_sample(n) / timing.SLEEP_CLOCK_HZ * 1e6
+        assert us >= timing.HOLD_US_PER_REPLAY * n >= 10.0 * n
+    assert timing.hold_cycles_before_sample(40) > timing.hold_cycles_before_sample(5)

@@ -23,6 +23,9 @@ Step = Callable[[], object]
 
 MAX_SAMPLES = 10_000
 ESTIMATE_REPLAYS = 10  # back-to-back replays that size the samples
+ESTIMATE_ROUNDS = 3  # rounds of them; the shortest counts
+SLEEP_CLOCK_HZ = 2.0e9  # clock assumed to size a device sleep (in cycles); a faster clock only shortens it
+HOLD_US_BASE, HOLD_US_PER_REPLAY = 20.0, 10.0  # the host's time to queue a sample of short-step replays, generous
 MIN_REPLAY_US = 20.0  # a sample shorter than this measures event overhead, so replay n steps per sample
 CPU_FLUSH_BYTES = 64 << 20  # no portable way to read the CPU last-level cache size: 64 MiB exceeds it on common parts
 
@@ -206,6 +209,24 @@ def describe_capture_failure(e: BaseException) -> str:
     return message
 
 
+def hold_cycles_before_sample(inner: int) -> int:
+    """Device clock cycles to sleep before a sample of `inner` back-to-back replays (0: one replay, no sleep)."""
+    if inner <= 1:
+        return 0
+    return int(SLEEP_CLOCK_HZ * (HOLD_US_BASE + HOLD_US_PER_REPLAY * inner) * 1e-6)
+
+
+def _replay_ms(graph: "torch.cuda.CUDAGraph", n: int) -> float:
+    """Mean ms per replay of n back-to-back replays (CUDA events around them)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return max(start.elapsed_time(end) / n, 1e-4)
+
+
 def time_cudagraph(
     step: Step,
     *,
@@ -219,7 +240,7 @@ def time_cudagraph(
     """GPU time of one step, ms per sample, from replays of a captured CUDA graph (no launch cost).
 
     Each sample is CUDA events around one replay, or around n replays divided by n when a step is shorter
-    than 20 us (warm cache only). For cache = "cold", the L2 is flushed before every sample, outside the
+    than 20 us (warm cache only; a device sleep before the sample lets the host queue them). For cache = "cold", the L2 is flushed before every sample, outside the
     events. The sample count is sized from a short estimate to fill budget_ms (at least min_samples).
     """
     device = torch.device(device)
@@ -231,23 +252,25 @@ def time_cudagraph(
 
     # the first replay of a new graph is slow (upload): inside the estimate it could push a step of a few
     # us over MIN_REPLAY_US, which then was timed one replay per sample (launch latency included: 9.6 us
-    # against 6.2 us at four per sample for a 64x64 bf16 step on an H100) in some captures and not others
+    # against 6.2 us at four per sample for a 64x64 bf16 step on an H100) in some captures and not others.
+    # A host hiccup only lengthens an estimate: the shortest of ESTIMATE_ROUNDS rounds counts
     graph.replay()
     torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(ESTIMATE_REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / ESTIMATE_REPLAYS, 1e-4)
+    estimate_ms = min(_replay_ms(graph, ESTIMATE_REPLAYS) for _ in range(ESTIMATE_ROUNDS))
     inner = 1 if flush is not None else max(1, math.ceil(MIN_REPLAY_US / 1e3 / estimate_ms))
     n_samples = min(MAX_SAMPLES, max(min_samples, math.ceil(budget_ms / (estimate_ms * inner))))
+    # A step of a few us replays faster than the host launches graphs: back to back, the GPU waited for the
+    # host between replays, and a sample measured the host's launch rate (medians of 4.4 to 10.1 us for one
+    # 64x64 step over captures on an H200). A device sleep queued before each such sample keeps the GPU
+    # busy while the host queues the sample's replays, which then run from a full queue.
+    hold_cycles = hold_cycles_before_sample(inner)
 
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_samples)]
     for s, e in events:
         if flush is not None:
             flush()
+        if hold_cycles:
+            torch.cuda._sleep(hold_cycles)
         s.record()
         for _ in range(inner):
             graph.replay()
