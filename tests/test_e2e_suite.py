@@ -215,6 +215,21 @@ def test_a_config_only_dir_of_another_architecture_trains_with_every_projection_
     assert rows["falqon"]["trainable_params"] == 2 * sum(8 * n for _, n in widths)  # B only
 
 
+def test_a_gpt2_style_config_dir_exits_2_naming_its_model_type(tmp_path):
+    """GPT-2's config has n_embd, not hidden_size, and its projections are Conv1D: refused before any build."""
+    from transformers import GPT2Config
+
+    root = tmp_path / "gpt2"
+    root.mkdir()
+    GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256).to_json_file(root / "config.json")
+    path = tmp_path / "gpt2.toml"
+    path.write_text(TINY_SUITE.replace('"tiny-llama"', json.dumps(str(root))))
+    result = _run(str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "model_type 'gpt2'" in message and "lacks hidden_size / intermediate_size" in message, message
+
+
 def test_a_model_path_relative_to_the_suite_file_works_from_any_working_directory(tmp_path, monkeypatch):
     """`model = "models/x"` next to the suite file (as suites/e2e-qwen2.5-7b.toml has it) is found from elsewhere."""
     from transformers import Qwen2Config

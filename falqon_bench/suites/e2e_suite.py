@@ -132,7 +132,12 @@ def model_shape(model: str, layers: int | None, allow_pickle: bool) -> tuple[str
         try:
             hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
         except (KeyError, TypeError, ValueError):
-            raise BenchInputError(f"{root}/config.json lacks hidden_size / intermediate_size: not a LLaMA-like model") from None
+            kind = config.get("model_type", "?") if isinstance(config, dict) else "?"
+            raise BenchInputError(
+                f"{root}/config.json (model_type {kind!r}) lacks hidden_size / intermediate_size: e2e and accuracy "
+                "suites take decoder models whose config names them as LLaMA's does (llama, mistral, qwen2, phi3, "
+                "gemma, gpt_neox, ...) and whose projections are nn.Linear; GPT-2-style configs (n_embd, Conv1D) "
+                "are not supported") from None
         check_dir_layers(root, config, layers)
         return root.resolve().name, hidden, inter, int(layers or config.get("num_hidden_layers", 0))
     config = llama_config(model, layers)
