@@ -96,6 +96,25 @@ def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
     assert result.exit_code == 2 and "remote code" in " ".join(result.output.split())
 
 
+def test_a_model_directory_next_to_the_suite_file_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """`model = "models/x"` resolves next to the suite file, as in e2e suites (a config.json alone is enough)."""
+    from transformers import LlamaConfig
+
+    (tmp_path / "suites" / "models" / "x").mkdir(parents=True)
+    LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=256).to_json_file(tmp_path / "suites" / "models" / "x" / "config.json")
+    suite = tmp_path / "suites" / "acc.toml"
+    suite.write_text(MINIMAL.format(model="models/x"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = invoke("run", suite, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "64x96" in result.output  # the plan read the directory's config
+    suite.write_text(MINIMAL.format(model="models/missing"))
+    missing = invoke("run", suite, "--dry-run")
+    assert missing.exit_code == 2 and "models/missing" in missing.output
+
+
 def test_an_option_the_variant_does_not_read_exits_2(tmp_path):
     text = MINIMAL.format(model="tiny-llama").replace('methods = ["bf16_lora"]', 'methods = [{label = "q", method = "qlora_nf4", options = {double_quant = false}}]').replace("bf16_lora = ", "q = ")
     result = invoke("run", write(tmp_path, text), "--dry-run")

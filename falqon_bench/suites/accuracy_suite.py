@@ -129,6 +129,9 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         spec = AccuracySuiteFile.model_validate(data)
     except ValidationError as e:
         raise BenchInputError(_explain(e, file, text)) from None
+    from falqon_bench.suites.models import model_beside
+
+    spec = spec.model_copy(update={"model": model_beside(spec.model, file)})  # a model directory next to the suite file
 
     def where(key: str) -> str:
         line = find_key_line(text, None, None, key)
