@@ -97,7 +97,8 @@ def test_remote_code_model_dir_is_refused_even_with_allow_pickle(tmp_path):
 
 
 def test_a_model_directory_next_to_the_suite_file_is_found_from_any_working_directory(tmp_path, monkeypatch):
-    """`model = "models/x"` resolves next to the suite file, as in e2e suites (a config.json alone is enough)."""
+    """`model = "models/x"` resolves next to the suite file, as in e2e suites (a config.json alone is enough), and so
+    does a `corpus_path`."""
     from transformers import LlamaConfig
 
     (tmp_path / "suites" / "models" / "x").mkdir(parents=True)
@@ -110,6 +111,11 @@ def test_a_model_directory_next_to_the_suite_file_is_found_from_any_working_dire
     result = invoke("run", suite, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "64x96" in result.output  # the plan read the directory's config
+    (tmp_path / "suites" / "data").mkdir()
+    (tmp_path / "suites" / "data" / "c.jsonl").write_text("".join(f'{{"text": "line {i} of a small corpus"}}\n' for i in range(400)))
+    suite.write_text(MINIMAL.format(model="models/x").replace("steps = 2", 'steps = 2\ncorpus = "file"\ncorpus_path = "data/c.jsonl"'))
+    with_corpus = invoke("run", suite, "--dry-run")
+    assert with_corpus.exit_code == 0, with_corpus.output  # the corpus file next to the suite file, too
     suite.write_text(MINIMAL.format(model="models/missing"))
     missing = invoke("run", suite, "--dry-run")
     assert missing.exit_code == 2 and "models/missing" in missing.output

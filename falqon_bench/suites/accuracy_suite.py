@@ -8,6 +8,7 @@ methods x their own lr list x seeds, because methods differ by 100x in their bes
     device = "cpu"
     model = "tiny-llama"          # a named config (falqon_bench.suites.models) or a local HF model directory
     corpus = "synthetic"          # synthetic | stdlib | file (with corpus_path)
+    # relative paths (model directory, corpus_path) are found from the working directory or next to this file
     steps = 200                   # fine-tuning optimizer steps
     pretrain_steps = 300          # of the base, once per (model, corpus, seed), cached in the run directory
     eval_every = 25
@@ -129,9 +130,11 @@ def validate_accuracy_suite(data: dict[str, Any], file: Path | str = "<suite>", 
         spec = AccuracySuiteFile.model_validate(data)
     except ValidationError as e:
         raise BenchInputError(_explain(e, file, text)) from None
-    from falqon_bench.suites.models import model_beside
+    from falqon_bench.suites.models import beside_suite, model_beside
 
-    spec = spec.model_copy(update={"model": model_beside(spec.model, file)})  # a model directory next to the suite file
+    # a model directory or a corpus file given relative to the suite file
+    spec = spec.model_copy(update={"model": model_beside(spec.model, file),
+                                   "corpus_path": spec.corpus_path and beside_suite(spec.corpus_path, file)})
 
     def where(key: str) -> str:
         line = find_key_line(text, None, None, key)

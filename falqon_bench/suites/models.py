@@ -43,13 +43,18 @@ def is_model_dir(spec: str | Path) -> bool:
     return Path(spec).is_dir()
 
 
-def model_beside(spec: str, suite_file: Path | str | None) -> str:
-    """A suite's `model`, with a relative directory path that does not exist from here but does next to the suite
-    file resolved there (suites/models/qwen2.5-7b from suites/e2e-qwen.toml works from any working directory)."""
-    if spec in MODEL_NAMES or is_model_dir(spec) or not isinstance(suite_file, Path) or Path(spec).is_absolute():
+def beside_suite(spec: str, suite_file: Path | str | None) -> str:
+    """A relative path from a suite file that does not exist from here but does next to the suite file, resolved
+    there (suites/models/qwen2.5-7b from suites/e2e-qwen.toml works from any working directory); else as given."""
+    if Path(spec).exists() or not isinstance(suite_file, Path) or Path(spec).is_absolute():
         return spec
     beside = suite_file.parent / spec
-    return str(beside.resolve()) if beside.is_dir() else spec
+    return str(beside.resolve()) if beside.exists() else spec
+
+
+def model_beside(spec: str, suite_file: Path | str | None) -> str:
+    """A suite's `model`: a named model as it is, a directory path through `beside_suite`."""
+    return spec if spec in MODEL_NAMES else beside_suite(spec, suite_file)
 
 
 def llama_config(model_name: str, num_layers: int | None = None):
