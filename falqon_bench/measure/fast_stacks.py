@@ -299,8 +299,6 @@ def build_unsloth_model(
     """
     if baseline not in UNSLOTH_BASELINES:
         raise BenchInputError(f"unknown Unsloth baseline {baseline!r}; allowed: {', '.join(UNSLOTH_BASELINES)}")
-    import torch
-
     from falqon_core.convert import LLAMA_TARGET_MODULES
     from falqon_core.methods.qlora_nf4 import bitsandbytes_quantize_ordered
 
@@ -314,8 +312,7 @@ def build_unsloth_model(
     FastLanguageModel = import_unsloth(workdir).FastLanguageModel
 
     # loading in 4 bit quantizes through bitsandbytes, whose kernels ignore the point's stream (see the helper)
-    ordered = bitsandbytes_quantize_ordered("cuda") if torch.cuda.is_available() else contextlib.nullcontext()
-    with ordered:
+    with bitsandbytes_quantize_ordered("cuda"):
         unsloth_model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(directory),
             max_seq_length=max_seq_length,

@@ -240,8 +240,9 @@ def time_cudagraph(
     """GPU time of one step, ms per sample, from replays of a captured CUDA graph (no launch cost).
 
     Each sample is CUDA events around one replay, or around n replays divided by n when a step is shorter
-    than 20 us (warm cache only; a device sleep before the sample lets the host queue them). For cache = "cold", the L2 is flushed before every sample, outside the
-    events. The sample count is sized from a short estimate to fill budget_ms (at least min_samples).
+    than 20 us (warm cache only; a device sleep before the sample lets the host queue them). For cache =
+    "cold", the L2 is flushed before every sample, outside the events. The sample count is sized from a short
+    estimate to fill budget_ms (at least min_samples).
     """
     device = torch.device(device)
     graph = capture_graph(step, device, warmup_ms)

@@ -48,7 +48,7 @@ def bitsandbytes_quantize_ordered(device: torch.device | str) -> Iterator[None]:
     stream itself, after and before a device synchronization; a one-time cost of the conversion.
     """
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         yield
         return
     torch.cuda.synchronize(device)
